@@ -1,0 +1,265 @@
+"""Shared-prefix attention over a paged KV pool, for decoding many rollouts of each prompt.
+
+A decode query attends to its prompt's keys, stored once and shared by every rollout of that
+prompt, and to its own generated keys; the two partials are merged by their log-sum-exps
+(DESIGN.md, "Shared-prefix attention"):
+
+    o1, lse1 = prefix_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale)
+    o2, lse2 = decode_attention(q, k_pool, v_pool, seq_len, block_table, scale, num_splits)
+    o = merge_attention(o1, lse1, o2, lse2, q.dtype)
+
+One layer's pool is `k_pool, v_pool: [num_blocks, block_size, kv_heads, head_dim]`; position p of a
+sequence whose block-table row is `table` lives in slot `table[p // block_size] * block_size +
+p % block_size` (write_kv fills slots). Query head h reads kv head h // (heads // kv_heads). Rows of
+q are sorted by prompt: group g owns rows group_start[g] .. group_start[g] + group_count[g] - 1.
+
+Each launcher has a plain-torch `reference_*` twin with the same signature (what runs on CPU).
+Constraints: block_size a power of two >= 16; pools contiguous; write_kv's k, v in the pool's dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr, first, last, seq_len, scale, kv_head,
+                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of the query tile q [BLOCK_Q, D_PAD] over the keys in blocks table[first:last].
+
+    Returns the unnormalised output, the running max and the running sum of exponentials."""
+    offset, d = tl.arange(0, BLOCK_SIZE), tl.arange(0, D_PAD)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, D_PAD], tl.float32)
+    for b in range(first, last):
+        # int64: block * block_size * kv_heads * head_dim overflows int32 in a large pool.
+        block = tl.load(table_ptr + b).to(tl.int64)
+        key_valid = b * BLOCK_SIZE + offset < seq_len
+        slot = ((block * BLOCK_SIZE + offset) * KV_HEADS + kv_head) * HEAD_DIM
+        # other=0 matters: the unused tail of the last block may hold anything, NaN included.
+        k_t = tl.load(k_pool_ptr + slot[None, :] + d[:, None],  # [D_PAD, BLOCK_SIZE], loaded transposed
+                      mask=(d < HEAD_DIM)[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_pool_ptr + slot[:, None] + d[None, :],
+                    mask=key_valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        s = tl.where(key_valid[None, :], s, float("-inf"))
+        # Every visited block holds at least one key, so m_new is finite and no inf - inf occurs.
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group_start_ptr, group_count_ptr,
+                            seq_len_ptr, table_ptr, table_stride, scale, num_splits,
+                            KV_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_Q query vectors of group g (its rows x the REP query heads of one kv head)
+    against one split of the group's blocks, so each key block is read once for the whole tile."""
+    group, tile = tl.program_id(0), tl.program_id(2)
+    kv_head, split = tl.program_id(1) // num_splits, tl.program_id(1) % num_splits
+    count = tl.load(group_count_ptr + group)
+    if tile * BLOCK_Q >= count * REP:
+        return
+    i = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)  # query vector index within the group
+    row_head = (tl.load(group_start_ptr + group) + i // REP) * (KV_HEADS * REP) + kv_head * REP + i % REP
+    i_valid = i < count * REP
+    d = tl.arange(0, D_PAD)
+    mask = i_valid[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + row_head[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    seq_len = tl.load(seq_len_ptr + group)
+    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
+    per_split = tl.cdiv(num_blocks, num_splits)
+    first = tl.minimum(split * per_split, num_blocks)
+    last = tl.minimum(first + per_split, num_blocks)
+    acc, m, l = _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr + group * table_stride, first, last, seq_len,
+                               scale, kv_head, KV_HEADS, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_Q, DOT_PRECISION)
+    # A split with no keys (l = 0) writes o = 0, lse = -inf: it weighs nothing in the merge.
+    has_keys = l > 0
+    l = tl.where(has_keys, l, 1.0)
+    o = acc / l[:, None]
+    lse = tl.where(has_keys, m + tl.log(l), float("-inf"))
+    out = row_head * num_splits + split
+    tl.store(o_ptr + out[:, None] * HEAD_DIM + d[None, :], o, mask=mask)
+    tl.store(lse_ptr + out, lse, mask=i_valid)
+
+
+def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
+                     group_count: torch.Tensor, seq_len: torch.Tensor, block_table: torch.Tensor, scale: float,
+                     num_splits: int, block_q: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch one program per (group, kv head x split, query tile); o [R, heads, S, d], lse [R, heads, S]."""
+    rows, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_pool.shape
+    assert heads % kv_heads == 0 and block_size >= 16 and block_size & (block_size - 1) == 0, \
+        f"need heads ({heads}) divisible by kv_heads ({kv_heads}) and a power-of-two block_size >= 16 ({block_size})"
+    assert k_pool.is_contiguous() and v_pool.is_contiguous(), "the KV pools must be contiguous"
+    o = torch.empty(rows, heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(rows, heads, num_splits, device=q.device, dtype=torch.float32)
+    table = block_table.contiguous()
+    # tf32 holds bf16/fp16 q and k exactly (and rounds p to 10 bits); only float32 inputs need ieee.
+    precision = "ieee" if torch.float32 in (q.dtype, k_pool.dtype) else "tf32"
+    grid = (group_start.numel(), kv_heads * num_splits, tiles)
+    _paged_attention_kernel[grid](
+        q.contiguous(), k_pool, v_pool, o, lse, group_start, group_count, seq_len, table, table.stride(0), scale,
+        num_splits, KV_HEADS=kv_heads, REP=heads // kv_heads, HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_Q=block_q,
+        DOT_PRECISION=precision)
+    return o, lse
+
+
+def prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
+                     group_count: torch.Tensor, prompt_len: torch.Tensor, prompt_blocks: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every row over its prompt's keys: o [R, heads, d] float32, lse [R, heads] float32."""
+    rep = q.shape[1] // k_pool.shape[2]
+    # The grid is sized on the host: one device-to-host sync per call on CUDA.
+    tile_rows = int(group_count.max()) * rep
+    block_q = min(64, max(16, triton.next_power_of_2(tile_rows)))
+    o, lse = _paged_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale,
+                              1, block_q, triton.cdiv(tile_rows, block_q))
+    return o.squeeze(2), lse.squeeze(2)
+
+
+def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
+                     block_table: torch.Tensor, scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each row over its own tokens, in num_splits chunks of blocks (split-K):
+    o [R, heads, S, d] float32, lse [R, heads, S] float32; a chunk with no keys gives o = 0, lse = -inf."""
+    # Decode is the grouped computation with one row per group and the row's own block table.
+    starts = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
+    rep = q.shape[1] // k_pool.shape[2]
+    return _paged_attention(q, k_pool, v_pool, starts, torch.ones_like(starts), seq_len, block_table, scale,
+                            num_splits, max(16, triton.next_power_of_2(rep)), 1)
+
+
+def _softmax_attention(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores) @ v and the log-sum-exp; rows with all scores -inf give o = 0, lse = -inf."""
+    lse = scores.logsumexp(-1)
+    # Subtracting 0 instead of -inf keeps empty rows at exp(-inf) = 0 rather than NaN.
+    p = (scores - torch.where(lse.isfinite(), lse, 0.0)[..., None]).exp()
+    return p @ v, lse
+
+
+def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                               group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
+                               prompt_blocks: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of prefix_attention: per group, one batched matmul of all its rows against its prompt."""
+    rows, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_pool.shape
+    rep = heads // kv_heads
+    o = torch.empty(rows, heads, head_dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(rows, heads, device=q.device, dtype=torch.float32)
+    groups = zip(group_start.tolist(), group_count.tolist(), prompt_len.tolist(), prompt_blocks)
+    for start, count, length, blocks in groups:
+        blocks = blocks[:triton.cdiv(length, block_size)].long()
+        k = k_pool[blocks].flatten(0, 1)[:length].float().transpose(0, 1)  # [kv_heads, length, d]
+        v = v_pool[blocks].flatten(0, 1)[:length].float().transpose(0, 1)
+        # All rows' query heads of one kv head form one matrix: qg [kv_heads, count * rep, d].
+        qg = q[start:start + count].float().unflatten(1, (kv_heads, rep)).transpose(0, 1).flatten(1, 2)
+        og, lse_g = _softmax_attention(qg @ k.transpose(1, 2) * scale, v)
+        o[start:start + count] = og.unflatten(1, (count, rep)).transpose(0, 1).flatten(1, 2)
+        lse[start:start + count] = lse_g.unflatten(1, (count, rep)).transpose(0, 1).flatten(1, 2)
+    return o, lse
+
+
+def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
+                               block_table: torch.Tensor, scale: float,
+                               num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of decode_attention: gather every row's blocks, mask each split's keys."""
+    rows, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_pool.shape
+    seq_len = seq_len.long()
+    num_blocks = (seq_len + block_size - 1) // block_size
+    used = torch.arange(int(num_blocks.max()) if rows else 0, device=q.device) < num_blocks[:, None]
+    blocks = torch.where(used, block_table[:, :used.shape[1]].long(), 0)  # table padding may be anything
+    pos = torch.arange(used.shape[1] * block_size, device=q.device)
+    key_valid = pos < seq_len[:, None]  # [R, keys]
+    k = k_pool[blocks].flatten(1, 2).float()  # [R, keys, kv_heads, d]
+    # Unused slots may hold NaN, and p = 0 times NaN would still be NaN.
+    v = v_pool[blocks].flatten(1, 2).float().masked_fill(~key_valid[:, :, None, None], 0.0)
+    per_split = ((num_blocks + num_splits - 1) // num_splits).clamp_min(1)
+    split = (pos // block_size)[None] // per_split[:, None]  # [R, keys]
+    in_split = key_valid[:, None] & (split[:, None] == torch.arange(num_splits, device=q.device)[:, None])
+    scores = q.float().reshape(rows, kv_heads, heads // kv_heads, head_dim) @ k.permute(0, 2, 3, 1) * scale
+    scores = scores[:, :, :, None].masked_fill(~in_split[:, None, None], float("-inf"))  # [R, kv, rep, S, keys]
+    o, lse = _softmax_attention(scores, v.transpose(1, 2)[:, :, None])
+    return o.reshape(rows, heads, num_splits, head_dim), lse.reshape(rows, heads, num_splits)
+
+
+@triton.jit
+def _merge_kernel(o1_ptr, lse1_ptr, o2_ptr, lse2_ptr, out_ptr, num_splits, HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """One program per row: all heads, the prefix part and num_splits decode parts."""
+    h, d = tl.arange(0, H_PAD), tl.arange(0, D_PAD)
+    h_valid = h < HEADS
+    mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
+    row_head = tl.program_id(0) * HEADS + h
+    lse1 = tl.load(lse1_ptr + row_head, mask=h_valid, other=0.0)
+    # A first pass for the max over parts, which is finite, so no weight is exp(inf - inf).
+    m = lse1
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(lse2_ptr + row_head * num_splits + s, mask=h_valid, other=0.0))
+    total = tl.exp(lse1 - m)
+    acc = total[:, None] * tl.load(o1_ptr + row_head[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    for s in range(num_splits):
+        part = row_head * num_splits + s
+        w = tl.exp(tl.load(lse2_ptr + part, mask=h_valid, other=0.0) - m)
+        total += w
+        acc += w[:, None] * tl.load(o2_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    out = acc / total[:, None]
+    tl.store(out_ptr + row_head[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """Merge the prefix partial (o1 [R, heads, d], lse1 [R, heads]) with S decode partials
+    (o2 [R, heads, S, d], lse2 [R, heads, S]) into o [R, heads, d]; at least one part per row must have keys."""
+    rows, heads, num_splits, head_dim = o2.shape
+    out = torch.empty(rows, heads, head_dim, device=o1.device, dtype=out_dtype)
+    _merge_kernel[(rows,)](o1.contiguous(), lse1.contiguous(), o2.contiguous(), lse2.contiguous(), out, num_splits,
+                           HEADS=heads, HEAD_DIM=head_dim, H_PAD=triton.next_power_of_2(heads),
+                           D_PAD=triton.next_power_of_2(head_dim))
+    return out
+
+
+def reference_merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor,
+                              out_dtype: torch.dtype) -> torch.Tensor:
+    """Torch twin of merge_attention: o = sum_i exp(lse_i - logsumexp(lse)) o_i."""
+    lse = torch.cat([lse1[..., None], lse2], -1)
+    o = torch.cat([o1[:, :, None], o2], 2)
+    weight = (lse - lse.logsumexp(-1, keepdim=True)).exp()
+    return (weight[..., None] * o).sum(2).to(out_dtype)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slots_ptr, TOKEN_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """One token: its kv_heads * head_dim values are contiguous in the input and in the pool slot."""
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    mask = i < TOKEN_SIZE
+    tl.store(k_pool_ptr + slot * TOKEN_SIZE + i, tl.load(k_ptr + t * TOKEN_SIZE + i, mask=mask), mask=mask)
+    tl.store(v_pool_ptr + slot * TOKEN_SIZE + i, tl.load(v_ptr + t * TOKEN_SIZE + i, mask=mask), mask=mask)
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write k, v [T, kv_heads, d] into the pools' slots [T] in place (decode tokens and prefill alike)."""
+    assert k.dtype == v.dtype == k_pool.dtype == v_pool.dtype, "write_kv copies bits: cast k, v to the pool's dtype"
+    assert k_pool.is_contiguous() and v_pool.is_contiguous(), "the KV pools must be contiguous"
+    token_size = k.shape[1] * k.shape[2]
+    _write_kv_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_pool, v_pool, slots, TOKEN_SIZE=token_size,
+                                    BLOCK=triton.next_power_of_2(token_size))
+
+
+def reference_write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slots: torch.Tensor) -> None:
+    """Torch twin of write_kv; view (not reshape) so a non-contiguous pool fails instead of writing a copy."""
+    k_pool.view(-1, *k_pool.shape[2:])[slots] = k
+    v_pool.view(-1, *v_pool.shape[2:])[slots] = v
