@@ -1,22 +1,29 @@
-"""fanout's sampler: our own forward pass for Llama / Qwen2 / Qwen3-shaped decoder LMs.
+"""fanout's sampler: our own forward pass for Llama / Qwen2 / Qwen3-shaped decoder LMs over a
+paged KV cache in which each prompt's KV is stored once and shared by all of its rollouts.
 
-Each prompt is prefilled once and its KV is shared by all of its rollouts: at every decode
-step a rollout attends to (a) its prompt's KV, computed for all rollouts of that prompt
-together as one matrix product, and (b) its own generated KV; the two partial results are
-merged with their log-sum-exps (DESIGN.md, "Shared-prefix attention").
+    sampler = Sampler(ModelConfig.from_hf(hf_config), model.state_dict(), "cuda", kv_budget_tokens=1 << 20)
+    out = sampler.generate([[1, 2, 3]], n=[512], max_new_tokens=1024, temperature=1.0, stop_token_ids=[2])
 
-    sampler = Sampler(ModelConfig.from_hf(hf_config), model.state_dict(), "cpu", kv_budget_tokens=1 << 16)
-    out = sampler.generate([[1, 2, 3]], n=[8], max_new_tokens=32, temperature=1.0, stop_token_ids=[2], seed=0)
+Memory: the pool holds fixed-size blocks. A prompt's KV fills blocks once (P tokens); each
+rollout owns blocks for its own tokens (T each), so N rollouts cost P + N*T tokens, not
+N*(P+T). At every decode step a rollout attends to (a) its prompt's KV, computed for all
+running rollouts of that prompt together as one matrix product, and (b) its own blocks
+(paged decode attention); the partials are merged with their log-sum-exps (kernels/attention.py).
 
-Randomness is keyed by (seed, prompt index, sample index, position) with a counter-based
-hash and Gumbel-max, so a request gives the same tokens whatever the batch it runs in.
+Scheduling is continuous batching over a fixed number of decode slots: a finished rollout
+frees its slot and blocks and the next waiting rollout takes them; a prompt's blocks are
+freed when its last rollout ends. When blocks run out the newest running rollout is
+preempted and restarted later. Randomness is keyed by (seed, prompt, sample, position), so
+none of this changes which tokens come out.
 """
 
-import math
-from dataclasses import dataclass
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kernels import attention, sampling
 
 
 @dataclass(frozen=True)
@@ -62,65 +69,21 @@ class Rollouts:
         return len(self.tokens)
 
 
-# ---- keyed randomness: a 32-bit integer hash held in int64 (constants < 2^31, so no overflow) ----
-
-_M32 = 0xFFFFFFFF
-
-
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mixing function on uint32 values (Wellons' lowbias32 family)."""
-    x = x & _M32  # a fresh copy; the rest works in place
-    x ^= x >> 16
-    x *= 0x21F0AAAD
-    x &= _M32
-    x ^= x >> 15
-    x *= 0x735A2D97
-    x &= _M32
-    x ^= x >> 15
-    return x
-
+# ---- sampling ----
 
 def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """One uint32 key per row from (seed, prompt index, sample index, position)."""
-    k = hash32(torch.full_like(prompt, seed) + 0x9E3779B9)
+    k = sampling.hash32(torch.full_like(prompt, seed) + 0x9E3779B9)
     for part in (prompt, sample, position):
-        k = hash32(k + part)
+        k = sampling.hash32(k + part)
     return k
 
 
-def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key).
-
-    Two rows share a value only where hash32(i) ^ hash32(j) equals their keys' xor: about
-    vocab^2 / 2^32 pairs, under one for a 50k vocabulary, so rows are independent in practice."""
-    x = hash32(token_hash[None] ^ keys[:, None])
-    return ((x >> 8).float() + 0.5) * 2.0 ** -24
-
-
-def gumbel_argmax(z: torch.Tensor, keys: torch.Tensor, rows_per_chunk: int = 16) -> torch.Tensor:
-    """argmax(z + Gumbel noise) per row: an exact draw from softmax(z). Row chunks keep the
-    [chunk, vocab] integer temporaries in cache (12x faster than whole-batch on CPU)."""
-    token_hash = hash32(torch.arange(z.shape[-1], device=z.device))
-    out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-    for s in range(0, z.shape[0], rows_per_chunk):
-        u = uniform(keys[s:s + rows_per_chunk], token_hash)
-        out[s:s + rows_per_chunk] = (z[s:s + rows_per_chunk] - u.log_().neg_().log_()).argmax(-1)
-    return out
-
-
-def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, temperature: float, top_p: float = 1.0):
-    """Token, its logprob and the entropy of the sampling distribution, per row.
-
-    temperature 0 is greedy; its logprob and entropy are those of softmax(logits)."""
-    z = logits.float() / (temperature if temperature > 0 else 1.0)
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-        sorted_z, order = z.sort(-1, descending=True)
-        mass_before = sorted_z.softmax(-1).cumsum(-1) - sorted_z.softmax(-1)
-        z = z.scatter(-1, order, sorted_z.masked_fill(mass_before >= top_p, -math.inf))
-    logp = z.log_softmax(-1)
-    tokens = gumbel_argmax(z, keys) if temperature > 0 else z.argmax(-1)
-    entropy = torch.special.entr(logp.exp()).sum(-1)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0], entropy
+def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """z with every token outside the smallest set whose probability reaches top_p set to -inf."""
+    sorted_z, order = z.sort(-1, descending=True)
+    probs = sorted_z.softmax(-1)
+    return z.scatter(-1, order, sorted_z.masked_fill(probs.cumsum(-1) - probs >= top_p, -torch.inf))
 
 
 # ---- the model ----
@@ -131,42 +94,62 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos, sin [T, head_dim] (HF's rotate-half convention)."""
+    """x [..., T, heads, head_dim]; cos, sin [T, head_dim] (HF's rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask=None):
-    """Grouped-query attention of q [..., kv_heads, rows, d] over k, v [..., kv_heads, S, d].
+class BlockPool:
+    """KV memory in fixed-size blocks: a free list and a reference count per block."""
 
-    Returns the partial output and its log-sum-exp, to be merged with another partial."""
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, -math.inf)
-    lse = scores.logsumexp(-1)
-    out = (scores - lse[..., None]).exp().to(v.dtype) @ v
-    return out, lse
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks))[::-1]
+        self.refs = [0] * num_blocks
 
+    def alloc(self, n: int) -> list[int] | None:
+        if n > len(self.free):
+            return None
+        blocks = [self.free.pop() for _ in range(n)]
+        self.retain(blocks)
+        return blocks
 
-def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """Combine two softmax-attention partials over disjoint key sets."""
-    lse = torch.logaddexp(lse1, lse2)
-    return (o1.float() * (lse1 - lse).exp()[..., None] + o2.float() * (lse2 - lse).exp()[..., None]).to(o1.dtype)
+    def retain(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
 
 
 class Sampler:
-    """Batched generation over a KV cache in which each prompt's KV is stored once."""
+    """Generation over a paged KV pool with shared prompt KV and continuous batching."""
 
     def __init__(self, model_config: ModelConfig, weights: dict, device="cpu", kv_budget_tokens: int = 1 << 20,
-                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16):
-        self.cfg, self.device, self.dtype = model_config, torch.device(device), dtype
-        self.kv_budget_tokens, self.block_size = kv_budget_tokens, block_size
+                 block_size: int = 16, dtype: torch.dtype = torch.bfloat16, max_slots: int = 1024,
+                 use_triton: bool | None = None):
+        c = model_config
+        self.cfg, self.device, self.dtype = c, torch.device(device), dtype
+        self.block_size, self.max_slots = block_size, max_slots
+        self.num_blocks = kv_budget_tokens // block_size
         self.weights = {name: w.detach().to(self.device, dtype).clone() for name, w in weights.items()}
         if "lm_head.weight" not in self.weights:  # tied embeddings
             self.weights["lm_head.weight"] = self.weights["model.embed_tokens.weight"]
-        half = model_config.head_dim // 2
-        self.inv_freq = 1.0 / model_config.rope_theta ** (torch.arange(half, device=self.device).float() / half)
+        half = c.head_dim // 2
+        self.inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=self.device).float() / half)
+        shape = (c.num_layers, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.k_pool = torch.empty(shape, device=self.device, dtype=dtype)
+        self.v_pool = torch.empty(shape, device=self.device, dtype=dtype)
+        # Triton kernels on CUDA, their plain-torch twins elsewhere (DESIGN.md, Kernels)
+        prefix = "" if (self.device.type == "cuda" if use_triton is None else use_triton) else "reference_"
+        self.write_kv = getattr(attention, prefix + "write_kv")
+        self.prefix_attention = getattr(attention, prefix + "prefix_attention")
+        self.decode_attention = getattr(attention, prefix + "decode_attention")
+        self.merge_attention = getattr(attention, prefix + "merge_attention")
+        self.sample = getattr(sampling, prefix + "sample")
 
     def load_weights(self, weights: dict) -> None:
         """Copy new weights into the sampler's buffers in place (tied heads follow the embedding)."""
@@ -177,19 +160,16 @@ class Sampler:
 
     # -- forward pieces --
 
-    def _rope_tables(self, positions: torch.Tensor):
-        freqs = positions.float()[:, None] * self.inv_freq[None]
-        emb = torch.cat((freqs, freqs), -1)
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"))
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Final hidden states [..., T, hidden]; attend(layer, q, k, v) -> [..., T, heads, d]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Logits [..., T, vocab] (float32); attend(layer, q, k, v) -> [..., T, heads, d]."""
         c, w = self.cfg, self.weights
         x = w["model.embed_tokens.weight"][tokens]
-        cos, sin = self._rope_tables(positions)
+        angles = positions.float()[:, None] * self.inv_freq[None]
+        angles = torch.cat((angles, angles), -1)
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         shape = tokens.shape
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -205,58 +185,37 @@ class Sampler:
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             x = x + self._linear(F.silu(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj"),
                                  p + "mlp.down_proj")
-        return rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
+        x = rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
+        return F.linear(x, w["lm_head.weight"]).float()
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weights["lm_head.weight"]).float()
-
-    def prefill(self, prompts: list[list[int]]):
-        """Run the prompts once, right-padded into one batch (causal attention never lets a real
-        position see the padding). Returns per-layer (k, v) [prompts, kv_heads, P_max, d], the
-        prompt lengths and each prompt's last-position logits."""
-        c = self.cfg
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=self.device)
+    def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> torch.Tensor:
+        """Run the prompts once, right-padded into one batch, writing their KV into their blocks;
+        returns each prompt's last-position logits. Causal attention never lets a real position
+        see the padding."""
+        c, bs = self.cfg, self.block_size
+        lengths = [len(p) for p in prompts]
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p, device=self.device)
-        kv = []
+        valid = torch.arange(max(lengths), device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        slots = torch.tensor([bl[t // bs] * bs + t % bs for bl, n in zip(blocks, lengths) for t in range(n)],
+                             device=self.device)
+        rep = c.num_heads // c.num_kv_heads
 
         def attend(layer, q, k, v):
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [prompts, kv_heads, P, d]
-            kv.append((k, v))
-            rep = c.num_heads // c.num_kv_heads
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(rep, 1),
-                                               v.repeat_interleave(rep, 1), is_causal=True)
+            self.write_kv(self.k_pool[layer], self.v_pool[layer], k[valid], v[valid], slots)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
+                                               v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True)
             return o.transpose(1, 2)
 
-        hidden = self._forward(tokens, torch.arange(tokens.shape[1], device=self.device), attend)
-        return kv, lengths, self._logits(hidden[torch.arange(len(prompts)), lengths - 1])
+        logits = self.forward(tokens, torch.arange(max(lengths), device=self.device), attend)
+        return logits[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
 
-    def _decode_step(self, tokens, positions, prompt_kv, prompt_len, row_group, row_slot, own_k, own_v, t):
-        """Feed one token per row at own-cache index t. Row r belongs to prompt row_group[r] and is
-        its row_slot[r]-th running rollout."""
-        c = self.cfg
-        rep, scale = c.num_heads // c.num_kv_heads, c.head_dim ** -0.5
-        groups, width = prompt_len.shape[0], int(row_slot.max()) + 1
-        key_mask = torch.arange(prompt_kv[0][0].shape[2], device=self.device)[None] < prompt_len[:, None]
-
-        def attend(layer, q, k, v):
-            own_k[layer][:, :, t], own_v[layer][:, :, t] = k, v
-            q = q.view(-1, c.num_kv_heads, rep, c.head_dim)
-            # (a) prompt KV: the queries of every rollout of a prompt against that prompt's keys,
-            # one matrix product per prompt, so the prompt KV is read once per step
-            pk, pv = prompt_kv[layer]
-            qg = q.new_zeros(groups, width, c.num_kv_heads, rep, c.head_dim)
-            qg[row_group, row_slot] = q
-            qg = qg.permute(0, 2, 1, 3, 4).reshape(groups, c.num_kv_heads, width * rep, c.head_dim)
-            o1, lse1 = attention_partial(qg, pk, pv, scale, key_mask[:, None, None, :])
-            o1 = o1.view(groups, c.num_kv_heads, width, rep, -1).permute(0, 2, 1, 3, 4)[row_group, row_slot]
-            lse1 = lse1.view(groups, c.num_kv_heads, width, rep).permute(0, 2, 1, 3)[row_group, row_slot]
-            # (b) each rollout's own tokens so far
-            o2, lse2 = attention_partial(q, own_k[layer][:, :, :t + 1], own_v[layer][:, :, :t + 1], scale)
-            return merge_partials(o1, lse1, o2, lse2).reshape(-1, c.num_heads, c.head_dim)
-
-        return self._logits(self._forward(tokens, positions, attend))
+    def sample_tokens(self, logits: torch.Tensor, keys: torch.Tensor, temperature: float, top_p: float):
+        """Token, its logprob and the entropy of the sampling distribution, per row."""
+        if top_p < 1.0 and temperature > 0:  # nucleus on the tempered distribution (evaluation)
+            logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
+        return self.sample(logits, keys, temperature)
 
     # -- generation --
 
@@ -268,67 +227,223 @@ class Sampler:
         samples exactly the same tokens as the whole request in one call."""
         if len(n) != len(prompts):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts; pass one n per prompt")
-        results = {}
-        for wave in self._waves(prompts, n, max_new_tokens):
-            results.update(self._generate_wave(prompts, wave, max_new_tokens, temperature, top_p,
-                                               set(stop_token_ids), seed, prompt_offset))
-        order = sorted(results)
-        return Rollouts(prompt_index=[p for p, _ in order], sample_index=[s for _, s in order],
-                        tokens=[results[key][0] for key in order], logprobs=[results[key][1] for key in order],
-                        entropies=[results[key][2] for key in order], finish_reason=[results[key][3] for key in order])
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if self._blocks_for(len(p)) + self._blocks_for(max_new_tokens) > self.num_blocks:
+                raise ValueError(f"prompt {i} ({len(p)} tokens) plus max_new_tokens={max_new_tokens} does not fit "
+                                 f"kv_budget_tokens={self.num_blocks * self.block_size}; raise the budget")
+        with torch.no_grad():
+            run = _Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_offset)
+            results = run.run()
+        self.stats = {"preemptions": run.preemptions, "evictions": run.evictions, "peak_kv_tokens": run.peak_blocks
+                      * self.block_size, "kv_bytes_per_token": 2 * self.k_pool[:, 0, 0].numel() * self.k_pool.element_size()}
+        keys = sorted(results)
+        return Rollouts(prompt_index=[p for p, _ in keys], sample_index=[s for _, s in keys],
+                        tokens=[results[k][0] for k in keys], logprobs=[results[k][1] for k in keys],
+                        entropies=[results[k][2] for k in keys], finish_reason=[results[k][3] for k in keys])
 
-    def _waves(self, prompts, n, max_new_tokens):
-        """Split the request into waves whose KV (prompts once + each rollout's own tokens) fits the budget."""
-        wave, cost = [], 0
-        for p, count in enumerate(n):
-            need = len(prompts[p]) + max_new_tokens
-            if need > self.kv_budget_tokens:
-                raise ValueError(f"prompt {p} ({len(prompts[p])} tokens) plus max_new_tokens={max_new_tokens} "
-                                 f"exceeds kv_budget_tokens={self.kv_budget_tokens}; raise the budget")
-            for s in range(count):
-                extra = max_new_tokens + (len(prompts[p]) if not wave or wave[-1][0] != p else 0)
-                if wave and cost + extra > self.kv_budget_tokens:
-                    yield wave
-                    wave, cost = [], 0
-                    extra = need
-                wave.append((p, s))
-                cost += extra
-        if wave:
-            yield wave
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
 
-    @torch.no_grad()
-    def _generate_wave(self, prompts, wave, max_new_tokens, temperature, top_p, stop_ids, seed, prompt_offset):
-        c, dev = self.cfg, self.device
-        prompt_ids = sorted({p for p, _ in wave})
-        prompt_kv, prompt_len, last_logits = self.prefill([prompts[p] for p in prompt_ids])
-        rows = torch.tensor(wave, device=dev)                      # [B, 2]: (prompt, sample)
-        group = torch.tensor([prompt_ids.index(p) for p, _ in wave], device=dev)
-        logits = last_logits[group]
-        B = len(wave)
-        own_k = [torch.empty(B, c.num_kv_heads, max_new_tokens, c.head_dim, device=dev, dtype=self.dtype)
-                 for _ in range(c.num_layers)]
-        own_v = [torch.empty_like(k) for k in own_k]
-        out_tok = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-        out_lp, out_ent = torch.zeros(B, max_new_tokens, device=dev), torch.zeros(B, max_new_tokens, device=dev)
-        alive = torch.arange(B, device=dev)                          # original row of each active row
-        results = {}
-        for t in range(max_new_tokens):
-            keys = sample_keys(seed, rows[alive, 0] + prompt_offset, rows[alive, 1], torch.full_like(alive, t))
-            tok, lp, ent = sample_tokens(logits, keys, temperature, top_p)
-            out_tok[alive, t], out_lp[alive, t], out_ent[alive, t] = tok, lp, ent
-            stopped = torch.tensor([x in stop_ids for x in tok.tolist()], device=dev, dtype=torch.bool)
-            done = stopped | (t == max_new_tokens - 1)
-            for r, stop in zip(alive[done].tolist(), stopped[done].tolist()):
-                results[tuple(wave[r])] = (out_tok[r, :t + 1].tolist(), out_lp[r, :t + 1].clone(),
-                                           out_ent[r, :t + 1].clone(), "stop" if stop else "length")
-            if done.all():
+
+@dataclass(eq=False)
+class _Prompt:
+    index: int
+    tokens: list[int]
+    waiting: deque                       # sample indices not running yet (a preempted one goes back in front)
+    unfinished: int                      # rollouts not finished yet, running or waiting
+    running: int = 0                     # rollouts running now
+    blocks: list[int] | None = None      # its KV blocks once prefilled
+    logits: torch.Tensor | None = None   # its last-position logits: every rollout's first token comes from them
+
+
+@dataclass(eq=False)
+class _Rollout:
+    prompt: _Prompt
+    sample: int
+    slot: int
+    length: int = 0                      # tokens generated so far
+    blocks: list[int] = field(default_factory=list)
+
+
+class _Generation:
+    """The state of one generate() call: waiting prompts, running slots, results."""
+
+    def __init__(self, s: Sampler, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, offset):
+        self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
+        self.seed, self.offset = seed, offset
+        self.pool = BlockPool(s.num_blocks)
+        self.pending = deque(_Prompt(i, p, deque(range(k)), k) for i, (p, k) in enumerate(zip(prompts, n)) if k > 0)
+        self.active: list[_Prompt] = []    # prefilled prompts with unfinished rollouts, oldest first
+        self.running: list[_Rollout] = []  # admission order: the last is the newest
+        self.free_slots = list(range(s.max_slots))[::-1]
+        self.results = {}
+        self.preemptions = self.evictions = self.peak_blocks = 0
+        dev = s.device
+        self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=dev)
+        self.out_tok = torch.zeros(s.max_slots, max_new_tokens, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(s.max_slots, max_new_tokens, device=dev)
+        self.out_ent = torch.zeros(s.max_slots, max_new_tokens, device=dev)
+        self.slot_blocks = torch.zeros(s.max_slots, s._blocks_for(max_new_tokens), dtype=torch.int32, device=dev)
+
+    def run(self) -> dict:
+        while self.pending or self.active:
+            if not self.admit() and not self.running:
+                # Every block is held by prompts whose rollouts wait for room: drop the newest one's KV.
+                self.evict(self.active[-1])
+                continue
+            self.reserve_blocks()
+            if self.running:
+                self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.pool.free))
+                self.decode()
+        return self.results
+
+    # -- admission --
+
+    def admit(self) -> int:
+        """Start waiting rollouts while slots and blocks allow, prefilling new prompts as needed."""
+        started = []
+        while self.free_slots and len(self.pool.free) > len(started):
+            prompt = next((p for p in self.active if p.waiting), None)
+            if prompt is None:
+                if not self.prefill_pending(len(self.pool.free) - len(started)):
+                    break
+                continue
+            rollout = _Rollout(prompt, prompt.waiting.popleft(), self.free_slots.pop())
+            self.pool.retain(prompt.blocks)
+            prompt.running += 1
+            self.running.append(rollout)
+            started.append(rollout)
+        if started:  # first tokens come straight from the prompts' last logits
+            logits = torch.stack([r.prompt.logits for r in started])
+            self.record(started, *self.s.sample_tokens(logits, self.keys(started), self.temperature, self.top_p))
+        return len(started)
+
+    def prefill_pending(self, free_blocks: int) -> bool:
+        """Prefill the next pending prompts that fit (their KV plus one block for a first rollout)."""
+        batch = []
+        while self.pending and len(batch) < len(self.free_slots):
+            need = self.s._blocks_for(len(self.pending[0].tokens)) + 1
+            if need > free_blocks:
                 break
-            if done.any():  # finished rows leave the batch
-                keep = (~done).nonzero()[:, 0]
-                alive, tok = alive[keep], tok[keep]
-                own_k, own_v = [k[keep] for k in own_k], [v[keep] for v in own_v]
-            g = group[alive]  # rows stay sorted by prompt, so a row's slot is its rank inside its run
-            starts = torch.searchsorted(g, g, right=False)
-            slot = torch.arange(len(g), device=dev) - starts
-            logits = self._decode_step(tok, prompt_len[g] + t, prompt_kv, prompt_len, g, slot, own_k, own_v, t)
-        return results
+            free_blocks -= need
+            prompt = self.pending.popleft()
+            prompt.blocks = self.pool.alloc(need - 1)
+            batch.append(prompt)
+        if batch:
+            logits = self.s.prefill([p.tokens for p in batch], [p.blocks for p in batch])
+            for prompt, row in zip(batch, logits):
+                prompt.logits = row
+            self.active.extend(batch)
+        return bool(batch)
+
+    # -- memory --
+
+    def reserve_blocks(self) -> None:
+        """Give every running rollout the block its next token goes into."""
+        writes, i = [], 0
+        while i < len(self.running):  # oldest first; preemption only ever removes the newest
+            rollout = self.running[i]
+            if len(rollout.blocks) * self.s.block_size < rollout.length:
+                block = self.alloc_block(rollout)
+                if block is None:  # the rollout itself was the newest and was preempted
+                    break
+                writes.append((rollout.slot, len(rollout.blocks), block))
+                rollout.blocks.append(block)
+            i += 1
+        if writes:
+            slot, index, block = torch.tensor(writes, device=self.s.device).T
+            self.slot_blocks[slot, index] = block.to(torch.int32)
+
+    def alloc_block(self, rollout: _Rollout) -> int | None:
+        """A free block; when none is left, first drop the KV of prompts with no running rollout
+        (newest first), then preempt the newest running rollout (it restarts later)."""
+        while not (got := self.pool.alloc(1)):
+            idle = [p for p in self.active if p.running == 0]
+            if idle:
+                self.evict(idle[-1])
+                continue
+            victim = self.running.pop()
+            self.preemptions += 1
+            self.pool.release(victim.blocks + victim.prompt.blocks)
+            victim.prompt.waiting.appendleft(victim.sample)
+            victim.prompt.running -= 1
+            self.free_slots.append(victim.slot)
+            if victim is rollout:
+                return None
+        return got[0]
+
+    def evict(self, prompt: _Prompt) -> None:
+        """Free an idle prompt's KV; it is prefilled again when its rollouts get room."""
+        self.evictions += 1
+        self.pool.release(prompt.blocks)
+        prompt.blocks = prompt.logits = None
+        self.active.remove(prompt)
+        self.pending.appendleft(prompt)  # evicted newest-first, so pending stays in prompt order
+
+    # -- decoding --
+
+    def keys(self, rollouts: list[_Rollout]) -> torch.Tensor:
+        rows = torch.tensor([(r.prompt.index + self.offset, r.sample, r.length) for r in rollouts],
+                            device=self.s.device).T
+        return sample_keys(self.seed, *rows)
+
+    def decode(self) -> None:
+        """One token for every running rollout: feed its last token, attend, sample."""
+        s, c = self.s, self.s.cfg
+        rows = sorted(self.running, key=lambda r: r.prompt.index)  # a prompt's rollouts are contiguous
+        groups = list(dict.fromkeys(r.prompt for r in rows))
+        dev = s.device
+        slot = torch.tensor([r.slot for r in rows], device=dev)
+        own_len = torch.tensor([r.length for r in rows], device=dev)  # the fed token is the last of these
+        prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
+        counts = Counter(r.prompt.index for r in rows)
+        group_count = torch.tensor([counts[g.index] for g in groups], dtype=torch.int32, device=dev)
+        group_start = torch.cumsum(group_count, 0, dtype=torch.int32) - group_count
+        prompt_blocks = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(g.blocks, dtype=torch.int32) for g in groups], batch_first=True).to(dev)
+        block_table = self.slot_blocks[slot]
+        pos = own_len - 1
+        write_slots = block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size \
+            + pos % s.block_size
+        seq_len = own_len.to(torch.int32)
+        splits = max(1, min(8, -(-int(own_len.max()) // 512)))
+        scale = c.head_dim ** -0.5
+
+        def attend(layer, q, k, v):
+            kp, vp = s.k_pool[layer], s.v_pool[layer]
+            s.write_kv(kp, vp, k, v, write_slots)
+            o1, lse1 = s.prefix_attention(q, kp, vp, group_start, group_count, prompt_len, prompt_blocks, scale)
+            o2, lse2 = s.decode_attention(q, kp, vp, seq_len, block_table, scale, splits)
+            return s.merge_attention(o1, lse1, o2, lse2, q.dtype)
+
+        tokens = self.out_tok[slot, pos]
+        logits = s.forward(tokens, prompt_len.repeat_interleave(group_count.long()) + pos, attend)
+        self.record(rows, *s.sample_tokens(logits, self.keys(rows), self.temperature, self.top_p))
+
+    def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
+        """Store each rollout's new token; finished rollouts leave and free their slot and blocks."""
+        slot = torch.tensor([r.slot for r in rollouts], device=self.s.device)
+        length = torch.tensor([r.length for r in rollouts], device=self.s.device)
+        self.out_tok[slot, length], self.out_lp[slot, length], self.out_ent[slot, length] = tok, lp, ent
+        stopped = torch.isin(tok, self.stop_ids)
+        done = (stopped | (length + 1 == self.max_new)).tolist()
+        for rollout, is_done, is_stop in zip(rollouts, done, stopped.tolist()):
+            rollout.length += 1
+            if is_done:
+                self.finish(rollout, "stop" if is_stop else "length")
+
+    def finish(self, rollout: _Rollout, reason: str) -> None:
+        i, n = rollout.slot, rollout.length
+        self.results[(rollout.prompt.index, rollout.sample)] = (
+            self.out_tok[i, :n].tolist(), self.out_lp[i, :n].clone(), self.out_ent[i, :n].clone(), reason)
+        self.running.remove(rollout)
+        self.free_slots.append(rollout.slot)
+        prompt = rollout.prompt
+        self.pool.release(rollout.blocks + prompt.blocks)
+        prompt.running -= 1
+        prompt.unfinished -= 1
+        if prompt.unfinished == 0:  # its last rollout: the prompt's own reference goes
+            self.pool.release(prompt.blocks)
+            self.active.remove(prompt)

@@ -150,23 +150,26 @@ def _softmax_attention(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
 def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
                                prompt_blocks: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of prefix_attention: per group, one batched matmul of all its rows against its prompt."""
+    """Torch twin of prefix_attention: the rows of every group are scattered into a padded
+    [groups, kv_heads, widest group * rep, d] tensor and attend to their prompt in one batched matmul."""
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pool.shape
-    rep = heads // kv_heads
-    o = torch.empty(rows, heads, head_dim, device=q.device, dtype=torch.float32)
-    lse = torch.empty(rows, heads, device=q.device, dtype=torch.float32)
-    groups = zip(group_start.tolist(), group_count.tolist(), prompt_len.tolist(), prompt_blocks)
-    for start, count, length, blocks in groups:
-        blocks = blocks[:triton.cdiv(length, block_size)].long()
-        k = k_pool[blocks].flatten(0, 1)[:length].float().transpose(0, 1)  # [kv_heads, length, d]
-        v = v_pool[blocks].flatten(0, 1)[:length].float().transpose(0, 1)
-        # All rows' query heads of one kv head form one matrix: qg [kv_heads, count * rep, d].
-        qg = q[start:start + count].float().unflatten(1, (kv_heads, rep)).transpose(0, 1).flatten(1, 2)
-        og, lse_g = _softmax_attention(qg @ k.transpose(1, 2) * scale, v)
-        o[start:start + count] = og.unflatten(1, (count, rep)).transpose(0, 1).flatten(1, 2)
-        lse[start:start + count] = lse_g.unflatten(1, (count, rep)).transpose(0, 1).flatten(1, 2)
-    return o, lse
+    rep, groups = heads // kv_heads, group_start.shape[0]
+    group = torch.repeat_interleave(torch.arange(groups, device=q.device), group_count.long(), output_size=rows)
+    slot = torch.arange(rows, device=q.device) - group_start.long()[group]  # a row's place inside its group
+    width, num_blocks = int(group_count.max()), triton.cdiv(int(prompt_len.max()), block_size)
+    key_valid = torch.arange(num_blocks * block_size, device=q.device)[None] < prompt_len[:, None].long()
+    blocks = torch.where(key_valid[:, ::block_size], prompt_blocks[:, :num_blocks].long(), 0)
+    k = k_pool[blocks].flatten(1, 2).float().permute(0, 2, 3, 1)  # [groups, kv_heads, d, keys]
+    v = v_pool[blocks].flatten(1, 2).float().masked_fill(~key_valid[:, :, None, None], 0.0).transpose(1, 2)
+    qg = q.new_zeros(groups, width, kv_heads, rep, head_dim, dtype=torch.float32)
+    qg[group, slot] = q.float().view(rows, kv_heads, rep, head_dim)
+    qg = qg.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [groups, kv_heads, width * rep, d]
+    scores = (qg @ k * scale).masked_fill(~key_valid[:, None, None], float("-inf"))
+    o, lse = _softmax_attention(scores, v)
+    o = o.unflatten(2, (width, rep)).permute(0, 2, 1, 3, 4)[group, slot]
+    lse = lse.unflatten(2, (width, rep)).permute(0, 2, 1, 3)[group, slot]
+    return o.reshape(rows, heads, head_dim), lse.reshape(rows, heads)
 
 
 def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
