@@ -143,6 +143,7 @@ class Sampler:
         shape = (c.num_layers, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.k_pool = torch.empty(shape, device=self.device, dtype=dtype)
         self.v_pool = torch.empty(shape, device=self.device, dtype=dtype)
+        self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.k_pool.element_size()
         # Triton kernels on CUDA, their plain-torch twins elsewhere (DESIGN.md, Kernels)
         prefix = "" if (self.device.type == "cuda" if use_triton is None else use_triton) else "reference_"
         self.write_kv = getattr(attention, prefix + "write_kv")
@@ -236,8 +237,8 @@ class Sampler:
         with torch.no_grad():
             run = _Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_offset)
             results = run.run()
-        self.stats = {"preemptions": run.preemptions, "evictions": run.evictions, "peak_kv_tokens": run.peak_blocks
-                      * self.block_size, "kv_bytes_per_token": 2 * self.k_pool[:, 0, 0].numel() * self.k_pool.element_size()}
+        self.stats = {"preemptions": run.preemptions, "evictions": run.evictions,
+                      "peak_kv_tokens": run.peak_blocks * self.block_size}
         keys = sorted(results)
         return Rollouts(prompt_index=[p for p, _ in keys], sample_index=[s for _, s in keys],
                         tokens=[results[k][0] for k in keys], logprobs=[results[k][1] for k in keys],

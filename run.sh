@@ -2,6 +2,9 @@
 # fanout's entry points:
 #   ./run.sh            set up .venv when needed, then run the CPU demo (extra flags go to train.py)
 #   ./run.sh test       set up when needed, then run the test suite
+#   ./run.sh bench      set up when needed, then `python bench.py sampler` (CPU case)
+#   ./run.sh gpu-check  on a GPU machine, with its own python3 and nothing installed: the Triton
+#                       kernels compiled against their references, then the GPU sampler benchmark
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -25,6 +28,11 @@ cmd="${1:-demo}"
 case "$cmd" in
   demo) setup; exec .venv/bin/python train.py demo "$@" ;;
   test) setup; exec .venv/bin/python -m pytest -q test_all.py "$@" ;;
+  bench) setup; exec .venv/bin/python bench.py "${@:-sampler}" ;;
+  gpu-check)
+    export TRITON_INTERPRET=0 FANOUT_TEST_DEVICE=cuda
+    python3 -m pytest -q kernels/test_kernels.py
+    exec python3 bench.py sampler --device cuda "$@" ;;
   -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;
-  *) echo "unknown command '$cmd'; use ./run.sh [demo|test] [flags]" >&2; exit 2 ;;
+  *) echo "unknown command '$cmd'; use ./run.sh [demo|test|bench|gpu-check] [flags]" >&2; exit 2 ;;
 esac

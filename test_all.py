@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,36 +20,15 @@ import explore
 import loss
 import reward
 import train
-from kernels import attention
-from kernels.sampling import hash32, reference_sample, sample
+from kernels.sampling import hash32, reference_sample
+from kernels.test_kernels import *  # noqa: F401,F403 (the kernel tests run here too, in the interpreter)
+from kernels.test_kernels import random_prompts, tiny_config, tiny_model
 from rollout import ModelConfig, Sampler, nucleus, sample_keys
 
 ROOT = Path(__file__).parent
 
 
 # ---- models used by several tests ----
-
-def tiny_config(kind: str):
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    if kind == "llama":
-        return transformers.LlamaConfig(**common, tie_word_embeddings=False)
-    if kind == "qwen2":  # biases on q/k/v
-        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
-    if kind == "qwen3":  # q/k norms, head_dim decoupled from hidden/heads
-        return transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
-    raise ValueError(kind)
-
-
-def tiny_model(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(kind)).float().eval()
-    with torch.no_grad():  # HF's init leaves biases at zero; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
 
 @pytest.fixture(scope="session")
 def smollm2():
@@ -64,212 +42,6 @@ def hf_greedy(model, prompt, max_new_tokens, eos):
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
     return out[0, len(prompt):].tolist()
-
-
-def random_prompts(vocab, lengths, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-# ---- kernels (Triton in interpreter mode against the torch references) ----
-
-@pytest.fixture
-def poisoned_empty():
-    """In deterministic mode torch.empty fills floats with NaN and ints with their maximum, so any
-    output element a launcher allocates but its kernel never writes fails the comparison."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.empty(3).isnan().all() and (torch.empty(3, dtype=torch.long) == torch.iinfo(torch.long).max).all()
-    yield
-    torch.use_deterministic_algorithms(was_on)
-
-
-def random_logits(B: int, V: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    logits = torch.randn(B, V, generator=gen) * 3
-    logits[0, :V - 100] = -float("inf")  # whole tiles masked, as top-p or a vocab mask leaves them
-    logits[1, torch.randint(0, V, (V // 4,), generator=gen)] = -float("inf")
-    return logits.to(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("V", [1000, 3000, 5000])
-def test_triton_sample_matches_reference(poisoned_empty, dtype, V):
-    gen = torch.Generator().manual_seed(V)
-    for temperature in (0.0, 0.7, 1.0):
-        logits = random_logits(6, V, dtype, gen)
-        keys = torch.randint(0, 2 ** 32, (6,), generator=gen)
-        tokens, logprob, entropy = sample(logits, keys, temperature)
-        ref_tokens, ref_logprob, ref_entropy = reference_sample(logits, keys, temperature)
-        assert torch.equal(tokens, ref_tokens), (temperature, tokens, ref_tokens)
-        torch.testing.assert_close(logprob, ref_logprob, atol=1e-4, rtol=0)
-        torch.testing.assert_close(entropy, ref_entropy, atol=1e-4, rtol=0)
-
-
-def test_largest_hash_gives_no_infinite_noise():
-    key, token = 1743, 276  # hash32(hash32(276) ^ 1743) >> 8 is 2^24 - 1, the largest value
-    raw = hash32(hash32(torch.tensor([token])) ^ key) >> 8
-    assert raw.item() == 2 ** 24 - 1 and (raw.float() + 0.5).item() * 2 ** -24 == 1.0  # float32 rounds up to 1
-    logits = torch.zeros(1, 1000)
-    logits[0, token] = -30.0  # softmax gives it ~1e-16: it must not be drawn
-    keys = torch.tensor([key])
-    assert reference_sample(logits, keys, 1.0)[0].item() != token
-    assert sample(logits, keys, 1.0)[0].item() != token
-
-
-def test_reference_follows_tempered_softmax():
-    N, V, temperature = 20000, 50, 0.7
-    gen = torch.Generator().manual_seed(1)
-    logits = (torch.randn(V, generator=gen) * 1.5).expand(N, V)
-    keys = torch.randint(0, 2 ** 32, (N,), generator=gen)
-    tokens, logprob, entropy = reference_sample(logits, keys, temperature)
-    p = (logits[0] / temperature).softmax(-1)
-    counts = torch.bincount(tokens, minlength=V).float()
-    assert ((counts - N * p).abs() <= 4 * (N * p * (1 - p)).sqrt() + 1).all()
-    torch.testing.assert_close(logprob, p.log()[tokens])
-    torch.testing.assert_close(entropy, torch.full((N,), -(p * p.log()).sum().item()))
-
-
-def test_greedy_picks_first_argmax():
-    logits = torch.randn(3, 3000)
-    logits[0, [5, 7]] = 10.0        # a tie inside one tile
-    logits[1, [100, 2500]] = 10.0   # a tie across tiles (2048 wide)
-    logits[2, 2999] = 10.0          # the maximum in the masked tail tile
-    keys = torch.zeros(3, dtype=torch.long)
-    expected = torch.tensor([5, 100, 2999])
-    for tokens, logprob, _ in (reference_sample(logits, keys, 0.0), sample(logits, keys, 0.0)):
-        assert torch.equal(tokens, expected)
-        torch.testing.assert_close(logprob, logits.log_softmax(-1)[torch.arange(3), expected])
-
-
-KV_HEADS, BLOCK_SIZE = 2, 16
-PROMPT_LENS = [5, 23, 40]  # not multiples of BLOCK_SIZE: last blocks are partly used
-CASES = [(torch.float32, 32, 2), (torch.bfloat16, 64, 3)]  # pool dtype, head_dim, query heads per kv head
-TRITON = (attention.prefix_attention, attention.decode_attention, attention.merge_attention)
-REFERENCE = (attention.reference_prefix_attention, attention.reference_decode_attention,
-             attention.reference_merge_attention)
-
-
-def make_case(dtype: torch.dtype, head_dim: int, rep: int, seed: int = 0) -> SimpleNamespace:
-    """Three prompts with 1-5 rollouts each, paged into a shuffled pool whose unused slots hold NaN,
-    with block tables padded by garbage, plus the unpaged keys and values of every sequence."""
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.randint(1, 6, (len(PROMPT_LENS),), generator=g)
-    own_lens = torch.randint(1, 41, (int(counts.sum()),), generator=g)
-    lens = PROMPT_LENS + own_lens.tolist()  # prompts first, then one sequence per rollout
-    need = [-(-n // BLOCK_SIZE) for n in lens]
-    free = torch.randperm(sum(need) + 4, generator=g).tolist()
-    k_pool = torch.full((len(free), BLOCK_SIZE, KV_HEADS, head_dim), math.nan, dtype=dtype)
-    v_pool = k_pool.clone()
-    tables = torch.randint(-2**30, 2**30, (len(lens), max(need) + 2), generator=g, dtype=torch.int32)
-    keys = [torch.randn(n, KV_HEADS, head_dim, generator=g).to(dtype) for n in lens]
-    values = [torch.randn(n, KV_HEADS, head_dim, generator=g).to(dtype) for n in lens]
-    for i, n in enumerate(lens):
-        tables[i, :need[i]] = torch.tensor([free.pop() for _ in range(need[i])])
-        pos = torch.arange(n)
-        slots = tables[i, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
-        attention.reference_write_kv(k_pool, v_pool, keys[i], values[i], slots)
-    groups = len(PROMPT_LENS)
-    return SimpleNamespace(
-        q=torch.randn(len(own_lens), KV_HEADS * rep, head_dim, generator=g).to(dtype), k_pool=k_pool,
-        v_pool=v_pool, group_start=(counts.cumsum(0) - counts).int(), group_count=counts.int(),
-        prompt_len=torch.tensor(PROMPT_LENS, dtype=torch.int32), prompt_blocks=tables[:groups],
-        seq_len=own_lens.int(), block_table=tables[groups:], keys=keys, values=values, rep=rep,
-        scale=head_dim ** -0.5)
-
-
-def prefix_args(c: SimpleNamespace) -> tuple:
-    return c.q, c.k_pool, c.v_pool, c.group_start, c.group_count, c.prompt_len, c.prompt_blocks, c.scale
-
-
-def decode_args(c: SimpleNamespace, num_splits: int) -> tuple:
-    return c.q, c.k_pool, c.v_pool, c.seq_len, c.block_table, c.scale, num_splits
-
-
-def dense_attention(c: SimpleNamespace) -> torch.Tensor:
-    """Softmax attention of every row over [its prompt's keys, its own keys], from unpaged tensors."""
-    groups = len(PROMPT_LENS)
-    group_of_row = torch.repeat_interleave(torch.arange(groups), c.group_count.long())
-    out = []
-    for row, group in enumerate(group_of_row.tolist()):
-        k = torch.cat([c.keys[group], c.keys[groups + row]]).float().repeat_interleave(c.rep, 1)
-        v = torch.cat([c.values[group], c.values[groups + row]]).float().repeat_interleave(c.rep, 1)
-        scores = torch.einsum("hd,khd->hk", c.q[row].float(), k) * c.scale
-        out.append(torch.einsum("hk,khd->hd", scores.softmax(-1), v))
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("kernels", [REFERENCE, TRITON], ids=["reference", "triton"])
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("dtype, head_dim, rep", CASES)
-def test_shared_prefix_plus_own_attention_equals_dense(kernels, num_splits, dtype, head_dim, rep):
-    prefix, decode, merge = kernels
-    c = make_case(dtype, head_dim, rep, seed=num_splits)
-    o1, lse1 = prefix(*prefix_args(c))
-    o2, lse2 = decode(*decode_args(c, num_splits))
-    o = merge(o1, lse1, o2, lse2, torch.float32)
-    torch.testing.assert_close(o, dense_attention(c), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype, head_dim, rep", CASES + [(torch.float32, 48, 3)])
-def test_prefix_kernel_matches_reference(dtype, head_dim, rep, poisoned_empty):
-    c = make_case(dtype, head_dim, rep, seed=head_dim)
-    o, lse = attention.prefix_attention(*prefix_args(c))
-    o_ref, lse_ref = attention.reference_prefix_attention(*prefix_args(c))
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
-
-
-def test_prefix_kernel_splits_a_big_group_into_query_tiles(poisoned_empty):
-    c = make_case(torch.float32, 32, 3)
-    c.q = torch.randn(30, 6, 32)  # one group of 30 rollouts: 90 query vectors, two tiles of 64
-    c.group_start, c.group_count = torch.tensor([0, 30, 30], dtype=torch.int32), torch.tensor([30, 0, 0]).int()
-    o, lse = attention.prefix_attention(*prefix_args(c))
-    o_ref, lse_ref = attention.reference_prefix_attention(*prefix_args(c))
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("dtype, head_dim, rep", CASES)
-def test_decode_kernel_matches_reference(num_splits, dtype, head_dim, rep, poisoned_empty):
-    c = make_case(dtype, head_dim, rep, seed=10 + num_splits)
-    o, lse = attention.decode_attention(*decode_args(c, num_splits))
-    o_ref, lse_ref = attention.reference_decode_attention(*decode_args(c, num_splits))
-    assert lse_ref.isinf().any() == (num_splits > 1)  # 3 splits of 1-3 blocks leave some splits empty
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_merge_kernel_matches_reference(out_dtype, poisoned_empty):
-    g = torch.Generator().manual_seed(0)
-    rows, heads, splits, head_dim = 7, 6, 3, 32
-    lse = torch.randn(rows, heads, splits + 1, generator=g) * 3
-    empty = torch.rand(rows, heads, splits + 1, generator=g) < 0.5
-    empty[..., 1] = False  # some part of every row has keys
-    lse = lse.masked_fill(empty, -math.inf)
-    o = torch.randn(rows, heads, splits + 1, head_dim, generator=g).masked_fill(empty[..., None], 0.0)
-    args = (o[:, :, 0], lse[..., 0], o[:, :, 1:], lse[..., 1:], out_dtype)
-    out, out_ref = attention.merge_attention(*args), attention.reference_merge_attention(*args)
-    assert out.dtype == out_dtype
-    # The interpreter truncates float32 to bfloat16 where CUDA rounds to nearest: allow one bf16 step.
-    tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
-    torch.testing.assert_close(out.float(), out_ref.float(), atol=1e-5, rtol=tol)
-
-
-@pytest.mark.parametrize("write", [attention.write_kv, attention.reference_write_kv], ids=["triton", "reference"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_kv_matches_indexing(write, dtype):
-    g = torch.Generator().manual_seed(0)
-    k_pool = torch.randn(5, BLOCK_SIZE, KV_HEADS, 32, generator=g).to(dtype)
-    v_pool = torch.randn(5, BLOCK_SIZE, KV_HEADS, 32, generator=g).to(dtype)
-    k, v = (torch.randn(20, KV_HEADS, 32, generator=g).to(dtype) for _ in range(2))
-    slots = torch.randperm(5 * BLOCK_SIZE, generator=g)[:20]
-    expected_k, expected_v = k_pool.clone(), v_pool.clone()
-    expected_k[slots // BLOCK_SIZE, slots % BLOCK_SIZE] = k
-    expected_v[slots // BLOCK_SIZE, slots % BLOCK_SIZE] = v
-    write(k_pool, v_pool, k, v, slots)
-    assert torch.equal(k_pool, expected_k) and torch.equal(v_pool, expected_v)
 
 
 # ---- sampler ----
@@ -321,19 +93,6 @@ def test_sampled_same_tokens_together_or_alone():
     assert small.stats["preemptions"] > 0 and small.stats["peak_kv_tokens"] <= 64
     assert 0 < together.finish_reason.count("stop") < len(together)  # rollouts of different lengths
     assert len({tuple(t) for t in together.tokens}) > 1  # different samples differ
-
-
-def test_sampler_with_triton_kernels_matches_reference_path():
-    """The whole decode loop with every Triton kernel (interpreter) gives the reference path's rollouts."""
-    model = tiny_model("llama", seed=9)
-    config, weights = ModelConfig.from_hf(model.config), model.state_dict()
-    prompts = random_prompts(256, [20, 35], seed=4)
-    kwargs = dict(max_new_tokens=6, temperature=1.0, seed=5)
-    want = Sampler(config, weights, "cpu", dtype=torch.float32, use_triton=False).generate(prompts, [2, 3], **kwargs)
-    got = Sampler(config, weights, "cpu", dtype=torch.float32, use_triton=True).generate(prompts, [2, 3], **kwargs)
-    assert got.tokens == want.tokens
-    for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 def test_sampler_records_logprob_and_entropy_of_sampling_distribution():
