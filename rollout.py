@@ -17,6 +17,7 @@ preempted and restarted later. Randomness is keyed by (seed, prompt, sample, pos
 none of this changes which tokens come out.
 """
 
+import warnings
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -125,12 +126,34 @@ class BlockPool:
                 self.free.append(b)
 
 
+@dataclass
+class DecodeBatch:
+    """The inputs of one decode step. Rows are sorted by prompt: group g owns rows
+    group_start[g] .. group_start[g] + group_count[g] - 1 and attends to prompt_blocks[g]."""
+    tokens: torch.Tensor         # [R] the token each row feeds
+    positions: torch.Tensor      # [R] its absolute position
+    keys: torch.Tensor           # [R] randomness keys of the token each row samples next
+    write_slots: torch.Tensor    # [R] pool slot for the fed token's K/V
+    seq_len: torch.Tensor        # [R] int32: own tokens, the fed one included
+    block_table: torch.Tensor    # [R, own blocks] int32
+    group_start: torch.Tensor    # [G] int32
+    group_count: torch.Tensor    # [G] int32
+    prompt_len: torch.Tensor     # [G] int32
+    prompt_blocks: torch.Tensor  # [G, prompt blocks] int32
+    num_splits: int              # split-K chunks of the own-token attention
+    max_count: int               # rows of the largest group
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
 class Sampler:
     """Generation over a paged KV pool with shared prompt KV and continuous batching."""
 
     def __init__(self, model_config: ModelConfig, weights: dict, device="cpu", kv_budget_tokens: int = 1 << 20,
                  block_size: int = 16, dtype: torch.dtype = torch.bfloat16, max_slots: int = 1024,
-                 use_triton: bool | None = None):
+                 use_triton: bool | None = None, cuda_graphs: bool | None = None):
         c = model_config
         self.cfg, self.device, self.dtype = c, torch.device(device), dtype
         self.block_size, self.max_slots = block_size, max_slots
@@ -140,7 +163,9 @@ class Sampler:
             self.weights["lm_head.weight"] = self.weights["model.embed_tokens.weight"]
         half = c.head_dim // 2
         self.inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=self.device).float() / half)
-        shape = (c.num_layers, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        # One block past the pool's own is scratch: padded rows of a graphed step write there.
+        self.scratch_block = self.num_blocks
+        shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
         self.k_pool = torch.empty(shape, device=self.device, dtype=dtype)
         self.v_pool = torch.empty(shape, device=self.device, dtype=dtype)
         self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.k_pool.element_size()
@@ -151,6 +176,11 @@ class Sampler:
         self.decode_attention = getattr(attention, prefix + "decode_attention")
         self.merge_attention = getattr(attention, prefix + "merge_attention")
         self.sample = getattr(sampling, prefix + "sample")
+        # Decode steps padded to power-of-two sizes and replayed as CUDA graphs, one per size
+        # (on CPU, cuda_graphs=True pads and runs eagerly: that is how the padding is tested).
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs and self.device.type == "cuda" else None
 
     def load_weights(self, weights: dict) -> None:
         """Copy new weights into the sampler's buffers in place (tied heads follow the embedding)."""
@@ -217,6 +247,77 @@ class Sampler:
         if top_p < 1.0 and temperature > 0:  # nucleus on the tempered distribution (evaluation)
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
         return self.sample(logits, keys, temperature)
+
+    # -- one decode step, eager or as a CUDA graph --
+
+    def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):
+        """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row."""
+        if not self.cuda_graphs or top_p < 1.0:
+            return self._decode(b, temperature, top_p)
+        rows, padded = len(b.tokens), self._pad(b)
+        if self.device.type != "cuda":
+            out = self._decode(padded, temperature, 1.0)
+        else:
+            key = (len(padded.tokens), len(padded.group_start), padded.prompt_blocks.shape[1], padded.num_splits,
+                   padded.max_count, temperature)
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = self._capture(padded, temperature)
+                except RuntimeError as e:  # never lose a run to a capture problem: decode eagerly instead
+                    warnings.warn(f"CUDA graph capture failed ({e}); decoding without graphs from now on")
+                    self.cuda_graphs = False
+                    return self._decode(b, temperature, top_p)
+            graph, static, out = self.graphs[key]
+            for name, value in vars(padded).items():
+                if isinstance(value, torch.Tensor):
+                    getattr(static, name).copy_(value)
+            graph.replay()
+        return tuple(x[:rows].clone() for x in out)
+
+    def _decode(self, b: DecodeBatch, temperature: float, top_p: float):
+        scale = self.cfg.head_dim ** -0.5
+
+        def attend(layer, q, k, v):
+            kp, vp = self.k_pool[layer], self.v_pool[layer]
+            self.write_kv(kp, vp, k, v, b.write_slots)
+            o1, lse1 = self.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len, b.prompt_blocks,
+                                             scale, b.max_count)
+            o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
+            return self.merge_attention(o1, lse1, o2, lse2, q.dtype)
+
+        return self.sample_tokens(self.forward(b.tokens, b.positions, attend), b.keys, temperature, top_p)
+
+    def _pad(self, b: DecodeBatch) -> DecodeBatch:
+        """b with rows, groups, prompt-block width and largest group rounded up to powers of two.
+        Padded rows belong to no group and read and write only the scratch block."""
+        rows, groups = len(b.tokens), len(b.group_start)
+        extra_rows, extra_groups = next_pow2(rows) - rows, next_pow2(groups) - groups
+        width = next_pow2(b.prompt_blocks.shape[1])
+
+        def pad(x, n, value):
+            return torch.cat([x, x.new_full((n, *x.shape[1:]), value)])
+
+        scratch = self.scratch_block
+        prompt_blocks = F.pad(b.prompt_blocks, (0, width - b.prompt_blocks.shape[1]), value=scratch)
+        return DecodeBatch(
+            tokens=pad(b.tokens, extra_rows, 0), positions=pad(b.positions, extra_rows, 0),
+            keys=pad(b.keys, extra_rows, 0), write_slots=pad(b.write_slots, extra_rows, scratch * self.block_size),
+            seq_len=pad(b.seq_len, extra_rows, 1), block_table=pad(b.block_table, extra_rows, scratch),
+            group_start=pad(b.group_start, extra_groups, rows), group_count=pad(b.group_count, extra_groups, 0),
+            prompt_len=pad(b.prompt_len, extra_groups, 1), prompt_blocks=pad(prompt_blocks, extra_groups, scratch),
+            num_splits=b.num_splits, max_count=min(next_pow2(b.max_count), next_pow2(rows)))
+
+    def _capture(self, static: DecodeBatch, temperature: float):
+        """Record one padded decode step as a CUDA graph; `static`'s tensors become its inputs."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the Triton kernels and warm the allocator outside capture
+            self._decode(static, temperature, 1.0)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):  # every size shares one memory pool
+            out = self._decode(static, temperature, 1.0)
+        return graph, static, out
 
     # -- generation --
 
@@ -392,36 +493,25 @@ class _Generation:
 
     def decode(self) -> None:
         """One token for every running rollout: feed its last token, attend, sample."""
-        s, c = self.s, self.s.cfg
+        s, dev = self.s, self.s.device
         rows = sorted(self.running, key=lambda r: r.prompt.index)  # a prompt's rollouts are contiguous
         groups = list(dict.fromkeys(r.prompt for r in rows))
-        dev = s.device
-        slot = torch.tensor([r.slot for r in rows], device=dev)
-        own_len = torch.tensor([r.length for r in rows], device=dev)  # the fed token is the last of these
-        prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
         counts = Counter(r.prompt.index for r in rows)
+        slot = torch.tensor([r.slot for r in rows], device=dev)
+        pos = torch.tensor([r.length - 1 for r in rows], device=dev)  # own position of the fed token
         group_count = torch.tensor([counts[g.index] for g in groups], dtype=torch.int32, device=dev)
-        group_start = torch.cumsum(group_count, 0, dtype=torch.int32) - group_count
-        prompt_blocks = torch.nn.utils.rnn.pad_sequence(
-            [torch.tensor(g.blocks, dtype=torch.int32) for g in groups], batch_first=True).to(dev)
+        prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
         block_table = self.slot_blocks[slot]
-        pos = own_len - 1
-        write_slots = block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size \
-            + pos % s.block_size
-        seq_len = own_len.to(torch.int32)
-        splits = max(1, min(8, -(-int(own_len.max()) // 512)))
-        scale = c.head_dim ** -0.5
-
-        def attend(layer, q, k, v):
-            kp, vp = s.k_pool[layer], s.v_pool[layer]
-            s.write_kv(kp, vp, k, v, write_slots)
-            o1, lse1 = s.prefix_attention(q, kp, vp, group_start, group_count, prompt_len, prompt_blocks, scale)
-            o2, lse2 = s.decode_attention(q, kp, vp, seq_len, block_table, scale, splits)
-            return s.merge_attention(o1, lse1, o2, lse2, q.dtype)
-
-        tokens = self.out_tok[slot, pos]
-        logits = s.forward(tokens, prompt_len.repeat_interleave(group_count.long()) + pos, attend)
-        self.record(rows, *s.sample_tokens(logits, self.keys(rows), self.temperature, self.top_p))
+        batch = DecodeBatch(
+            tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
+            keys=self.keys(rows), seq_len=(pos + 1).to(torch.int32), block_table=block_table,
+            write_slots=block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size
+            + pos % s.block_size,
+            group_start=torch.cumsum(group_count, 0, dtype=torch.int32) - group_count, group_count=group_count,
+            prompt_len=prompt_len, prompt_blocks=torch.nn.utils.rnn.pad_sequence(
+                [torch.tensor(g.blocks, dtype=torch.int32) for g in groups], batch_first=True).to(dev),
+            num_splits=max(1, min(8, -(-max(r.length for r in rows) // 512))), max_count=max(counts.values()))
+        self.record(rows, *s.decode_step(batch, self.temperature, self.top_p))
 
     def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
         """Store each rollout's new token; finished rollouts leave and free their slot and blocks."""

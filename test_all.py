@@ -79,13 +79,15 @@ def test_sampled_same_tokens_together_or_alone():
     for i, p in enumerate(prompts):
         alone = big.generate([p], [[3, 2, 4][i]], prompt_offset=i, **kwargs)
         assert alone.tokens == [t for t, g in zip(together.tokens, together.prompt_index) if g == i]
-    # a pool so small that rollouts are preempted, and only two decode slots, change nothing either
+    # a pool so small that rollouts are preempted, only two decode slots, or steps padded to
+    # power-of-two sizes as for CUDA graphs, change nothing either
     config = ModelConfig.from_hf(model.config)
     small = Sampler(config, weights, "cpu", kv_budget_tokens=64, dtype=torch.float32)  # 4 blocks of 16
     few_slots = Sampler(config, weights, "cpu", max_slots=2, dtype=torch.float32)
+    padded = Sampler(config, weights, "cpu", cuda_graphs=True, dtype=torch.float32)  # CUDA-graph padding, run eagerly
     for request in (kwargs, {**kwargs, "stop_token_ids": []}):  # without stops every rollout needs 2 blocks
         expected = big.generate(prompts, [3, 2, 4], **request)
-        for constrained in (small, few_slots):
+        for constrained in (small, few_slots, padded):
             again = constrained.generate(prompts, [3, 2, 4], **request)
             assert again.tokens == expected.tokens and again.finish_reason == expected.finish_reason
             for a, b in zip(again.logprobs + again.entropies, expected.logprobs + expected.entropies):

@@ -117,11 +117,13 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 
 def prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
                      group_count: torch.Tensor, prompt_len: torch.Tensor, prompt_blocks: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of every row over its prompt's keys: o [R, heads, d] float32, lse [R, heads] float32."""
+                     scale: float, max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every row over its prompt's keys: o [R, heads, d] float32, lse [R, heads] float32.
+
+    max_count bounds the rows of the largest group; None reads it from group_count, a device-to-host
+    sync on CUDA (a captured CUDA graph passes it). Rows in no group are left unwritten."""
     rep = q.shape[1] // k_pool.shape[2]
-    # The grid is sized on the host: one device-to-host sync per call on CUDA.
-    tile_rows = int(group_count.max()) * rep
+    tile_rows = (int(group_count.max()) if max_count is None else max_count) * rep
     block_q = min(64, max(16, triton.next_power_of_2(tile_rows)))
     o, lse = _paged_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale,
                               1, block_q, triton.cdiv(tile_rows, block_q))
@@ -149,27 +151,32 @@ def _softmax_attention(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
 
 def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
-                               prompt_blocks: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                               prompt_blocks: torch.Tensor, scale: float,
+                               max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of prefix_attention: the rows of every group are scattered into a padded
-    [groups, kv_heads, widest group * rep, d] tensor and attend to their prompt in one batched matmul."""
+    [groups, kv_heads, widest group * rep, d] tensor and attend to their prompt in one batched matmul.
+    Rows in no group (padding) get o = 0, lse = -inf."""
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pool.shape
     rep, groups = heads // kv_heads, group_start.shape[0]
-    group = torch.repeat_interleave(torch.arange(groups, device=q.device), group_count.long(), output_size=rows)
-    slot = torch.arange(rows, device=q.device) - group_start.long()[group]  # a row's place inside its group
+    grouped = int(group_count.sum())  # the grouped rows come first
+    group = torch.repeat_interleave(torch.arange(groups, device=q.device), group_count.long(), output_size=grouped)
+    slot = torch.arange(grouped, device=q.device) - group_start.long()[group]  # a row's place inside its group
     width, num_blocks = int(group_count.max()), triton.cdiv(int(prompt_len.max()), block_size)
     key_valid = torch.arange(num_blocks * block_size, device=q.device)[None] < prompt_len[:, None].long()
     blocks = torch.where(key_valid[:, ::block_size], prompt_blocks[:, :num_blocks].long(), 0)
     k = k_pool[blocks].flatten(1, 2).float().permute(0, 2, 3, 1)  # [groups, kv_heads, d, keys]
     v = v_pool[blocks].flatten(1, 2).float().masked_fill(~key_valid[:, :, None, None], 0.0).transpose(1, 2)
     qg = q.new_zeros(groups, width, kv_heads, rep, head_dim, dtype=torch.float32)
-    qg[group, slot] = q.float().view(rows, kv_heads, rep, head_dim)
+    qg[group, slot] = q[:grouped].float().view(grouped, kv_heads, rep, head_dim)
     qg = qg.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [groups, kv_heads, width * rep, d]
     scores = (qg @ k * scale).masked_fill(~key_valid[:, None, None], float("-inf"))
     o, lse = _softmax_attention(scores, v)
-    o = o.unflatten(2, (width, rep)).permute(0, 2, 1, 3, 4)[group, slot]
-    lse = lse.unflatten(2, (width, rep)).permute(0, 2, 1, 3)[group, slot]
-    return o.reshape(rows, heads, head_dim), lse.reshape(rows, heads)
+    o_rows = q.new_zeros(rows, kv_heads, rep, head_dim, dtype=torch.float32)
+    lse_rows = torch.full((rows, kv_heads, rep), float("-inf"), device=q.device)
+    o_rows[:grouped] = o.unflatten(2, (width, rep)).permute(0, 2, 1, 3, 4)[group, slot]
+    lse_rows[:grouped] = lse.unflatten(2, (width, rep)).permute(0, 2, 1, 3)[group, slot]
+    return o_rows.reshape(rows, heads, head_dim), lse_rows.reshape(rows, heads)
 
 
 def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,

@@ -261,13 +261,16 @@ def test_write_kv_matches_indexing(write, dtype):
 # ---- the sampler with the kernels ----
 
 def test_sampler_with_triton_kernels_matches_reference_path():
-    """The whole decode loop with every Triton kernel (interpreter) gives the reference path's rollouts."""
+    """The whole decode loop with every Triton kernel (and, on a GPU, CUDA graphs) gives the
+    reference path's rollouts."""
     model = tiny_model("llama", seed=9)
     config, weights = ModelConfig.from_hf(model.config), model.state_dict()
     prompts = random_prompts(256, [20, 35], seed=4)
     kwargs = dict(max_new_tokens=6, temperature=1.0, seed=5)
-    want = Sampler(config, weights, DEVICE, dtype=torch.float32, use_triton=False).generate(prompts, [2, 3], **kwargs)
-    got = Sampler(config, weights, DEVICE, dtype=torch.float32, use_triton=True).generate(prompts, [2, 3], **kwargs)
+    reference = Sampler(config, weights, DEVICE, dtype=torch.float32, use_triton=False, cuda_graphs=False)
+    triton = Sampler(config, weights, DEVICE, dtype=torch.float32, use_triton=True)  # CUDA graphs on a GPU
+    want, got = (s.generate(prompts, [2, 3], **kwargs) for s in (reference, triton))
     assert got.tokens == want.tokens
     for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert bool(triton.graphs) == triton.cuda_graphs == (DEVICE == "cuda")  # captured, not fallen back
