@@ -89,7 +89,7 @@ PRESETS = {
         binary_reward=True, max_new_tokens=32, steps=30, lr=2e-5)),
     "grpo": ("GRPO on GPUs: 64 prompts x 16 rollouts, 1k-token responses", Config(
         task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, rollouts_per_prompt=16,
-        max_new_tokens=1024, kv_budget_tokens=1 << 22, lr=1e-6, steps=500, eval_prompts=256,
+        max_new_tokens=1024, kv_budget_tokens=1 << 20, lr=1e-6, steps=500, eval_prompts=256,
         eval_samples=8, max_tokens_per_microbatch=16384, out_dir="runs/grpo")),
 }
 
@@ -330,9 +330,9 @@ def main(cfg: Config):
         t0 = time.time()
         items = [train_task.items[i]
                  for i in explore.pick_prompts(len(train_task.items), step, cfg.prompts_per_step, cfg.seed)]
+        prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
         sampler.load_weights(model.state_dict())
-        r = sampler.generate(encode_prompts(tokenizer, cfg.prompt_template, items),
-                             [cfg.rollouts_per_prompt] * len(items), cfg.max_new_tokens, cfg.temperature,
+        r = sampler.generate(prompt_ids, [cfg.rollouts_per_prompt] * len(items), cfg.max_new_tokens, cfg.temperature,
                              cfg.top_p, stop, seed=cfg.seed * 1_000_003 + step)
         t_gen = time.time() - t0
         texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
@@ -341,7 +341,6 @@ def main(cfg: Config):
         if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
             rewards = (rewards >= 1.0).float()
         adv = loss.advantages(rewards, torch.tensor(r.prompt_index), cfg.adv)
-        prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
         sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
         stats = train_on_batch(cfg, model, ref_model, optimizer, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
                                adv, dtype)
