@@ -30,7 +30,8 @@ case "$cmd" in
   test) setup; exec .venv/bin/python -m pytest -q test_all.py "$@" ;;
   bench) setup; exec .venv/bin/python bench.py "${@:-sampler}" ;;
   gpu-check)
-    export TRITON_INTERPRET=0 FANOUT_TEST_DEVICE=cuda
+    # deterministic mode (the tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
+    export TRITON_INTERPRET=0 FANOUT_TEST_DEVICE=cuda CUBLAS_WORKSPACE_CONFIG=:4096:8
     python3 -m pytest -q kernels/test_kernels.py
     exec python3 bench.py sampler --device cuda "$@" ;;
   -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;

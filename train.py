@@ -9,6 +9,7 @@ n rollouts per prompt (prompt KV shared) -> score -> advantages -> optimizer upd
 token-budgeted micro-batches -> metrics (tqdm, JSONL, wandb, a plot at the end).
 """
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -23,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import tyro
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import explore
@@ -100,14 +103,33 @@ def setup_process():
     """(rank, world size, device); nccl on CUDA, gloo on CPU, when launched by torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        raise SystemExit(f"WORLD_SIZE={world}: this version trains on one process; "
-                         "run with --nproc_per_node 1 (the sharded trainer arrives with FSDP2)")
     if "RANK" in os.environ:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def all_sum(*values: float) -> list[float]:
+    """Element-wise sums over ranks (the values themselves on one process)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(value: int) -> int:
+    t = torch.tensor([value])
+    if dist.is_initialized():
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of n items."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 # ---- models ----
@@ -150,6 +172,26 @@ def load_model(cfg: Config, device):
     return model, tokenizer
 
 
+def shard(model: "Policy", device, dtype) -> None:
+    """FSDP2: every decoder layer, then the root. On GPU, bf16 parameters with float32 gradient
+    reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
+        MixedPrecisionPolicy()
+    for layer in model.lm.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def sync_sampler(sampler: Sampler, model) -> None:
+    """Hand the trainer's weights to the sampler tensor by tensor: each shard is cast to the
+    sampler's dtype, gathered, and copied into the sampler's buffer on the device (no files, no CPU)."""
+    with torch.no_grad():
+        for name, t in model.lm.state_dict().items():
+            if name in sampler.weights:
+                t = t.to(sampler.dtype)
+                sampler.weights[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
 def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int]]:
     chats = [[{"role": "user", "content": template.format(question=item["question"])}] for item in items]
     return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -158,9 +200,24 @@ def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int
 
 # ---- the trainer's side of the loss ----
 
-def response_logprobs(model, sequences, prompt_lens, temperature, autocast_dtype):
+class Policy(torch.nn.Module):
+    """The trained HF model as one module whose forward returns response-token logprobs: with
+    FSDP2 the root's hooks gather the embedding, final norm and LM head only around a forward
+    of the root module itself."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask, rows, cols, temperature: float) -> torch.Tensor:
+        hidden = self.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = self.lm.lm_head(hidden[rows, cols]).float() / temperature
+        return logits.log_softmax(-1).gather(-1, ids[rows, cols + 1][:, None])[:, 0]
+
+
+def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype):
     """Trainer logprobs of each response token on logits / temperature (ALGORITHMS.md 0)."""
-    device = next(model.parameters()).device
+    device = next(policy.parameters()).device
     width = max(len(s) for s in sequences)
     ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
@@ -169,10 +226,7 @@ def response_logprobs(model, sequences, prompt_lens, temperature, autocast_dtype
     rows = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(sequences, prompt_lens))])
     cols = torch.cat([torch.arange(p - 1, len(s) - 1) for s, p in zip(sequences, prompt_lens)])
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(hidden[rows, cols]).float() / (temperature if temperature > 0 else 1.0)
-    targets = ids[rows, cols + 1]
-    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        return policy(ids, mask, rows, cols, temperature if temperature > 0 else 1.0)
 
 
 def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -188,42 +242,53 @@ def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([current] if current else [])
 
 
-def train_on_batch(cfg: Config, model, ref_model, optimizer, sequences, prompt_lens, adv, autocast_dtype):
-    """`updates_per_step` optimizer steps on one rollout batch; token-mean over the whole batch."""
-    n_tokens = sum(len(s) - p for s, p in zip(sequences, prompt_lens))
+def train_on_batch(cfg: Config, model, ref_model, optimizer, sequences, prompt_lens, adv, autocast_dtype,
+                   n_tokens: int):
+    """`updates_per_step` optimizer steps on this rank's rollouts; every loss is divided by
+    n_tokens, the response-token count of the whole global batch, so the sum over micro-batches
+    and ranks is the global token mean (ALGORITHMS.md 0, token-mean)."""
     # With no KL term a zero-advantage response adds nothing to the gradient: skip its forward pass
-    # (its tokens still count in the token-mean denominator).
+    # (its tokens still count in n_tokens).
     active = [i for i in range(len(sequences)) if cfg.kl_coef > 0 or adv[i] != 0]
-    batches = microbatches([len(sequences[i]) for i in active], cfg.max_tokens_per_microbatch)
-    batches = [[active[j] for j in b] for b in batches]
+    batches = [[active[j] for j in b]
+               for b in microbatches([len(sequences[i]) for i in active], cfg.max_tokens_per_microbatch)]
+    # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
+    # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
+    batches += [[] for _ in range(all_max(len(batches)) - len(batches))]
 
     def logprobs(m, b):
+        if not b:  # an empty micro-batch: one dummy token
+            return response_logprobs(m, [[0, 0]], [1], cfg.temperature, autocast_dtype)[:0]
         return response_logprobs(m, [sequences[i] for i in b], [prompt_lens[i] for i in b], cfg.temperature,
                                  autocast_dtype)
 
     with torch.no_grad():  # pi_old (trainer side) and pi_ref, fixed for this batch
-        old = {tuple(b): logprobs(model, b) for b in batches} if cfg.updates_per_step > 1 else {}
-        ref = {tuple(b): logprobs(ref_model, b) for b in batches} if ref_model is not None else {}
+        old = [logprobs(model, b) for b in batches] if cfg.updates_per_step > 1 else None
+        ref = [logprobs(ref_model, b) for b in batches] if ref_model is not None else None
     stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.updates_per_step):
-        for b in batches:
+        for k, b in enumerate(batches):
             logp = logprobs(model, b)
-            token_adv = torch.cat([adv[i].expand(len(sequences[i]) - prompt_lens[i]) for i in b]).to(logp.device)
-            per_token, clipped = loss.policy_loss(logp, old.get(tuple(b), logp.detach()), token_adv,
+            token_adv = torch.cat([adv[i].expand(len(sequences[i]) - prompt_lens[i]) for i in b] +
+                                  [torch.zeros(0)]).to(logp.device)
+            per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old[k], token_adv,
                                                   cfg.eps_low, cfg.eps_high)
-            if ref_model is not None:
-                k = loss.kl(logp, ref[tuple(b)], cfg.kl_kind)
-                per_token = per_token + cfg.kl_coef * k
-                stats["kl"] += k.sum().item() / n_tokens / cfg.updates_per_step
+            if ref is not None:
+                kl = loss.kl(logp, ref[k], cfg.kl_kind)
+                per_token = per_token + cfg.kl_coef * kl
+                stats["kl"] += kl.sum().item() / n_tokens / cfg.updates_per_step
             micro_loss = loss.token_mean(per_token, n_tokens)
-            micro_loss.backward()
+            # FSDP averages gradients over ranks; the loss is already a global mean, so undo the division.
+            (micro_loss * (dist.get_world_size() if dist.is_initialized() else 1)).backward()
             stats["loss"] += micro_loss.item() / cfg.updates_per_step
             stats["clip_frac"] += clipped.sum().item() / n_tokens / cfg.updates_per_step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the global norm over all shards
         stats["grad_norm"] += norm.item() / cfg.updates_per_step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return stats
+    loss_sum, clip_sum, kl_sum = all_sum(stats["loss"], stats["clip_frac"], stats["kl"])
+    return {**stats, "loss": loss_sum, "clip_frac": clip_sum, "kl": kl_sum}
 
 
 # ---- evaluation ----
@@ -233,26 +298,27 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(cfg: Config, sampler, tokenizer, task, seed: int) -> dict:
-    """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy."""
-    prompts = encode_prompts(tokenizer, cfg.prompt_template, task.items)
-    stop = [tokenizer.eos_token_id]
-    out = {}
-    for name, n, temperature in (("sampled", cfg.eval_samples, cfg.temperature), ("greedy", 1, 0.0)):
-        r = sampler.generate(prompts, [n] * len(prompts), cfg.max_new_tokens, temperature, cfg.top_p, stop, seed)
+def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1) -> dict:
+    """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy;
+    each rank evaluates its share of the prompts."""
+    start, stop = my_share(len(task.items), rank, world)
+    items = task.items[start:stop]
+    prompts = encode_prompts(tokenizer, cfg.prompt_template, items)
+    n = cfg.eval_samples
+    sums = []
+    for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
+        r = sampler.generate(prompts, [samples] * len(prompts), cfg.max_new_tokens, temperature, cfg.top_p,
+                             [tokenizer.eos_token_id], seed, prompt_offset=start)
         texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
-        scores, failed = reward.score(task, [task.items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+        scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
         correct = [0] * len(prompts)
         for p, s in zip(r.prompt_index, scores):
             correct[p] += s >= 1.0
-        if name == "sampled":
-            out["pass@1"] = sum(s >= 1.0 for s in scores) / len(scores)
-            out[f"pass@{n}"] = sum(pass_at_k(n, c, n) for c in correct) / len(prompts)
-            out["eval_samples"] = len(scores)
-        else:
-            out["greedy_acc"] = sum(s >= 1.0 for s in scores) / len(scores)
-        out["verifier_failures"] = out.get("verifier_failures", 0) + failed
-    return out
+        sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed]
+    right, pass_n, failed, greedy_right, _, greedy_failed = all_sum(*sums)
+    total = len(task.items)
+    return {"pass@1": right / (total * n), f"pass@{n}": pass_n / total, "greedy_acc": greedy_right / total,
+            "eval_samples": total * n, "verifier_failures": int(failed + greedy_failed)}
 
 
 # ---- logging ----
@@ -303,60 +369,76 @@ class Logger:
 
 def main(cfg: Config):
     rank, world, device = setup_process()
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {world} ranks; "
+                         "use a multiple of the number of processes")
     torch.manual_seed(cfg.seed)
     try:  # the task first: it is cheap and the likeliest thing to be mistyped
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
         train_task, eval_task = reward.split_task(task, cfg.eval_prompts, cfg.seed)
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
-    model, tokenizer = load_model(cfg, device)
+    lm, tokenizer = load_model(cfg, device)
     dtype = getattr(torch, cfg.dtype)
-    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        ref_model = type(model)(model.config).to(device)
-        ref_model.load_state_dict(model.state_dict())
-        ref_model.requires_grad_(False)
+    sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
+    model = Policy(lm)
+    ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if cfg.kl_coef > 0 else None
+    if dist.is_initialized():
+        for m in (model, ref_model):
+            if m is not None:
+                shard(m, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log = Logger(cfg, enabled=rank == 0)
     stop = [tokenizer.eos_token_id]
 
-    before = evaluate(cfg, sampler, tokenizer, eval_task, seed=cfg.seed + 1)
+    before = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
     log.log({"eval": "before", **before})
-    print(f"before training: {before}")
+    if rank == 0:
+        print(f"before training: {before}")
 
+    first, last = my_share(cfg.prompts_per_step, rank, world)  # each rank samples whole groups of its prompts
     bar = tqdm(range(cfg.steps), desc="train", disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        items = [train_task.items[i]
-                 for i in explore.pick_prompts(len(train_task.items), step, cfg.prompts_per_step, cfg.seed)]
+        picked = explore.pick_prompts(len(train_task.items), step, cfg.prompts_per_step, cfg.seed)
+        items = [train_task.items[i] for i in picked[first:last]]
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-        sampler.load_weights(model.state_dict())
+        sync_sampler(sampler, model)
         r = sampler.generate(prompt_ids, [cfg.rollouts_per_prompt] * len(items), cfg.max_new_tokens, cfg.temperature,
-                             cfg.top_p, stop, seed=cfg.seed * 1_000_003 + step)
+                             cfg.top_p, stop, seed=cfg.seed * 1_000_003 + step, prompt_offset=first)
         t_gen = time.time() - t0
         texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
         scores, failed = reward.score(train_task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
         rewards = torch.tensor(scores, dtype=torch.float32)
         if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
             rewards = (rewards >= 1.0).float()
-        adv = loss.advantages(rewards, torch.tensor(r.prompt_index), cfg.adv)
+        group = torch.tensor(r.prompt_index)
+        mean = loss.group_stats(rewards, group)[0]
+        centred = rewards - mean  # REINFORCE++ z-scores these over the global batch
+        count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item())
+        batch_mean = total / count
+        batch_std = math.sqrt(max(squares / count - batch_mean ** 2, 0.0))
+        adv = loss.advantages(rewards, group, cfg.adv, batch_stats=(batch_mean, batch_std))
         sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
+        n_tokens = sum(map(len, r.tokens))
+        global_tokens, reward_sum, passed, entropy_sum, failures = all_sum(
+            n_tokens, rewards.sum().item(), (rewards >= 1).sum().item(), torch.cat(r.entropies).sum().item(), failed)
         stats = train_on_batch(cfg, model, ref_model, optimizer, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
-                               adv, dtype)
-        row = {"step": step, "reward": rewards.mean().item(), "pass_rate": (rewards >= 1).float().mean().item(),
-               "entropy": torch.cat(r.entropies).mean().item(),
-               "response_len": sum(map(len, r.tokens)) / len(r), "verifier_failures": failed,
-               **stats, "t_gen": t_gen, "t_step": time.time() - t0}
+                               adv, dtype, int(global_tokens))
+        responses = count
+        row = {"step": step, "reward": reward_sum / responses, "pass_rate": passed / responses,
+               "entropy": entropy_sum / global_tokens, "response_len": global_tokens / responses,
+               "verifier_failures": int(failures), **stats, "t_gen": t_gen, "t_step": time.time() - t0}
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", entropy=f"{row['entropy']:.2f}")
 
-    sampler.load_weights(model.state_dict())
-    after = evaluate(cfg, sampler, tokenizer, eval_task, seed=cfg.seed + 1)
+    sync_sampler(sampler, model)
+    after = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
     log.log({"eval": "after", **after})
-    print(f"after training:  {after}")
-    print(f"held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}, "
-          f"greedy {before['greedy_acc']:.3f} -> {after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
+    if rank == 0:
+        print(f"after training:  {after}")
+        print(f"held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}, "
+              f"greedy {before['greedy_acc']:.3f} -> {after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
     log.plot()
     if dist.is_initialized():
         dist.destroy_process_group()
