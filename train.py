@@ -29,7 +29,6 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import explore
-import kernels.logprob
 import loss
 import reward
 from rollout import ModelConfig, Sampler
@@ -212,9 +211,8 @@ class Policy(torch.nn.Module):
 
     def forward(self, ids, mask, rows, cols, temperature: float) -> torch.Tensor:
         hidden = self.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        # From the final hidden states in vocabulary chunks: never a [tokens, vocab] float32 tensor.
-        head = kernels.logprob.logprob if hidden.is_cuda else kernels.logprob.reference_logprob
-        return head(hidden[rows, cols], self.lm.lm_head.weight, ids[rows, cols + 1], temperature)[0]
+        logits = self.lm.lm_head(hidden[rows, cols]).float() / temperature
+        return logits.log_softmax(-1).gather(-1, ids[rows, cols + 1][:, None])[:, 0]
 
 
 def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype):
