@@ -470,6 +470,81 @@ def test_two_ranks_train_like_one(tmp_path):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
 
 
+SMALL_RUN = ["demo", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
+             "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5"]
+
+
+def step_rows(out_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows if "step" in r]
+
+
+def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path):
+    command = [sys.executable, "train.py", *SMALL_RUN, "--steps", "4", "--save-every", "1"]
+    unbroken = subprocess.run(command + ["--out-dir", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    out = tmp_path / "b"
+    killed = subprocess.Popen(command + ["--out-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_000001").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    killed.kill()  # SIGKILL, somewhere in step 2
+    killed.wait()
+    assert (out / "checkpoints" / "step_000001").is_dir() and not (out / "checkpoints" / "step_000003").exists()
+    half_written = out / "checkpoints" / "step_000009.tmp"  # cut off while being written: never picked up
+    half_written.mkdir()
+    (half_written / ".metadata").write_text("garbage")
+    resumed = subprocess.run(command + ["--out-dir", str(out), "--resume", "auto"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = step_rows(tmp_path / "a"), step_rows(out)
+    assert [r["step"] for r in b] == [0, 1, 2, 3] and a == b  # exactly, floats included
+    assert a[-1]["grad_norm"] > 0
+
+
+def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path):
+    corrupt = tmp_path / "step_000001"
+    corrupt.mkdir()
+    (corrupt / ".metadata").write_text("not a checkpoint")
+    cases = [(["--resume", str(tmp_path / "missing")], "no complete checkpoint there"),
+             (["--resume", str(corrupt)], "cannot be read"),
+             (["--export-hf", str(tmp_path)], "already exists")]
+    for flags, message in cases:
+        run = subprocess.run([sys.executable, "train.py", *SMALL_RUN, "--steps", "1", "--out-dir",
+                              str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_exported_model_loads_in_transformers_and_decodes_like_the_sampler(tmp_path, smollm2):
+    _, tok = smollm2
+    cfg = tiny_config("qwen2")
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(1)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    train.main(train.Config(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1", steps=1,
+                            task_size=200, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
+                            eval_prompts=4, eval_samples=1, out_dir=str(tmp_path / "out"),
+                            export_hf=str(tmp_path / "export")))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", dtype=torch.float32)
+    prompts = train.encode_prompts(transformers.AutoTokenizer.from_pretrained(tmp_path / "export"), "{question}",
+                                   [{"question": "What is 2 + 2?"}])
+    out = sampler.generate(prompts, [1], max_new_tokens=12, temperature=0.0)
+    assert out.tokens[0] == hf_greedy(model, prompts[0], 12, eos=None)
+
+
+def test_learning_rate_schedules():
+    cfg = train.Config(lr=1.0, steps=10, warmup_steps=2, lr_schedule="cosine")
+    lrs = [train.lr_at(cfg, s) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < 0.05 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert [train.lr_at(train.Config(lr=2.0, steps=10), s) for s in (0, 9)] == [2.0, 2.0]
+    assert math.isclose(train.brorl_lr(1e-6, 512 * 16, 128 * 512), 1e-6 * math.sqrt(8))
+
+
 # ---- the line budget ----
 
 def test_line_budget():

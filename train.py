@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import tyro
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -67,14 +69,19 @@ class Config:
     lr: float = 1e-6                       # AdamW learning rate
     weight_decay: float = 0.0              # AdamW weight decay
     grad_clip: float = 1.0                 # max gradient norm (0 = off)
+    lr_schedule: str = "constant"          # constant | warmup | cosine (cosine also warms up)
+    warmup_steps: int = 0                  # linear warm-up over this many RL steps
     updates_per_step: int = 1              # optimizer steps per rollout batch
     max_tokens_per_microbatch: int = 4096  # token budget of one forward/backward
     seed: int = 0                          # seeds data order, sampling and initialisation
     # evaluation and output
     eval_prompts: int = 64                 # held-out prompts, never trained on
     eval_samples: int = 4                  # samples per held-out prompt for pass@1 (plus one greedy)
-    out_dir: str = "runs/demo"             # metrics.jsonl and plot.png go here
+    out_dir: str = "runs/demo"             # metrics.jsonl, plot.png and checkpoints/ go here
     wandb: str = "disabled"                # disabled | offline | online
+    save_every: int = 0                    # checkpoint every N steps and at the end (0 = never)
+    resume: str = ""                       # "auto" = newest complete checkpoint in out_dir, or a checkpoint folder
+    export_hf: str = ""                    # at the end, write a transformers-loadable model to this new folder
 
     def __post_init__(self):
         if self.adv not in loss.ADVANTAGE_KINDS:
@@ -85,6 +92,8 @@ class Config:
             raise ValueError(f"--wandb {self.wandb} is unknown; use disabled, offline or online")
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError(f"--dtype {self.dtype} is unknown; use bfloat16 or float32")
+        if self.lr_schedule not in ("constant", "warmup", "cosine"):
+            raise ValueError(f"--lr-schedule {self.lr_schedule} is unknown; use constant, warmup or cosine")
 
 
 PRESETS = {
@@ -291,6 +300,85 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, sequences, prompt_l
     return {**stats, "loss": loss_sum, "clip_frac": clip_sum, "kl": kl_sum}
 
 
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate of RL step `step`: linear warm-up, then constant or cosine to zero."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "cosine":
+        progress = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * warm
+
+
+def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:
+    """BroRL's rule (ALGORITHMS.md 1): scale the learning rate by sqrt(new batch / old batch)."""
+    return base_lr * math.sqrt(batch / base_batch)
+
+
+# ---- checkpoints and export ----
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(cfg: Config, model, optimizer, step: int, rank: int) -> None:
+    """Sharded model and optimizer (torch.distributed.checkpoint) plus every rank's trainer state,
+    written into step_N.tmp and renamed to step_N once complete: a checkpoint cut off while being
+    written is never picked up by --resume auto."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    # The data position and the explore state are functions of the step; the RNG is saved for code that draws.
+    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, tmp / f"trainer_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier()
+
+
+def find_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint --resume names: "auto" = the newest complete one in out_dir (or None)."""
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not (path / ".metadata").is_file():
+            raise SystemExit(f"--resume {cfg.resume}: no complete checkpoint there; pass a step_N folder from "
+                             f"{Path(cfg.out_dir) / 'checkpoints'} or --resume auto")
+        return path
+    done = [p for p in (Path(cfg.out_dir) / "checkpoints").glob("step_*")
+            if not p.name.endswith(".tmp") and (p / ".metadata").is_file()]
+    return max(done, key=lambda p: p.name, default=None)
+
+
+def load_checkpoint(path: Path, model, optimizer, rank: int) -> int:
+    """Restore model, optimizer and this rank's trainer state; returns the step to run next."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        trainer = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
+    except Exception as e:  # a damaged or foreign checkpoint: one sentence, no traceback
+        raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                         "delete it to resume from an older one, or start without --resume")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return trainer["step"] + 1
+
+
+def export_hf(cfg: Config, model: "Policy", tokenizer, rank: int) -> None:
+    """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads."""
+    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.lm.state_dict().items()}
+    if rank == 0:
+        model.lm.save_pretrained(cfg.export_hf, state_dict=full)
+        tokenizer.save_pretrained(cfg.export_hf)
+        print(f"exported the trained model to {cfg.export_hf}")
+
+
 # ---- evaluation ----
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -326,13 +414,19 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
 class Logger:
     """Metrics to a JSONL file (rank 0), wandb when enabled, and a plot at the end."""
 
-    def __init__(self, cfg: Config, enabled: bool):
+    def __init__(self, cfg: Config, enabled: bool, start_step: int = 0):
         self.enabled, self.rows = enabled, []
         self.dir = Path(cfg.out_dir)
         self.wandb = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.dir / "metrics.jsonl", "w")
+            path = self.dir / "metrics.jsonl"
+            if start_step > 0:  # resumed: keep what came before the checkpoint, drop what a killed run logged after
+                kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+                self.rows = [r for r in kept if r.get("step", -1) < start_step and r.get("eval") != "after"]
+            self.file = open(path, "w")
+            for row in self.rows:
+                self.file.write(json.dumps(row) + "\n")
             if cfg.wandb != "disabled":
                 import wandb
                 self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
@@ -369,6 +463,8 @@ class Logger:
 
 def main(cfg: Config):
     rank, world, device = setup_process()
+    if cfg.export_hf and Path(cfg.export_hf).exists():
+        raise SystemExit(f"--export-hf {cfg.export_hf} already exists; name a new folder so nothing is overwritten")
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {world} ranks; "
                          "use a multiple of the number of processes")
@@ -388,18 +484,25 @@ def main(cfg: Config):
             if m is not None:
                 shard(m, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = Logger(cfg, enabled=rank == 0)
+    checkpoint = find_checkpoint(cfg) if cfg.resume else None
+    start_step = load_checkpoint(checkpoint, model, optimizer, rank) if checkpoint else 0
+    log = Logger(cfg, enabled=rank == 0, start_step=start_step)
     stop = [tokenizer.eos_token_id]
 
-    before = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
-    log.log({"eval": "before", **before})
+    if start_step == 0:
+        before = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
+        log.log({"eval": "before", **before})
+    else:
+        before = next((r for r in log.rows if r.get("eval") == "before"), None) if rank == 0 else None
     if rank == 0:
-        print(f"before training: {before}")
+        print(f"resumed from {checkpoint} at step {start_step}" if start_step else f"before training: {before}")
 
     first, last = my_share(cfg.prompts_per_step, rank, world)  # each rank samples whole groups of its prompts
-    bar = tqdm(range(cfg.steps), desc="train", disable=rank != 0)
+    bar = tqdm(range(start_step, cfg.steps), desc="train", disable=rank != 0, initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
         picked = explore.pick_prompts(len(train_task.items), step, cfg.prompts_per_step, cfg.seed)
         items = [train_task.items[i] for i in picked[first:last]]
         prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
@@ -431,14 +534,19 @@ def main(cfg: Config):
                "verifier_failures": int(failures), **stats, "t_gen": t_gen, "t_step": time.time() - t0}
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", entropy=f"{row['entropy']:.2f}")
+        if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(cfg, model, optimizer, step, rank)
 
     sync_sampler(sampler, model)
     after = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
     log.log({"eval": "after", **after})
     if rank == 0:
         print(f"after training:  {after}")
-        print(f"held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}, "
-              f"greedy {before['greedy_acc']:.3f} -> {after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
+        if before:
+            print(f"held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}, "
+                  f"greedy {before['greedy_acc']:.3f} -> {after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
+    if cfg.export_hf:
+        export_hf(cfg, model, tokenizer, rank)
     log.plot()
     if dist.is_initialized():
         dist.destroy_process_group()
