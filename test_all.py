@@ -425,14 +425,19 @@ def test_bad_task_in_a_run_is_one_sentence(tmp_path):
         assert message in run.stderr
 
 
+def save_tiny_model(path: Path, kind: str, tokenizer, seed: int) -> str:
+    """A small random model with the real tokenizer, saved as a local HF directory."""
+    cfg = tiny_config(kind)
+    cfg.vocab_size = len(tokenizer)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def test_demo_loop_runs_end_to_end(tmp_path, smollm2):
     """Two tiny steps on a small random model with the real tokenizer: metrics, eval rows and the plot."""
-    _, tok = smollm2
-    cfg = tiny_config("llama")
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
     config = train.Config(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1", steps=2,
                           task_size=200, prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=6,
                           eval_prompts=4, eval_samples=2, out_dir=str(tmp_path / "out"), lr=1e-3)
@@ -519,12 +524,7 @@ def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path):
 
 
 def test_exported_model_loads_in_transformers_and_decodes_like_the_sampler(tmp_path, smollm2):
-    _, tok = smollm2
-    cfg = tiny_config("qwen2")
-    cfg.vocab_size = len(tok)
-    torch.manual_seed(1)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "qwen2", smollm2[1], seed=1)
     train.main(train.Config(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1", steps=1,
                             task_size=200, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
                             eval_prompts=4, eval_samples=1, out_dir=str(tmp_path / "out"),
