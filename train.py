@@ -69,7 +69,7 @@ class Config:
     lr: float = 1e-6                       # AdamW learning rate
     weight_decay: float = 0.0              # AdamW weight decay
     grad_clip: float = 1.0                 # max gradient norm (0 = off)
-    lr_schedule: str = "constant"          # constant | warmup | cosine (cosine also warms up)
+    lr_schedule: str = "constant"          # constant | warmup | cosine (warmup and cosine use warmup_steps)
     warmup_steps: int = 0                  # linear warm-up over this many RL steps
     updates_per_step: int = 1              # optimizer steps per rollout batch
     max_tokens_per_microbatch: int = 4096  # token budget of one forward/backward
@@ -119,21 +119,21 @@ def setup_process():
     return rank, world, device
 
 
-def all_sum(*values: float) -> list[float]:
-    """Element-wise sums over ranks (the values themselves on one process)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """t reduced over ranks (t itself on one process); nccl needs it on the GPU."""
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def all_sum(*values: float) -> list[float]:
+    """Element-wise sums over ranks (the values themselves on one process)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
 
 
 def all_max(value: int) -> int:
-    t = torch.tensor([value])
-    if dist.is_initialized():
-        t = t.cuda() if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(_all_reduce(torch.tensor([value]), dist.ReduceOp.MAX).item())
 
 
 def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -301,8 +301,9 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, sequences, prompt_l
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """The learning rate of RL step `step`: linear warm-up, then constant or cosine to zero."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    """The learning rate of RL step `step`: constant; or linear warm-up over warmup_steps, then
+    constant ("warmup") or cosine to zero ("cosine")."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps and cfg.lr_schedule != "constant" else 1.0
     if cfg.lr_schedule == "cosine":
         progress = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
