@@ -1,21 +1,33 @@
-"""fanout's objectives: pure tensor functions, named as in ALGORITHMS.md section 0.
+"""fanout's objectives: pure tensor functions, named as in ALGORITHMS.md sections 0 (base family),
+2 (trajectory balance) and 4 (EchoRL).
 
 Shapes: per-response tensors are [R] (R responses, `group` holds each one's prompt id);
-per-token tensors are [N] over the concatenated response tokens of a micro-batch.
+per-token tensors are [N] over the concatenated response tokens of a micro-batch, and `seq_ids` [N]
+says which sequence of the micro-batch each token belongs to. Functions that end in a division by a
+global count (tokens, sequences, clips over all micro-batches and ranks) are built so that summing
+their micro-batch values gives the global value. Bad config values raise ValueError naming the flag.
 """
 
 import torch
 
 ADVANTAGE_KINDS = ("grpo", "drgrpo", "rloo", "reinforce++")
 KL_KINDS = ("k1", "k2", "k3")
+AGGREGATE_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ECHO_MODES = ("all", "any")
 
 
-def group_stats(rewards: torch.Tensor, group: torch.Tensor):
+# ---- base family (ALGORITHMS.md 0) ----
+
+def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-response group mean, unbiased group std (1 for groups of one) and group size."""
     _, inv, counts = group.unique(return_inverse=True, return_counts=True)
-    total = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device).index_add_(0, inv, rewards)
-    mean = total / counts
-    sq = torch.zeros_like(total).index_add_(0, inv, (rewards - mean[inv]) ** 2)
+    mean = rewards.new_zeros(len(counts)).index_add(0, inv, rewards) / counts
+    # A float sum is inexact: equal rewards of 0.7 would get mean 0.7 +- 1 ulp, a std of ~1e-8 and GRPO
+    # advantages of ~0.05 instead of 0. Use the exact value when a group's rewards are all equal.
+    hi = rewards.new_zeros(len(counts)).scatter_reduce(0, inv, rewards, "amax", include_self=False)
+    lo = rewards.new_zeros(len(counts)).scatter_reduce(0, inv, rewards, "amin", include_self=False)
+    mean = torch.where(hi == lo, hi, mean)
+    sq = torch.zeros_like(mean).index_add(0, inv, (rewards - mean[inv]) ** 2)
     std = torch.where(counts > 1, (sq / (counts - 1).clamp(min=1)).sqrt(), torch.ones_like(sq))
     return mean[inv], std[inv], counts[inv]
 
@@ -26,7 +38,8 @@ def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", b
 
     grpo: (r - mean_g) / (std_g + eps); drgrpo: r - mean_g; rloo: r - mean of the other G-1;
     reinforce++: r - mean_g, then z-scored over the whole batch. `batch_stats` = (mean, std) of
-    those centred advantages over all ranks (train.py all-reduces them); None = this batch."""
+    those centred advantages over all ranks (train.py all-reduces them); None = this batch.
+    A group of one, or of equal rewards, gets 0 (except reinforce++, which shifts by the batch mean)."""
     mean, std, count = group_stats(rewards, group)
     centred = rewards - mean
     if kind == "grpo":
@@ -38,18 +51,50 @@ def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", b
     if kind == "reinforce++":
         m, s = batch_stats if batch_stats is not None else (centred.mean(), centred.std(unbiased=False))
         return (centred - m) / (s + eps)
-    raise ValueError(f"unknown advantage kind '{kind}'; use one of {', '.join(ADVANTAGE_KINDS)}")
+    raise ValueError(f"--adv '{kind}' is an unknown advantage kind; use one of {', '.join(ADVANTAGE_KINDS)}")
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.2,
-                eps_high: float = 0.28):
-    """Per-token PPO-clip loss with decoupled bounds ("clip-higher"), and which tokens were clipped.
+                eps_high: float = 0.28, dual_clip: float = 0.0,
+                tis_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss with decoupled bounds ("clip-higher"), and a float mask of clipped tokens.
 
-    l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), rho_t = pi / pi_old."""
+    l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), rho_t = pi / pi_old.
+    dual_clip c > 1 (0 = off): for A < 0, l_t = min(l_t, c |A|), so a huge ratio on a bad token cannot
+    blow up the loss. tis_weight: per-token truncated-IS weight (see `tis_weight`), multiplied in
+    detached. The mask counts tokens whose gradient either clip removed."""
+    if not 0 <= eps_low < 1:
+        raise ValueError(f"--eps-low must be in [0, 1) (got {eps_low}): the lower ratio bound is 1 - eps_low")
+    if eps_high < eps_low:
+        raise ValueError(f"--eps-high ({eps_high}) must be >= --eps-low ({eps_low}): clip-higher widens the top")
+    if dual_clip != 0 and dual_clip <= 1:
+        raise ValueError(f"--dual-clip must be 0 (off) or > 1 (got {dual_clip})")
     ratio = (logp - old_logp).exp()
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped).float()
+    loss = -torch.minimum(unclipped, clipped)
+    mask = clipped < unclipped
+    if dual_clip > 0:
+        cap = -dual_clip * adv
+        capped = (adv < 0) & (loss > cap)
+        loss, mask = torch.where(capped, cap, loss), mask | capped
+    if tis_weight is not None:
+        loss = loss * tis_weight.detach()
+    return loss, mask.float()
+
+
+def tis_weight(trainer_old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weight min(pi_old_trainer / pi_sampler, C) per token (ALGORITHMS.md 0): the
+    sampler's kernels and precision differ from the trainer's, so its samples are slightly off-policy."""
+    if cap <= 0:
+        raise ValueError(f"--tis-cap must be > 0 (got {cap})")
+    return (trainer_old_logp - sampler_logp).exp().clamp(max=cap).detach()
+
+
+def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
+    """Per-token -coef * H_t, added to the policy loss (ALGORITHMS.md 0). `entropy` must come from the
+    trainer's forward with gradients; the sampler's recorded entropies are constants and would do nothing."""
+    return -coef * entropy
 
 
 def kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
@@ -61,10 +106,124 @@ def kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Te
         return d ** 2 / 2
     if kind == "k3":  # low variance, non-negative
         return torch.exp(-d) - 1 + d
-    raise ValueError(f"unknown KL kind '{kind}'; use one of {', '.join(KL_KINDS)}")
+    raise ValueError(f"--kl-kind '{kind}' is an unknown KL kind; use one of {', '.join(KL_KINDS)}")
 
 
 def token_mean(token_loss: torch.Tensor, global_tokens: int) -> torch.Tensor:
     """Sum over this micro-batch's tokens over the token count of the whole global batch (all
     micro-batches, all ranks): summing the micro-batch losses gives the global token mean."""
     return token_loss.sum() / max(global_tokens, 1)
+
+
+def seq_token_means(token_values: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """[S]: the token mean of each sequence that has tokens here (any ids, any order)."""
+    _, inv, counts = seq_ids.unique(return_inverse=True, return_counts=True)
+    return token_values.new_zeros(len(counts)).index_add(0, inv, token_values) / counts
+
+
+def aggregate(token_loss: torch.Tensor, seq_ids: torch.Tensor, mode: str, global_tokens: int, global_seqs: int,
+              norm_len: int | None = None) -> torch.Tensor:
+    """This micro-batch's share of the global loss (ALGORITHMS.md 0); the shares sum to the global value.
+
+    token-mean: sum / global token count. seq-mean-token-mean: sum of each sequence's token mean /
+    global sequence count (a sequence must lie within one micro-batch, as in train.py).
+    seq-mean-token-sum-norm (Dr.GRPO): sum of each sequence's token sum / norm_len (a constant such as
+    --max-new-tokens, so long answers are not down-weighted) / global sequence count."""
+    if mode == "token-mean":
+        return token_mean(token_loss, global_tokens)
+    if mode == "seq-mean-token-mean":
+        return seq_token_means(token_loss, seq_ids).sum() / max(global_seqs, 1)
+    if mode == "seq-mean-token-sum-norm":
+        if norm_len is None or norm_len <= 0:
+            raise ValueError(f"--aggregate seq-mean-token-sum-norm needs norm_len > 0 (got {norm_len})")
+        return token_loss.sum() / norm_len / max(global_seqs, 1)
+    raise ValueError(f"--aggregate '{mode}' is unknown; use one of {', '.join(AGGREGATE_MODES)}")
+
+
+# ---- trajectory balance (ALGORITHMS.md 2) ----
+
+def _tb_s(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """s = log pi(y|x) - log pi_ref(y|x) - r / beta, on sequence log-probs (sums over response tokens)."""
+    if not beta > 0:
+        raise ValueError(f"--tb-beta must be > 0 (got {beta}): trajectory balance divides rewards by it")
+    return seq_logp - seq_ref_logp - rewards / beta
+
+
+def tb_log_z(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Tensor, group: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """[R]: the VarGrad log Z of each response's group, -mean_g s, detached. Compute it over whole groups
+    (never assume a micro-batch holds one prompt) and hand it to `tb_loss` when a group is split."""
+    return -group_stats(_tb_s(seq_logp, seq_ref_logp, rewards, beta).detach(), group)[0]
+
+
+def tb_loss(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Tensor, group: torch.Tensor,
+            beta: float, log_z: torch.Tensor | None = None) -> torch.Tensor:
+    """[R]: (log Z + s)^2 per response; the caller divides the sum by the global response count.
+    On-policy its gradient is 2/beta times mean-baseline REINFORCE's with advantage
+    (r - mean_g r) - beta (KL - mean_g KL); off-policy it needs no importance ratio."""
+    s = _tb_s(seq_logp, seq_ref_logp, rewards, beta)
+    if log_z is None:
+        log_z = tb_log_z(seq_logp, seq_ref_logp, rewards, group, beta)
+    return (log_z.detach() + s) ** 2
+
+
+def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> float:
+    """beta: linear from beta_start to beta_end over beta_steps steps, then constant (GSM8K: 0.014 -> 0.004
+    over 500)."""
+    if not (beta_start > 0 and beta_end > 0):
+        raise ValueError(f"--tb-beta-start and --tb-beta-end must be > 0 (got {beta_start}, {beta_end})")
+    if step >= beta_steps:
+        return beta_end
+    return beta_start + (beta_end - beta_start) * step / beta_steps
+
+
+# ---- EchoRL (ALGORITHMS.md 4) ----
+
+def step_token_ids(tokenizer) -> tuple[set[int], set[int]]:
+    """(ids whose text ends in "\\n": step ends, ids whose text is whitespace-only). Decoded, not read from
+    the vocabulary strings, because byte-level BPE stores "\\n" as "Ċ"."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return ({i for i, t in enumerate(texts) if t.endswith("\n")},
+            {i for i, t in enumerate(texts) if not t.strip()})
+
+
+def _steps(tokens: list[int], entropies: list[float], newline_ids: set[int], blank_ids: set[int]):
+    """Yield (end, mean entropy) of each step that ends at a newline token or at the response end,
+    skipping whitespace-only steps and steps shorter than 2 tokens."""
+    start = 0
+    for t, tok in enumerate(tokens):
+        if tok in newline_ids or t == len(tokens) - 1:
+            step = tokens[start:t + 1]
+            if len(step) >= 2 and not all(x in blank_ids for x in step):
+                yield t + 1, sum(entropies[start:t + 1]) / len(step)
+            start = t + 1
+
+
+def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: torch.Tensor,
+              newline_ids: set[int], blank_ids: set[int], success: float = 1.0, mode: str = "all") -> dict[int, int]:
+    """{response index: clip length}, one EchoClip per selected group: over every step of every successful
+    response, the step of highest mean sampler entropy (ties: the first), and the clip is its response's
+    prefix through that step. mode "all" selects groups where every response succeeded (reward >= success),
+    whose advantages are all 0; "any" selects groups with at least one success."""
+    if mode not in ECHO_MODES:
+        raise ValueError(f"--echo-mode '{mode}' is unknown; use one of {', '.join(ECHO_MODES)}")
+    ok, groups = (rewards >= success).tolist(), group.tolist()
+    failed = {g for g, o in zip(groups, ok) if not o}
+    best = {}  # group id -> (step entropy, response index, clip length)
+    for i, (g, o) in enumerate(zip(groups, ok)):
+        if not o or (mode == "all" and g in failed):
+            continue
+        ent = torch.as_tensor(entropies[i]).tolist()
+        if len(ent) != len(tokens[i]):
+            raise ValueError(f"response {i} has {len(tokens[i])} tokens but {len(ent)} sampler entropies")
+        for end, score in _steps(tokens[i], ent, newline_ids, blank_ids):
+            if g not in best or score > best[g][0]:
+                best[g] = (score, i, end)
+    return {i: end for _, i, end in best.values()}
+
+
+def echo_loss(logp: torch.Tensor, clip_mask: torch.Tensor, seq_ids: torch.Tensor, n_clips: int) -> torch.Tensor:
+    """This micro-batch's share of the mean over clips of each clip's token-mean NLL (n_clips counts all
+    micro-batches and ranks; a clip lies in one sequence, so it is never split). The caller adds
+    lambda (1e-3) times the summed shares to the RL loss."""
+    return seq_token_means(-logp[clip_mask], seq_ids[clip_mask]).sum() / max(n_clips, 1)
