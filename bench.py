@@ -1,8 +1,13 @@
-"""fanout's benchmarks: the sampler against HF transformers' `generate`, and the hardware roofline.
+"""fanout's benchmarks: the sampler against HF transformers' `generate` and the hardware roofline; the
+trainer's step throughput and MFU; the fused log-prob kernel's memory against materialised logits.
 
     python bench.py sampler                 # CPU: SmolLM2-135M bf16, 64 rollouts of one 256-token prompt
     python bench.py sampler --device cuda   # GPU: a random Qwen2.5-1.5B-shaped model, prompts 256/1024/4096,
                                             # N in {16, 64, 512, 2048} rollouts per prompt at the same total
+    python bench.py trainer [--device cuda] # one RL update (train.train_on_batch): tokens/s, TFLOP/s, MFU
+                                            # (CPU: SmolLM2-135M; GPU: Qwen2.5-1.5B shape, FSDP2 on one rank)
+    python bench.py logprob [--device cuda] # peak memory of response logprobs + entropies, forward and
+                                            # backward, 8192 tokens x 49,152 vocabulary x 576: chunked vs full
 
 It prints a table and writes JSON (--out). Imports only torch, triton and transformers, so a GPU
 machine's own python runs it (`./run.sh gpu-check`).
@@ -10,7 +15,12 @@ machine's own python runs it (`./run.sh gpu-check`).
 
 import argparse
 import json
+import os
+import resource
+import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -177,6 +187,119 @@ def bench_gpu(args) -> dict:
             "prefix_attention": bench_prefix_vs_unshared(sampler, 4096, 512, device)}
 
 
+# ---- trainer ----
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
+
+
+def import_train():
+    """train.py, on a machine with only torch, triton and transformers: the trainer step needs neither
+    the CLI (tyro) nor the verifiers (reward.py: reasoning-gym, math-verify), so stand-ins fill in."""
+    for name in ("tyro", "reward"):
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    import train
+    return train
+
+
+def train_flops(cfg, sequences, prompt_lens) -> float:
+    """Model FLOPs of one forward + backward (PaLM's 6N + attention), the LM head on response tokens only."""
+    d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * d // cfg.num_attention_heads
+    body = layers * (2 * d * d + 2 * d * kv + 3 * d * cfg.intermediate_size)  # q, o, k, v, gate, up, down
+    tokens, responses = sum(map(len, sequences)), sum(len(s) - p for s, p in zip(sequences, prompt_lens))
+    attention = sum(6 * layers * d * len(s) ** 2 for s in sequences)  # causal: half of 12 L d T per token
+    return 6 * body * tokens + 6 * vocab * d * responses + attention
+
+
+def bench_trainer(args) -> dict:
+    train = import_train()
+    device = torch.device(args.device)
+    if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", RANK="0", WORLD_SIZE="1")
+        torch.distributed.init_process_group("nccl", device_id=device)
+        hf_config, dtype = qwen25_15b_config(), torch.bfloat16
+        lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(device)
+    else:
+        path = train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout")
+        lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        hf_config, dtype = lm.config, torch.bfloat16
+    if args.activation_checkpointing:
+        train.checkpoint_layers(lm)
+    model = train.Policy(lm)
+    if device.type == "cuda":
+        train.shard(model, device, dtype)
+    cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    gen = torch.Generator().manual_seed(0)
+    length = args.prompt_len + args.response_len
+    sequences = [torch.randint(0, hf_config.vocab_size, (length,), generator=gen).tolist()
+                 for _ in range(args.sequences)]
+    prompt_lens = [args.prompt_len] * args.sequences
+    adv = torch.randn(args.sequences, generator=gen)
+    n_tokens = args.sequences * args.response_len
+    step = lambda: train.train_on_batch(cfg, model, None, optimizer, sequences, prompt_lens, adv, dtype, n_tokens)
+    step()  # warm-up: allocator, Triton compilation, optimizer state
+    _, seconds = timed(lambda: [step() for _ in range(args.repeats)], args.device)
+    seconds /= args.repeats
+    flops = train_flops(hf_config, sequences, prompt_lens)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, "
+                      f"{args.sequences} x ({args.prompt_len} + {args.response_len}) tokens, one update, bf16",
+              "device": name, "seconds_per_step": seconds, "tokens_per_s": args.sequences * length / seconds,
+              "tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak if peak else None,
+              "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    print(result)
+    return result
+
+
+# ---- the log-prob kernel's memory ----
+
+def logprob_peak(variant: str, device: str, tokens: int, vocab: int, hidden: int) -> float:
+    """Peak bytes above the inputs for logprob + entropy forward and backward, bf16 inputs."""
+    from kernels.logprob import logprob, reference_logprob
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen, device=device) * hidden ** -0.5).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if variant == "full":  # the plain way: [tokens, vocab] float32 logits, log-softmax, gather
+        logp = torch.log_softmax((h @ w.T).float(), -1)
+        out = logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+    else:
+        out = (logprob if device == "cuda" else reference_logprob)(h, w, targets, 1.0)
+    (out[0].sum() + out[1].sum()).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def bench_logprob(args) -> dict:
+    """Each variant in a fresh process, so that one's peak does not hide the other's."""
+    shape = dict(tokens=8192, vocab=49152, hidden=576)
+    peaks = {}
+    for variant in ("full", "chunked"):
+        code = (f"import bench; print(bench.logprob_peak({variant!r}, {args.device!r}, {shape['tokens']}, "
+                f"{shape['vocab']}, {shape['hidden']}))")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+        peaks[variant] = float(run.stdout.split()[-1]) / 2**20
+    result = {"case": f"logprob + entropy, forward and backward, {shape}, bf16 inputs", "device": args.device,
+              "peak_MiB_full_logits": peaks["full"], "peak_MiB_chunked": peaks["chunked"],
+              "ratio": peaks["full"] / peaks["chunked"]}
+    print(result)
+    return result
+
+
 def print_table(result: dict) -> None:
     print(result["case"])
     pairs = [("fanout", result["fanout"]), ("hf generate", result["hf_generate"])] if "fanout" in result else \
@@ -190,21 +313,38 @@ def print_table(result: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler"])
+    parser.add_argument("what", choices=["sampler", "trainer", "logprob"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default=None, help="JSON file (default runs/bench_sampler_<device>.json)")
+    parser.add_argument("--out", default=None, help="JSON file (default runs/bench_<what>_<device>.json)")
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--rollouts", type=int, nargs="+", default=[16, 64, 512, 2048])
     parser.add_argument("--total", type=int, default=2048, help="rollouts per run, the same for every N")
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--kv-budget-tokens", type=int, default=1 << 21)
     parser.add_argument("--max-slots", type=int, default=2048)
+    trainer = parser.add_argument_group("trainer")
+    trainer.add_argument("--sequences", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
+    trainer.add_argument("--prompt-len", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
+    trainer.add_argument("--response-len", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
+    trainer.add_argument("--tokens-per-microbatch", type=int, default=16384)
+    trainer.add_argument("--activation-checkpointing", action="store_true")
+    trainer.add_argument("--repeats", type=int, default=3)
+    trainer.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
     args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.sequences = args.sequences or (16 if gpu else 8)
+    args.prompt_len = args.prompt_len or (256 if gpu else 64)
+    args.response_len = args.response_len or (1024 if gpu else 128)
     torch.manual_seed(0)
-    with torch.no_grad():
-        result = bench_cpu(args) if args.device == "cpu" else bench_gpu(args)
-    print_table(result)
-    out = Path(args.out or f"runs/bench_sampler_{args.device}.json")
+    if args.what == "trainer":
+        result = bench_trainer(args)
+    elif args.what == "logprob":
+        result = bench_logprob(args)
+    else:
+        with torch.no_grad():
+            result = bench_cpu(args) if args.device == "cpu" else bench_gpu(args)
+        print_table(result)
+    out = Path(args.out or f"runs/bench_{args.what}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -1,10 +1,17 @@
-"""What to sample next (DESIGN.md data flow, step 1): which prompts a step trains on.
+"""What to sample next (DESIGN.md data flow, steps 1 and 5): which prompts, how many rollouts each,
+at what temperature, and which sampled groups carry a learning signal.
 
-Each epoch visits every training prompt once in a fresh seeded order. Everything here is a
-pure function of (step, seed), so a resumed run picks the same prompts as an unbroken one.
+Each epoch visits every training prompt once in a fresh seeded order, a pure function of (data
+position, seed), so a resumed run picks the same prompts; the state that depends on rewards has
+state_dict().
 """
 
+import math
 import random
+from fractions import Fraction
+from typing import Sequence
+
+import torch
 
 
 def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
@@ -13,13 +20,171 @@ def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
-def pick_prompts(n_items: int, step: int, per_step: int, seed: int) -> list[int]:
-    """Indices of the `per_step` prompts of step `step`; a step may straddle two epochs."""
+def pick_prompts(n_items: int, position: int, count: int, seed: int) -> list[int]:
+    """Indices of the `count` prompts from `position` in the endless sequence of epochs (position =
+    prompts drawn before: the trainer's data position, saved in checkpoints); may straddle two epochs."""
     orders = {}
     picked = []
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, position = divmod(k, n_items)
+    for k in range(position, position + count):
+        epoch, index = divmod(k, n_items)
         if epoch not in orders:
             orders[epoch] = epoch_order(n_items, epoch, seed)
-        picked.append(orders[epoch][position])
+        picked.append(orders[epoch][index])
     return picked
+
+
+# ---- dynamic sampling (ALGORITHMS.md 0) and degenerate groups (ALGORITHMS.md 4) ----
+
+def _group_min_max(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response: the smallest and largest reward in its group."""
+    ids, inv = group.unique(return_inverse=True)
+    lo = torch.full((len(ids),), math.inf, dtype=rewards.dtype, device=rewards.device)
+    hi = torch.full((len(ids),), -math.inf, dtype=rewards.dtype, device=rewards.device)
+    return lo.scatter_reduce(0, inv, rewards, "amin")[inv], hi.scatter_reduce(0, inv, rewards, "amax")[inv]
+
+
+def informative_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Bool [R]: True for the responses of groups whose rewards are not all equal (std > 0), the ones
+    dynamic sampling keeps. Min != max is exact; torch.std of three 0.1s is 1.7e-17, not 0."""
+    lo, hi = _group_min_max(rewards, group)
+    return lo != hi
+
+
+def group_outcomes(rewards: torch.Tensor, group: torch.Tensor,
+                   success: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all_right, all_wrong), bool [R] each: every reward of the response's group is >= `success`,
+    or none is. all_right marks EchoRL's groups (ALGORITHMS.md 4), which dynamic sampling would drop;
+    with partial credit a group can be all wrong (no success) and still informative."""
+    lo, hi = _group_min_max(rewards, group)
+    return lo >= success, hi < success
+
+
+# ---- E3: difficulty ranks, rollout budgets, temperature (ALGORITHMS.md 3) ----
+
+class Difficulty:
+    """Each training prompt's reward sum and rollout count over all epochs, and the ranks k_i
+    (0 = easiest) this epoch's budgets use: end_epoch() refreshes them, so epoch e uses those from
+    the end of e-1 and epoch 1 none (all 0: uniform). Every process must record the whole global
+    batch, or processes disagree on the budgets."""
+
+    def __init__(self, n_items: int):
+        self.reward_sum = torch.zeros(n_items, dtype=torch.float64)
+        self.count = torch.zeros(n_items, dtype=torch.long)
+        self.epoch_ranks = torch.zeros(n_items, dtype=torch.float64)
+
+    def record(self, prompt_ids: Sequence[int] | torch.Tensor, rewards: torch.Tensor) -> None:
+        """Add one reward per response; prompt_ids[i] is the training prompt of response i."""
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
+        self.reward_sum.index_add_(0, ids, rewards.detach().to("cpu", torch.float64))
+        self.count.index_add_(0, ids, torch.ones_like(ids))
+
+    def ranks(self) -> torch.Tensor:
+        """k_i = position / |D| after sorting prompts by mean reward, descending. A never-sampled
+        prompt counts as mean 0 (with rewards in [0, 1], as hard as an all-wrong one); ties keep
+        prompt-index order (stable sort), so the ranks are deterministic."""
+        mean = self.reward_sum / self.count.clamp(min=1)
+        order = torch.sort(mean, descending=True, stable=True).indices
+        k = torch.empty_like(mean)
+        k[order] = torch.arange(len(mean), dtype=torch.float64) / len(mean)
+        return k
+
+    def end_epoch(self) -> None:
+        self.epoch_ranks = self.ranks()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).clone() for name in ("reward_sum", "count", "epoch_ranks")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if len(state["count"]) != len(self.count):
+            raise ValueError(f"the checkpoint's difficulty stats cover {len(state['count'])} prompts, "
+                             f"this task has {len(self.count)}; resume with the same --task and --task-size")
+        for name, value in state.items():
+            setattr(self, name, value.clone())
+
+
+def _check_budget(G: int, G_min: int, G_max: int) -> None:
+    if G_min < 1:
+        raise ValueError(f"--budget-min {G_min} must be at least 1 rollout per prompt")
+    if G_min > G_max:
+        raise ValueError(f"--budget-min {G_min} is above --budget-max {G_max}; pass a min <= max")
+    if not G_min <= G <= G_max:
+        raise ValueError(f"--rollouts-per-prompt {G} is outside --budget-min {G_min} .. --budget-max "
+                         f"{G_max}, so a batch cannot keep B * {G} rollouts; widen the bounds")
+
+
+def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int]:
+    """(G_min, G_max) for `epoch` (0 = the first): G..G at first, then 2 wider on each side per
+    epoch until n_low..n_high, so budgets only spread once ranks exist."""
+    _check_budget(G, n_low, n_high)
+    return max(n_low, G - 2 * epoch), min(n_high, G + 2 * epoch)
+
+
+def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, G_max: int) -> list[int]:
+    """E3's rollouts for each prompt of a batch with difficulty ranks `ranks` (k_i in [0, 1), higher =
+    harder); the total stays B*G and every budget stays within [G_min, G_max]."""
+    _check_budget(G, G_min, G_max)
+    k = [float(x) for x in ranks]
+    if not k:
+        return []
+    # Ranks are position/|D|: do step 2 in exact fractions, so a share that is a whole number
+    # (8 * (5/6) / (4/3) = 5, which floats make 4.999...) never floors to one less.
+    exact = [Fraction(x).limit_denominator(1 << 30) for x in k]
+    extra, total = len(k) * (G - G_min), sum(exact)
+    shares = [extra * x / total if total else Fraction(extra, len(k)) for x in exact]
+    # Steps 1 and 2. The original does not cap step 2 at G_max; we do, so no prompt exceeds it.
+    budgets = [G_min + min(math.floor(s), G_max - G_min) for s in shares]
+    # Step 3: the leftover one at a time, hardest first (ties: lower batch position first), in rounds,
+    # since the cap can leave more than one per prompt; B*G <= B*G_max, so there is always room.
+    hardest_first = sorted(range(len(k)), key=lambda i: -k[i])
+    left = len(k) * G - sum(budgets)
+    while left > 0:
+        for i in hardest_first:
+            if left > 0 and budgets[i] < G_max:
+                budgets[i] += 1
+                left -= 1
+    return budgets
+
+
+class TemperatureController:
+    """E3's entropy-holding sampling temperature (ALGORITHMS.md 3), in place of an entropy bonus; the
+    target H0 is the first batch's mean token entropy. Feed it H_t every step: the original release
+    silently froze tau by measuring entropy only when an entropy bonus was on."""
+
+    def __init__(self, tau0: float, vocab_size: int, total_steps: int, tau_min: float = 0.5,
+                 tau_max: float = 2.0, eta: float = 0.9, anneal_from: float = 0.6):
+        if not 0 < tau_min <= tau_max:
+            raise ValueError(f"--tau-min {tau_min} and --tau-max {tau_max} must satisfy 0 < min <= max")
+        if not tau_min <= tau0 <= tau_max:
+            raise ValueError(f"--temperature {tau0} is outside --tau-min {tau_min} .. --tau-max {tau_max}")
+        self.tau, self.h0 = tau0, None
+        self.tau_min, self.tau_max, self.eta = tau_min, tau_max, eta
+        self.total_steps, self.anneal_start = total_steps, anneal_from * total_steps
+        self.scale = math.log(vocab_size) + math.log(math.log(vocab_size))
+
+    def target(self, step: int) -> float:
+        """H0 until anneal_from * T, then a cosine down to eta * H0 at step T."""
+        if self.h0 is None:
+            raise RuntimeError("no entropy recorded yet: call update() with the first batch's entropy")
+        t_a, T = self.anneal_start, self.total_steps
+        if step < t_a or T <= t_a:
+            return self.h0
+        progress = min((step - t_a) / (T - t_a), 1.0)
+        return self.h0 * (self.eta + (1 - self.eta) * (1 + math.cos(math.pi * progress)) / 2)
+
+    def update(self, entropy: float, step: int) -> float:
+        """Record the batch's mean token entropy (of softmax(z / tau)) and return the new tau."""
+        if not (math.isfinite(entropy) and entropy >= 0):
+            raise ValueError(f"mean token entropy {entropy} is not a finite number >= 0")
+        if self.h0 is None:
+            self.h0 = entropy
+        tiny = 1e-12  # an entropy of 0 (every token certain) pushes tau to a bound instead of failing
+        alpha = max(self.target(step), tiny) / max(entropy, tiny)
+        tau = self.tau * (1 + self.tau * math.log(alpha) / self.scale)
+        self.tau = min(max(tau, self.tau_min), self.tau_max)  # the original has no clamp
+        return self.tau
+
+    def state_dict(self) -> dict:
+        return {"tau": self.tau, "h0": self.h0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tau, self.h0 = float(state["tau"]), state["h0"]

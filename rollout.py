@@ -165,10 +165,9 @@ class Sampler:
         self.inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=self.device).float() / half)
         # One block past the pool's own is scratch: padded rows of a graphed step write there.
         self.scratch_block = self.num_blocks
-        shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
-        self.k_pool = torch.empty(shape, device=self.device, dtype=dtype)
-        self.v_pool = torch.empty(shape, device=self.device, dtype=dtype)
-        self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * self.k_pool.element_size()
+        self.kv_shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
+        self.k_pool = self.v_pool = None  # allocated by generate(), freed by release_kv()
+        self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype.itemsize
         # Triton kernels on CUDA, their plain-torch twins elsewhere (DESIGN.md, Kernels)
         prefix = "" if (self.device.type == "cuda" if use_triton is None else use_triton) else "reference_"
         self.write_kv = getattr(attention, prefix + "write_kv")
@@ -181,6 +180,14 @@ class Sampler:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs and self.device.type == "cuda" else None
+
+    def release_kv(self) -> None:
+        """Free the KV pool and the CUDA graphs that point into it, so that training can use the memory;
+        the next generate() allocates them again (README, memory)."""
+        self.k_pool = self.v_pool = None
+        self.graphs = {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def load_weights(self, weights: dict) -> None:
         """Copy new weights into the sampler's buffers in place (tied heads follow the embedding)."""
@@ -322,11 +329,12 @@ class Sampler:
     # -- generation --
 
     def generate(self, prompts: list[list[int]], n: list[int], max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_offset: int = 0) -> Rollouts:
+                 top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_keys: list[int] | None = None) -> Rollouts:
         """n[i] rollouts of prompts[i]; returns them ordered by (prompt index, sample index).
 
-        Prompt i is keyed as prompt_offset + i, so a request split over several calls (or ranks)
-        samples exactly the same tokens as the whole request in one call."""
+        Prompt i is keyed as prompt_keys[i] (default i): a request split over several calls (or ranks),
+        each passing its prompts' positions in the whole request, samples exactly the same tokens as
+        the whole request in one call."""
         if len(n) != len(prompts):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts; pass one n per prompt")
         for i, p in enumerate(prompts):
@@ -335,8 +343,12 @@ class Sampler:
             if self._blocks_for(len(p)) + self._blocks_for(max_new_tokens) > self.num_blocks:
                 raise ValueError(f"prompt {i} ({len(p)} tokens) plus max_new_tokens={max_new_tokens} does not fit "
                                  f"kv_budget_tokens={self.num_blocks * self.block_size}; raise the budget")
+        if self.k_pool is None:
+            self.k_pool = torch.empty(self.kv_shape, device=self.device, dtype=self.dtype)
+            self.v_pool = torch.empty(self.kv_shape, device=self.device, dtype=self.dtype)
+        keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
         with torch.no_grad():
-            run = _Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_offset)
+            run = _Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, keys)
             results = run.run()
         self.stats = {"preemptions": run.preemptions, "evictions": run.evictions,
                       "peak_kv_tokens": run.peak_blocks * self.block_size}
@@ -372,9 +384,9 @@ class _Rollout:
 class _Generation:
     """The state of one generate() call: waiting prompts, running slots, results."""
 
-    def __init__(self, s: Sampler, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, offset):
+    def __init__(self, s: Sampler, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys):
         self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
-        self.seed, self.offset = seed, offset
+        self.seed, self.prompt_keys = seed, prompt_keys
         self.pool = BlockPool(s.num_blocks)
         self.pending = deque(_Prompt(i, p, deque(range(k)), k) for i, (p, k) in enumerate(zip(prompts, n)) if k > 0)
         self.active: list[_Prompt] = []    # prefilled prompts with unfinished rollouts, oldest first
@@ -487,7 +499,7 @@ class _Generation:
     # -- decoding --
 
     def keys(self, rollouts: list[_Rollout]) -> torch.Tensor:
-        rows = torch.tensor([(r.prompt.index + self.offset, r.sample, r.length) for r in rollouts],
+        rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, r.length) for r in rollouts],
                             device=self.s.device).T
         return sample_keys(self.seed, *rows)
 

@@ -4,7 +4,7 @@
 #   ./run.sh test       set up when needed, then run the test suite
 #   ./run.sh bench      set up when needed, then `python bench.py sampler` (CPU case)
 #   ./run.sh gpu-check  on a GPU machine, with its own python3 and nothing installed: the Triton
-#                       kernels compiled against their references, then the GPU sampler benchmark
+#                       kernels compiled against their references, then the GPU benchmarks
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -33,6 +33,8 @@ case "$cmd" in
     # deterministic mode (the tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
     export TRITON_INTERPRET=0 FANOUT_TEST_DEVICE=cuda CUBLAS_WORKSPACE_CONFIG=:4096:8
     python3 -m pytest -q kernels/test_kernels.py
+    python3 bench.py logprob --device cuda
+    python3 bench.py trainer --device cuda
     exec python3 bench.py sampler --device cuda "$@" ;;
   -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;
   *) echo "unknown command '$cmd'; use ./run.sh [demo|test|bench|gpu-check] [flags]" >&2; exit 2 ;;

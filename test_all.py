@@ -7,6 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in interpre
 
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import explore
 import loss
@@ -23,6 +25,9 @@ import train
 from kernels.sampling import hash32, reference_sample
 from kernels.test_kernels import *  # noqa: F401,F403 (the kernel tests run here too, in the interpreter)
 from kernels.test_kernels import random_prompts, tiny_config, tiny_model
+from test_explore import *  # noqa: F401,F403 (explore.py's functions against ALGORITHMS.md 0, 3)
+from test_loss import *  # noqa: F401,F403 (loss.py's functions against ALGORITHMS.md 0, 2, 4)
+from test_simulate import *  # noqa: F401,F403 (simulate.py and the mass-balance check)
 from rollout import ModelConfig, Sampler, nucleus, sample_keys
 
 ROOT = Path(__file__).parent
@@ -77,8 +82,12 @@ def test_sampled_same_tokens_together_or_alone():
     big = Sampler(ModelConfig.from_hf(model.config), weights, "cpu", dtype=torch.float32)
     together = big.generate(prompts, [3, 2, 4], **kwargs)
     for i, p in enumerate(prompts):
-        alone = big.generate([p], [[3, 2, 4][i]], prompt_offset=i, **kwargs)
+        alone = big.generate([p], [[3, 2, 4][i]], prompt_keys=[i], **kwargs)
         assert alone.tokens == [t for t, g in zip(together.tokens, together.prompt_index) if g == i]
+    big.release_kv()  # as between steps: the pool is freed, then allocated again by generate
+    assert big.k_pool is None
+    apart = big.generate([prompts[2], prompts[0]], [4, 3], prompt_keys=[2, 0], **kwargs)  # any subset, any order
+    assert apart.tokens == [t for g in (2, 0) for t, h in zip(together.tokens, together.prompt_index) if h == g]
     # a pool so small that rollouts are preempted, only two decode slots, or steps padded to
     # power-of-two sizes as for CUDA graphs, change nothing either
     config = ModelConfig.from_hf(model.config)
@@ -364,11 +373,12 @@ def test_split_task_holds_out_distinct_unseen_questions():
 
 def test_pick_prompts_visits_every_prompt_once_per_epoch():
     n, per_step = 10, 4
-    picked = [i for step in range(5) for i in explore.pick_prompts(n, step, per_step, seed=3)]
+    picked = [i for step in range(5) for i in explore.pick_prompts(n, step * per_step, per_step, seed=3)]
     assert sorted(picked[:10]) == sorted(picked[10:20]) == list(range(10))
     assert picked[:10] != picked[10:20]  # a fresh order each epoch
-    assert explore.pick_prompts(n, 2, per_step, seed=3) == picked[8:12]  # a pure function of the step
-    assert explore.pick_prompts(n, 2, per_step, seed=4) != picked[8:12]
+    assert explore.pick_prompts(n, 8, per_step, seed=3) == picked[8:12]  # a pure function of the position
+    assert explore.pick_prompts(n, 9, 7, seed=3) == picked[9:16]
+    assert explore.pick_prompts(n, 8, per_step, seed=4) != picked[8:12]
 
 
 def test_pass_at_k_matches_enumeration():
@@ -391,14 +401,16 @@ def test_response_logprobs_match_full_forward():
     model = tiny_model("llama", seed=6)
     seqs = random_prompts(256, [9, 14, 6], seed=8)
     prompt_lens = [4, 10, 2]
-    got = train.response_logprobs(train.Policy(model), seqs, prompt_lens, temperature=0.5,
-                                  autocast_dtype=torch.float32)
-    want = []
+    got, entropy = train.response_logprobs(train.Policy(model), seqs, prompt_lens, temperature=0.5,
+                                           autocast_dtype=torch.float32)
+    want, want_entropy = [], []
     for s, p in zip(seqs, prompt_lens):
         with torch.no_grad():
-            logp = (model(torch.tensor([s])).logits[0] / 0.5).log_softmax(-1)
-        want.append(logp[p - 1:-1].gather(-1, torch.tensor(s[p:])[:, None])[:, 0])
+            logp = (model(torch.tensor([s])).logits[0, p - 1:-1] / 0.5).log_softmax(-1)
+        want.append(logp.gather(-1, torch.tensor(s[p:])[:, None])[:, 0])
+        want_entropy.append(-(logp.exp() * logp).sum(-1))
     torch.testing.assert_close(got.detach(), torch.cat(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.detach(), torch.cat(want_entropy), atol=1e-5, rtol=0)
 
 
 def test_missing_model_path_is_one_sentence(tmp_path):
@@ -406,9 +418,25 @@ def test_missing_model_path_is_one_sentence(tmp_path):
         train.resolve_model(str(tmp_path / "nope"), str(tmp_path))
 
 
-def test_bad_config_is_one_sentence():
-    with pytest.raises(ValueError, match="--adv ppo is unknown"):
-        train.Config(adv="ppo")
+@pytest.mark.parametrize("fields, message", [
+    (dict(adv="ppo"), "--adv ppo is unknown"),
+    (dict(loss="dpo"), "--loss dpo is unknown"),
+    (dict(aggregate="sum"), "--aggregate sum is unknown"),
+    (dict(eps_low=0.3, eps_high=0.2), "--eps-high 0.2 is below --eps-low 0.3"),
+    (dict(dual_clip=0.5), "--dual-clip must be 0"),
+    (dict(loss="tb", tb_beta_start=-0.01), "--tb-beta-start -0.01 and --tb-beta-end 0.004 must be > 0"),
+    (dict(echo_coef=1e-3, success=2.0), "--success 2.0: rewards are at most 1"),
+    (dict(echo_mode="some"), "--echo-mode some is unknown"),
+    (dict(budget_min=10, budget_max=6), "--budget-min 10 is above --budget-max 6"),
+    (dict(budget_min=10, budget_max=12), "--rollouts-per-prompt 8 is outside --budget-min 10"),
+    (dict(temperature_control=True, tau_min=2.0, tau_max=0.5), "--tau-min 2.0 and --tau-max 0.5"),
+    (dict(max_gen_rounds=0), "--max-gen-rounds 0 must be at least 1")])
+def test_bad_config_is_one_sentence(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.Config(**fields)
+
+
+def test_bad_config_on_the_command_line_is_one_sentence():
     run = subprocess.run([sys.executable, "train.py", "demo", "--kl-kind", "k9"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
@@ -452,20 +480,54 @@ def test_demo_loop_runs_end_to_end(tmp_path, smollm2):
     assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("flags, expect", [
+    # every reward (0 from a random model) counts as a success: all groups are all-right, so EchoClips exist
+    (dict(echo_coef=1e-3, success=0.0), ("echo_loss", "echo_clips", "echo_clip_frac")),
+    (dict(loss="tb", updates_per_step=2, kl_coef=0.0), ("log_z_std", "tb_beta")),
+    # a random model gets all-equal rewards: dynamic sampling drops every group and the step trains on nothing
+    (dict(adv="reinforce++", dynamic_sampling=True, max_gen_rounds=2, tis_cap=2.0, kl_coef=1e-3, dual_clip=3.0,
+          aggregate="seq-mean-token-mean"), ("ds_pass_rate", "tis_weight", "kl")),
+    (dict(kl_coef=1e-3, kl_in_reward=True, aggregate="seq-mean-token-sum-norm", entropy_coef=1e-3), ()),
+    # 6 training prompts, 2 per step: budgets are uniform in epoch 1 (steps 0-2) and spread in epoch 2
+    (dict(budget_min=1, budget_max=5, temperature_control=True, task_size=10, steps=5), ("entropy_target",))])
+def test_objective_and_explore_options_run(tmp_path, smollm2, flags, expect):
+    save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
+    config = train.Config(**{**dict(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1",
+                                    steps=2, task_size=200, prompts_per_step=2, rollouts_per_prompt=3,
+                                    max_new_tokens=6, eval_prompts=4, eval_samples=1, out_dir=str(tmp_path / "out"),
+                                    lr=1e-3), **flags})
+    train.main(config)
+    rows = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    assert len(rows) == config.steps
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "entropy", "degenerate_frac", *expect))
+    if flags.get("echo_coef"):
+        assert all(r["echo_clips"] == 2 and r["echo_loss"] > 0 and 0 < r["echo_clip_frac"] <= 1 for r in rows)
+    if flags.get("dynamic_sampling"):
+        assert all(r["ds_pass_rate"] == 0 and r["groups_sampled"] == 4 and r["grad_norm"] == 0 for r in rows)
+    if flags.get("temperature_control"):
+        assert len({r["temperature"] for r in rows}) > 1  # the controller moved tau
+        assert all(1 <= r["rollouts_min"] <= r["rollouts_mean"] == 3 <= r["rollouts_max"] <= 5 for r in rows)
+        assert [r["rollouts_max"] - r["rollouts_min"] > 0 for r in rows] == [False] * 3 + [True] * 2
+
+
 def test_two_ranks_train_like_one(tmp_path):
     """torchrun with 2 gloo ranks (FSDP2, prompts split across ranks) and with 1 rank, same global
-    batch and seed: the same rollouts, rewards and losses, and after the first update the same
-    second-step rollouts and entropies (so the same updated weights), within float32 tolerance."""
+    batch and seed: the same rollouts, rewards and losses, and the same updated weights (exported
+    at the end), within float32 tolerance."""
     args = ["demo", "--steps", "2", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
             "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5"]
-    runs = []
+    runs, weights = [], []
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
+        checkpointing = ["--activation-checkpointing"] if ranks == 2 else []  # the same updates with it on
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                              "train.py", *args, "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
+                              "train.py", *args, *checkpointing, "--out-dir", str(out), "--export-hf",
+                              str(out / "export")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         runs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+        weights.append(load_file(out / "export" / "model.safetensors"))
     one, two = ([r for r in rows if "step" in r] for rows in runs)
     assert len(one) == len(two) == 2 and one[0]["grad_norm"] > 0  # some group had a reward signal
     for a, b in zip(one, two):
@@ -473,6 +535,63 @@ def test_two_ranks_train_like_one(tmp_path):
             assert a[key] == b[key]
         for key in ("entropy", "loss", "grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
+    initial = load_file(train.resolve_model(train.EMBEDDED_MODEL, train.Config().cache_dir) / "model.safetensors")
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 100
+    assert any(not torch.equal(weights[0][k], initial[k]) for k in weights[0])  # the runs did train
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_prompts_split_over_ranks_by_budget():
+    gen = torch.Generator().manual_seed(0)
+    for world in (1, 2, 3, 8):
+        budgets = torch.randint(1, 40, (24,), generator=gen).tolist()
+        shares = train.split_by_budget(budgets, world)
+        assert sorted(i for share in shares for i in share) == list(range(24))
+        loads = [sum(budgets[i] for i in share) for share in shares]
+        assert max(loads) - min(loads) <= max(budgets)
+    assert train.split_by_budget([8] * 4, 2) == [[0, 2], [1, 3]]  # equal budgets: equal shares
+    assert train.split_by_budget([12, 4, 4, 4], 2) == [[0], [1, 2, 3]]
+    with pytest.raises(SystemExit, match="--prompts-per-step 6 does not split over 4 ranks"):
+        train.check_world_size(train.Config(prompts_per_step=6), 4)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    seqs, prompt_lens = random_prompts(256, [9, 14], seed=3), [4, 6]
+    grads, layer_calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", seed=4)
+        if checkpointing:
+            train.checkpoint_layers(model)
+        calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        logp, entropy = train.response_logprobs(train.Policy(model), seqs, prompt_lens, 0.7, torch.float32)
+        (logp.sum() + entropy.sum()).backward()
+        grads.append([p.grad for p in model.parameters()])
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2]  # checkpointing recomputes the layer in the backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_holds_model_optimizer_and_reference(tmp_path):
+    def parts(seed):
+        model = train.Policy(tiny_model("llama", seed=seed))
+        ref = train.Policy(tiny_model("llama", seed=seed + 1).requires_grad_(False))
+        return model, torch.optim.AdamW(model.parameters()), ref
+
+    model, optimizer, ref = parts(0)
+    train.reset_reference(ref, model)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()  # now model, optimizer state and reference all differ from a fresh start
+    train.save_checkpoint(train.Config(out_dir=str(tmp_path)), model, optimizer, ref, 3, rank=0)
+    model2, optimizer2, ref2 = parts(5)
+    assert train.load_checkpoint(tmp_path / "checkpoints" / "step_000003", model2, optimizer2, ref2, rank=0) == (4, None)
+    for a, b in zip([*model.parameters(), *ref.parameters()], [*model2.parameters(), *ref2.parameters()]):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 SMALL_RUN = ["demo", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
@@ -485,7 +604,10 @@ def step_rows(out_dir: Path) -> list[dict]:
 
 
 def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path):
-    command = [sys.executable, "train.py", *SMALL_RUN, "--steps", "4", "--save-every", "1"]
+    # 8 training prompts, 4 per step: step 2 starts epoch 2, whose E3 budgets come from the difficulty
+    # stats of epoch 1, and the sampling temperature moves every step: both must come back on resume
+    e3 = ["--task-size", "12", "--budget-min", "6", "--budget-max", "10", "--temperature-control"]
+    command = [sys.executable, "train.py", *SMALL_RUN, *e3, "--steps", "4", "--save-every", "1"]
     unbroken = subprocess.run(command + ["--out-dir", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
     assert unbroken.returncode == 0, unbroken.stderr[-2000:]
@@ -507,7 +629,9 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path):
     assert "resumed from" in resumed.stdout
     a, b = step_rows(tmp_path / "a"), step_rows(out)
     assert [r["step"] for r in b] == [0, 1, 2, 3] and a == b  # exactly, floats included
-    assert a[-1]["grad_norm"] > 0
+    assert a[-1]["grad_norm"] > 0 and a[2]["rollouts_max"] > a[2]["rollouts_min"]
+    assert a[0]["temperature"] == a[1]["temperature"] == 1.0  # the first update only sets the entropy target
+    assert len({r["temperature"] for r in a[1:]}) == 3
 
 
 def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path):

@@ -19,13 +19,16 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.utils.checkpoint
 import tyro
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -33,6 +36,7 @@ from tqdm import tqdm
 import explore
 import loss
 import reward
+from kernels.logprob import logprob, reference_logprob
 from rollout import ModelConfig, Sampler
 
 EMBEDDED_MODEL = "smollm2-135m"
@@ -58,12 +62,34 @@ class Config:
     temperature: float = 1.0               # sampling temperature; the trainer divides its logits by it too
     top_p: float = 1.0                     # nucleus sampling (1.0 = off, the RL default)
     kv_budget_tokens: int = 1 << 16        # sampler KV cache size in tokens
-    # objective (ALGORITHMS.md 0)
+    # objective (ALGORITHMS.md 0, 2, 4)
+    loss: str = "ppo"                      # ppo (PPO-clip policy gradient) | tb (trajectory balance, VarGrad log Z)
     adv: str = "grpo"                      # grpo | drgrpo | rloo | reinforce++
     eps_low: float = 0.2                   # PPO clip lower bound
     eps_high: float = 0.28                 # PPO clip upper bound (clip-higher)
-    kl_coef: float = 0.0                   # beta for the KL to the frozen initial model (0 = no reference model)
+    dual_clip: float = 0.0                 # dual-clip c for negative advantages: loss <= c |A| (0 = off; 3 is usual)
+    tis_cap: float = 0.0                   # truncated IS weight min(pi_old_trainer / pi_sampler, C) (0 = off)
+    entropy_coef: float = 0.0              # entropy bonus: -coef * H_t added to the loss (0 = off)
+    aggregate: str = "token-mean"          # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr.GRPO)
+    kl_coef: float = 0.0                   # beta for the KL to the reference model (0 = no KL term)
     kl_kind: str = "k3"                    # k1 | k2 | k3
+    kl_in_reward: bool = False             # fold kl_coef x the response's summed KL into its reward, not the loss
+    ref_reset_every: int = 0               # copy the policy into the reference model every N steps (0 = never)
+    tb_beta_start: float = 0.014           # TB's beta: linear from start to end over tb_beta_steps, then constant
+    tb_beta_end: float = 0.004
+    tb_beta_steps: int = 500
+    echo_coef: float = 0.0                 # EchoRL's lambda on the EchoClip NLL (0 = off; ALGORITHMS.md 4: 1e-3)
+    echo_mode: str = "all"                 # all: groups whose responses all succeed | any: groups with a success
+    success: float = 1.0                   # a reward >= this is a success (pass rate, all-right groups, EchoRL)
+    # exploration (ALGORITHMS.md 0, 1, 3)
+    dynamic_sampling: bool = False         # drop groups whose rewards are all equal; sample more prompts to refill
+    max_gen_rounds: int = 3                # generation rounds per step at most, with dynamic sampling
+    budget_min: int = 0                    # E3 budgets: G_min..G_max reached 2 per epoch from G (0, 0 = uniform G)
+    budget_max: int = 0
+    temperature_control: bool = False      # E3's entropy-holding temperature (starts at --temperature)
+    tau_min: float = 0.5                   # temperature controller bounds
+    tau_max: float = 2.0
+    tau_anneal_eta: float = 0.9            # entropy target annealed from 60% of training down to eta x target
     # optimisation
     steps: int = 20                        # RL steps (each: sample, score, update)
     lr: float = 1e-6                       # AdamW learning rate
@@ -73,6 +99,7 @@ class Config:
     warmup_steps: int = 0                  # linear warm-up over this many RL steps
     updates_per_step: int = 1              # optimizer steps per rollout batch
     max_tokens_per_microbatch: int = 4096  # token budget of one forward/backward
+    activation_checkpointing: bool = False # recompute each layer in the backward: less memory, ~1/3 more compute
     seed: int = 0                          # seeds data order, sampling and initialisation
     # evaluation and output
     eval_prompts: int = 64                 # held-out prompts, never trained on
@@ -84,25 +111,68 @@ class Config:
     export_hf: str = ""                    # at the end, write a transformers-loadable model to this new folder
 
     def __post_init__(self):
-        if self.adv not in loss.ADVANTAGE_KINDS:
-            raise ValueError(f"--adv {self.adv} is unknown; use one of {', '.join(loss.ADVANTAGE_KINDS)}")
-        if self.kl_kind not in loss.KL_KINDS:
-            raise ValueError(f"--kl-kind {self.kl_kind} is unknown; use one of {', '.join(loss.KL_KINDS)}")
-        if self.wandb not in ("disabled", "offline", "online"):
-            raise ValueError(f"--wandb {self.wandb} is unknown; use disabled, offline or online")
-        if self.dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"--dtype {self.dtype} is unknown; use bfloat16 or float32")
-        if self.lr_schedule not in ("constant", "warmup", "cosine"):
-            raise ValueError(f"--lr-schedule {self.lr_schedule} is unknown; use constant, warmup or cosine")
+        one_of = lambda flag, value, options: (value in options, f"--{flag} {value} is unknown; use one of "
+                                                                  f"{', '.join(options)}")
+        checks = [
+            one_of("loss", self.loss, ("ppo", "tb")), one_of("adv", self.adv, loss.ADVANTAGE_KINDS),
+            one_of("kl-kind", self.kl_kind, loss.KL_KINDS), one_of("aggregate", self.aggregate, loss.AGGREGATE_MODES),
+            one_of("echo-mode", self.echo_mode, loss.ECHO_MODES), one_of("dtype", self.dtype, ("bfloat16", "float32")),
+            one_of("wandb", self.wandb, ("disabled", "offline", "online")),
+            one_of("lr-schedule", self.lr_schedule, ("constant", "warmup", "cosine")),
+            (self.eps_high >= self.eps_low,
+             f"--eps-high {self.eps_high} is below --eps-low {self.eps_low}; clip-higher needs eps_high >= eps_low"),
+            (self.tb_beta_start > 0 and self.tb_beta_end > 0, f"--tb-beta-start {self.tb_beta_start} and "
+             f"--tb-beta-end {self.tb_beta_end} must be > 0 (TB divides rewards by beta)"),
+            (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
+             "response ever succeeds and EchoRL has nothing to learn from; use 1"),
+            (self.max_gen_rounds >= 1, f"--max-gen-rounds {self.max_gen_rounds} must be at least 1")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.budget_min or self.budget_max:
+            explore.budget_bounds(0, self.rollouts_per_prompt, self.budget_min, self.budget_max)  # raises if unmeetable
+        if self.temperature_control:  # raises on reversed bounds or a start outside them
+            explore.TemperatureController(self.temperature, 2, 1, self.tau_min, self.tau_max)
+        # raises on --eps-low outside [0, 1) or --dual-clip in (0, 1]
+        loss.policy_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), self.eps_low, self.eps_high, self.dual_clip)
 
 
+def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:
+    """BroRL's rule (ALGORITHMS.md 1): scale the learning rate by sqrt(new batch / old batch)."""
+    return base_lr * math.sqrt(batch / base_batch)
+
+
+DEMO = dict(binary_reward=True, max_new_tokens=32, lr=2e-5)  # the CPU demo's task, prompt and model (defaults)
+BRORL = dict(adv="reinforce++", eps_low=0.2, eps_high=0.28, kl_coef=1e-4, kl_kind="k3", ref_reset_every=100,
+             tis_cap=2.0, dynamic_sampling=True, rollouts_per_prompt=512, prompts_per_step=128)
+E3 = dict(adv="grpo", rollouts_per_prompt=8, budget_min=4, budget_max=12, temperature_control=True, kl_coef=0.0)
 PRESETS = {
     "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(
-        binary_reward=True, max_new_tokens=32, steps=30, lr=2e-5)),
+        **DEMO, steps=30)),
     "grpo": ("GRPO on GPUs: 64 prompts x 16 rollouts, 1k-token responses", Config(
         task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, rollouts_per_prompt=16,
         max_new_tokens=1024, kv_budget_tokens=1 << 20, lr=1e-6, steps=500, eval_prompts=256,
         eval_samples=8, max_tokens_per_microbatch=16384, out_dir="runs/grpo")),
+    "echo": ("EchoRL at the demo scale: GRPO plus lambda=1e-3 NLL on the EchoClip of all-right groups", Config(
+        **DEMO, steps=30, echo_coef=1e-3, out_dir="runs/echo")),
+    "tb": ("synchronous trajectory balance at the demo scale: VarGrad log Z, beta 0.014 -> 0.004", Config(
+        **DEMO, steps=30, loss="tb", out_dir="runs/tb")),
+    "brorl": ("BroRL on GPUs: REINFORCE++-baseline, 128 prompts x 512 rollouts, dynamic sampling, TIS, KL with "
+              "resets; lr = 1e-6 (base, 512 x 16) x sqrt(8)", Config(
+        **BRORL, task="rg:basic_arithmetic", task_size=50000, max_new_tokens=4096, kv_budget_tokens=1 << 20,
+        lr=brorl_lr(1e-6, 512 * 16, 128 * 512), steps=500, eval_prompts=256, eval_samples=8,
+        max_tokens_per_microbatch=32768, out_dir="runs/brorl")),
+    "brorl-cpu": ("BroRL scaled down to this CPU: 2 prompts x 256 rollouts; lr = 2e-5 (the demo's, 8 x 8) x sqrt(8)",
+                  Config(**{**BRORL, **DEMO, "prompts_per_step": 2, "rollouts_per_prompt": 256, "max_new_tokens": 16,
+                            "lr": brorl_lr(2e-5, 8 * 8, 2 * 256)}, steps=3, eval_prompts=16, out_dir="runs/brorl-cpu")),
+    "e3": ("E3 on GPUs: GRPO, 64 prompts x 8 rollouts in 4..12 by difficulty, entropy-holding temperature", Config(
+        **E3, task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, max_new_tokens=4096,
+        kv_budget_tokens=1 << 20, lr=1e-6, steps=480, eval_prompts=256, eval_samples=16,
+        max_tokens_per_microbatch=16384, out_dir="runs/e3")),
+    # lr a tenth of the demo's: at 2e-5 the entropy falls ~30% a step, faster than E3's controller (a few % of
+    # tau a step) can follow
+    "e3-cpu": ("E3 scaled down to this CPU: 64 training prompts, so budgets spread after epochs 1 and 2", Config(
+        **{**E3, **DEMO, "lr": 2e-6}, task_size=80, eval_prompts=16, steps=24, out_dir="runs/e3-cpu")),
 }
 
 
@@ -139,6 +209,24 @@ def all_max(value: int) -> int:
 def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of n items."""
     return n * rank // world, n * (rank + 1) // world
+
+
+def check_world_size(cfg: "Config", world: int) -> None:
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {world} ranks; "
+                         "use a multiple of the number of processes")
+
+
+def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
+    """Prompt positions per rank, balanced by rollouts: the largest budget first, each onto the rank
+    with the fewest rollouts so far (ties: fewer prompts, then the lower rank). Every rank samples its
+    prompts' groups whole, so each prompt's KV is stored once, on one rank."""
+    shares, load = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(budgets)), key=lambda i: -budgets[i]):
+        r = min(range(world), key=lambda r: (load[r], len(shares[r]), r))
+        shares[r].append(i)
+        load[r] += budgets[i]
+    return [sorted(share) for share in shares]
 
 
 # ---- models ----
@@ -181,6 +269,13 @@ def load_model(cfg: Config, device):
     return model, tokenizer
 
 
+def checkpoint_layers(lm) -> None:
+    """Activation checkpointing: each decoder layer keeps only its inputs for the backward and runs its
+    forward again there (before FSDP2 wraps the layer, so the recompute sees gathered parameters)."""
+    for layer in lm.model.layers:
+        layer.forward = partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+
+
 def shard(model: "Policy", device, dtype) -> None:
     """FSDP2: every decoder layer, then the root. On GPU, bf16 parameters with float32 gradient
     reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
@@ -210,22 +305,26 @@ def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int
 # ---- the trainer's side of the loss ----
 
 class Policy(torch.nn.Module):
-    """The trained HF model as one module whose forward returns response-token logprobs: with
-    FSDP2 the root's hooks gather the embedding, final norm and LM head only around a forward
-    of the root module itself."""
+    """The trained HF model as one module whose forward returns response-token logprobs and entropies:
+    with FSDP2 the root's hooks gather the embedding, final norm and LM head only around a forward of the
+    root module itself."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids, mask, rows, cols, temperature: float) -> torch.Tensor:
-        hidden = self.lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = self.lm.lm_head(hidden[rows, cols]).float() / temperature
-        return logits.log_softmax(-1).gather(-1, ids[rows, cols + 1][:, None])[:, 0]
+    def forward(self, ids, mask, rows, cols, temperature: float, dot_dtype=None):
+        """kernels/logprob on the final hidden states of the response positions (DESIGN.md step 7): the LM
+        head is applied in vocabulary chunks, never as a [tokens, vocab] float32 tensor."""
+        hidden = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols]
+        weight, targets = self.lm.lm_head.weight, ids[rows, cols + 1]
+        if hidden.is_cuda:
+            return logprob(hidden, weight, targets, temperature)
+        return reference_logprob(hidden, weight, targets, temperature, dot_dtype=dot_dtype)
 
 
 def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype):
-    """Trainer logprobs of each response token on logits / temperature (ALGORITHMS.md 0)."""
+    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0)."""
     device = next(policy.parameters()).device
     width = max(len(s) for s in sequences)
     ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
@@ -234,8 +333,11 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
         ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, device=device), 1
     rows = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(sequences, prompt_lens))])
     cols = torch.cat([torch.arange(p - 1, len(s) - 1) for s, p in zip(sequences, prompt_lens)])
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-        return policy(ids, mask, rows, cols, temperature if temperature > 0 else 1.0)
+    low_precision = autocast_dtype != torch.float32
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=low_precision):
+        # On CPU the LM-head products run in the autocast dtype too, as a plain lm_head call would (speed).
+        return policy(ids, mask, rows, cols, temperature if temperature > 0 else 1.0,
+                      autocast_dtype if low_precision else None)
 
 
 def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -251,53 +353,153 @@ def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches + ([current] if current else [])
 
 
-def train_on_batch(cfg: Config, model, ref_model, optimizer, sequences, prompt_lens, adv, autocast_dtype,
-                   n_tokens: int):
-    """`updates_per_step` optimizer steps on this rank's rollouts; every loss is divided by
-    n_tokens, the response-token count of the whole global batch, so the sum over micro-batches
-    and ranks is the global token mean (ALGORITHMS.md 0, token-mean)."""
-    # With no KL term a zero-advantage response adds nothing to the gradient: skip its forward pass
-    # (its tokens still count in n_tokens).
-    active = [i for i in range(len(sequences)) if cfg.kl_coef > 0 or adv[i] != 0]
-    batches = [[active[j] for j in b]
-               for b in microbatches([len(sequences[i]) for i in active], cfg.max_tokens_per_microbatch)]
+@dataclass
+class Batch:
+    """This rank's responses of one step, whole groups keyed by prompt (`group`)."""
+    sequences: list[list[int]]        # prompt + response tokens
+    prompt_lens: list[int]
+    group: torch.Tensor               # [R] the prompt's key in the step
+    rewards: torch.Tensor             # [R]
+    sampler_logp: list[torch.Tensor]  # per response token, from the sampler
+    entropies: list[torch.Tensor]     # per response token, of the sampling distribution
+    rl: torch.Tensor                  # [R] bool: in the RL loss (False: kept for the echo term only)
+    clips: dict                       # response index -> EchoClip length (ALGORITHMS.md 4)
+
+    @staticmethod
+    def concat(parts: list["Batch"]) -> "Batch":
+        joined = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in dataclasses.fields(Batch)}
+        return Batch(**{**joined, "group": torch.cat([p.group for p in parts]), "clips": {},
+                        "rewards": torch.cat([p.rewards for p in parts]), "rl": torch.cat([p.rl for p in parts])})
+
+    def select(self, keep: list[int], rl: torch.Tensor) -> "Batch":
+        return Batch([self.sequences[i] for i in keep], [self.prompt_lens[i] for i in keep], self.group[keep],
+                     self.rewards[keep], [self.sampler_logp[i] for i in keep], [self.entropies[i] for i in keep],
+                     rl[keep], {})
+
+
+def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, temperature: float, autocast_dtype,
+                   beta: float = 0.0) -> dict:
+    """`updates_per_step` optimizer steps on this rank's responses. Every loss term ends in a division by
+    a count over the whole global batch (tokens, responses or clips, all-reduced), so the sum over
+    micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation)."""
+    n = len(batch.sequences)
+    resp_len = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
+    tb = cfg.loss == "tb"
+    adv = advantages(cfg, batch.rewards, batch.group, batch.rl)
+    # A zero-advantage response adds nothing to a plain PPO gradient: skip its forward pass (its tokens
+    # still count in the global token count).
+    every = tb or cfg.kl_coef > 0 or cfg.entropy_coef > 0
+    active = [i for i in range(n) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
+    batches = [[active[j] for j in b] for b in microbatches([len(batch.sequences[i]) for i in active],
+                                                             cfg.max_tokens_per_microbatch)]
     # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
     batches += [[] for _ in range(all_max(len(batches)) - len(batches))]
 
     def logprobs(m, b):
         if not b:  # an empty micro-batch: one dummy token
-            return response_logprobs(m, [[0, 0]], [1], cfg.temperature, autocast_dtype)[:0]
-        return response_logprobs(m, [sequences[i] for i in b], [prompt_lens[i] for i in b], cfg.temperature,
+            return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
+        return response_logprobs(m, [batch.sequences[i] for i in b], [batch.prompt_lens[i] for i in b], temperature,
                                  autocast_dtype)
 
+    def per_response(values: list[torch.Tensor]) -> dict:  # micro-batch token values -> {response: tokens}
+        out = {}
+        for b, v in zip(batches, values):
+            for i, part in zip(b, v.split([resp_len[i] for i in b])):
+                out[i] = part
+        return out
+
     with torch.no_grad():  # pi_old (trainer side) and pi_ref, fixed for this batch
-        old = [logprobs(model, b) for b in batches] if cfg.updates_per_step > 1 else None
-        ref = [logprobs(ref_model, b) for b in batches] if ref_model is not None else None
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "grad_norm": 0.0}
-    for _ in range(cfg.updates_per_step):
+        need_old = cfg.updates_per_step > 1 or cfg.tis_cap > 0 or cfg.kl_in_reward or tb
+        old = [logprobs(model, b)[0] for b in batches] if need_old else None
+        ref = [logprobs(ref_model, b)[0] for b in batches] if ref_model is not None else None
+    rewards = batch.rewards
+    if cfg.kl_in_reward and ref is not None:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
+        seq_kl = per_response([loss.kl(o, r, cfg.kl_kind) for o, r in zip(old, ref)])
+        rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
+                                                        for i in range(n)]).cpu()
+        adv = advantages(cfg, rewards, batch.group, batch.rl)
+    rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
+    n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips)))
+    stats = dict.fromkeys(("loss", "clip_frac", "kl", "trainer_entropy", "tis_weight", "echo_loss", "log_z_std",
+                           "grad_norm"), 0.0)
+    scale = dist.get_world_size() if dist.is_initialized() else 1  # FSDP averages gradients over ranks: undo it
+    entropy_sum = forwarded = 0.0  # the trainer's entropy over the tokens it ran forward
+    per_token_mean = 1 / max(n_tokens, 1) / cfg.updates_per_step  # turns a token sum into its share of a logged mean
+    for update in range(cfg.updates_per_step):
+        if tb:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
+            with torch.no_grad():
+                cur = old if update == 0 else [logprobs(model, b)[0] for b in batches]
+            seq, seq_ref = per_response(cur), per_response(ref)
+            idx = sorted(seq)
+            z = loss.tb_log_z(torch.stack([seq[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
+                              torch.stack([seq_ref[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
+                              rewards[idx], batch.group[idx], beta)
+            log_z = dict(zip(idx, z.tolist()))
+            stats["log_z_std"] += z.std(unbiased=False).item() / cfg.updates_per_step if idx else 0.0
         for k, b in enumerate(batches):
-            logp = logprobs(model, b)
-            token_adv = torch.cat([adv[i].expand(len(sequences[i]) - prompt_lens[i]) for i in b] +
-                                  [torch.zeros(0)]).to(logp.device)
-            per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old[k], token_adv,
-                                                  cfg.eps_low, cfg.eps_high)
-            if ref is not None:
-                kl = loss.kl(logp, ref[k], cfg.kl_kind)
-                per_token = per_token + cfg.kl_coef * kl
-                stats["kl"] += kl.sum().item() / n_tokens / cfg.updates_per_step
-            micro_loss = loss.token_mean(per_token, n_tokens)
-            # FSDP averages gradients over ranks; the loss is already a global mean, so undo the division.
-            (micro_loss * (dist.get_world_size() if dist.is_initialized() else 1)).backward()
-            stats["loss"] += micro_loss.item() / cfg.updates_per_step
-            stats["clip_frac"] += clipped.sum().item() / n_tokens / cfg.updates_per_step
+            logp, entropy = logprobs(model, b)
+
+            def tokens(parts: list, dtype=torch.float32):  # per-response pieces of micro-batch b, concatenated
+                return torch.cat(parts + [torch.zeros(0, dtype=dtype)]).to(logp.device)
+
+            seq_ids = tokens([torch.full((resp_len[i],), j) for j, i in enumerate(b)], torch.long)
+            rl = tokens([batch.rl[i].expand(resp_len[i]) for i in b], torch.bool)
+            dev = logp.device
+            if tb:
+                seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
+                seq_ref = torch.zeros(len(b), device=dev).index_add(0, seq_ids, ref[k])
+                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), batch.group[b].to(dev), beta,
+                                    torch.tensor([log_z.get(i, 0.0) for i in b], device=dev))
+                micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
+                stats["kl"] += ((logp - ref[k]).detach() * rl).sum().item() * per_token_mean
+            else:
+                token_adv = tokens([adv[i].expand(resp_len[i]) for i in b])
+                weight = None
+                if cfg.tis_cap > 0:
+                    weight = loss.tis_weight(old[k], tokens([batch.sampler_logp[i].float() for i in b]), cfg.tis_cap)
+                    stats["tis_weight"] += (weight * rl).sum().item() * per_token_mean
+                per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old[k], token_adv,
+                                                      cfg.eps_low, cfg.eps_high, cfg.dual_clip, weight)
+                if ref is not None and not cfg.kl_in_reward:
+                    kl = loss.kl(logp, ref[k], cfg.kl_kind)
+                    per_token = per_token + cfg.kl_coef * kl
+                    stats["kl"] += (kl * rl).sum().item() * per_token_mean
+                if cfg.entropy_coef > 0:
+                    per_token = per_token + loss.entropy_bonus(entropy, cfg.entropy_coef)
+                micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, n_tokens, n_seqs, cfg.max_new_tokens)
+                stats["clip_frac"] += (clipped * rl).sum().item() * per_token_mean
+            entropy_sum += (entropy.detach() * rl).sum().item() / cfg.updates_per_step
+            forwarded += rl.sum().item() / cfg.updates_per_step
+            if cfg.echo_coef > 0:
+                clip = tokens([torch.arange(resp_len[i]) < batch.clips.get(i, 0) for i in b], torch.bool)
+                echo = loss.echo_loss(logp, clip, seq_ids, n_clips)
+                micro = micro + cfg.echo_coef * echo
+                stats["echo_loss"] += echo.item() / cfg.updates_per_step
+            (micro * scale).backward()
+            stats["loss"] += micro.item() / cfg.updates_per_step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the global norm over all shards
         stats["grad_norm"] += norm.item() / cfg.updates_per_step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss_sum, clip_sum, kl_sum = all_sum(stats["loss"], stats["clip_frac"], stats["kl"])
-    return {**stats, "loss": loss_sum, "clip_frac": clip_sum, "kl": kl_sum}
+    summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss")
+    totals = all_sum(*(stats[k] for k in summed), entropy_sum, forwarded, stats["log_z_std"] / scale)
+    stats.update(zip(summed, totals), trainer_entropy=totals[-3] / max(totals[-2], 1), log_z_std=totals[-1])
+    off = {"kl": ref is None or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
+           "echo_loss": not cfg.echo_coef,
+           "log_z_std": not tb, "clip_frac": tb}
+    return {k: v for k, v in stats.items() if not off.get(k)}
+
+
+def advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor) -> torch.Tensor:
+    """loss.advantages over the responses in the RL loss, with REINFORCE++'s batch statistics gathered
+    over all ranks; 0 for the others."""
+    centred = (rewards - loss.group_stats(rewards, group)[0])[rl]
+    count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item())
+    mean = total / max(count, 1)
+    std = math.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0))
+    return torch.where(rl, loss.advantages(rewards, group, cfg.adv, batch_stats=(mean, std)), 0.0)
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -310,9 +512,11 @@ def lr_at(cfg: Config, step: int) -> float:
     return cfg.lr * warm
 
 
-def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:
-    """BroRL's rule (ALGORITHMS.md 1): scale the learning rate by sqrt(new batch / old batch)."""
-    return base_lr * math.sqrt(batch / base_batch)
+def reset_reference(ref_model: Policy, model: Policy) -> None:
+    """pi_ref <- pi (ALGORITHMS.md 0, reference resets); both are sharded alike, so shards copy locally."""
+    with torch.no_grad():
+        for ref_param, param in zip(ref_model.parameters(), model.parameters()):
+            ref_param.copy_(param)
 
 
 # ---- checkpoints and export ----
@@ -322,7 +526,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(cfg: Config, model, optimizer, step: int, rank: int) -> None:
+def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, explore_state=None) -> None:
     """Sharded model and optimizer (torch.distributed.checkpoint) plus every rank's trainer state,
     written into step_N.tmp and renamed to step_N once complete: a checkpoint cut off while being
     written is never picked up by --resume auto."""
@@ -331,10 +535,11 @@ def save_checkpoint(cfg: Config, model, optimizer, step: int, rank: int) -> None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    # The data position and the explore state are functions of the step; the RNG is saved for code that draws.
-    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, tmp / f"trainer_rank{rank}.pt")
+    dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    # The explore state: data position, difficulty stats, sampler temperature (see main); the RNG is saved
+    # for code that draws from it.
+    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "explore": explore_state},
+               tmp / f"trainer_rank{rank}.pt")
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -355,10 +560,20 @@ def find_checkpoint(cfg: Config) -> Path | None:
     return max(done, key=lambda p: p.name, default=None)
 
 
-def load_checkpoint(path: Path, model, optimizer, rank: int) -> int:
-    """Restore model, optimizer and this rank's trainer state; returns the step to run next."""
+def checkpoint_state(model, optimizer, ref_model) -> dict:
+    """The sharded tensors a checkpoint holds: model, optimizer and (when there is one) the reference,
+    which reference resets move away from the initial model."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
+    if ref_model is not None:
+        state["ref"] = get_model_state_dict(ref_model)
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int) -> tuple[int, dict | None]:
+    """Restore model, optimizer, reference and this rank's RNG; returns the step to run next and the
+    explore state."""
+    state = checkpoint_state(model, optimizer, ref_model)
     try:
         dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -367,17 +582,163 @@ def load_checkpoint(path: Path, model, optimizer, rank: int) -> int:
         raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                          "delete it to resume from an older one, or start without --resume")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref_model is not None:
+        set_model_state_dict(ref_model, state["ref"])
     torch.set_rng_state(trainer["torch_rng"])
-    return trainer["step"] + 1
+    return trainer["step"] + 1, trainer["explore"]
 
 
 def export_hf(cfg: Config, model: "Policy", tokenizer, rank: int) -> None:
     """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads."""
     full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.lm.state_dict().items()}
+    if model.lm.config.tie_word_embeddings:  # gathered, the tied head is a separate copy: save it once, as HF does
+        full.pop("lm_head.weight", None)
     if rank == 0:
         model.lm.save_pretrained(cfg.export_hf, state_dict=full)
         tokenizer.save_pretrained(cfg.export_hf)
         print(f"exported the trained model to {cfg.export_hf}")
+
+
+# ---- what to sample (explore.py) and sampling one step ----
+
+class Explore:
+    """The run's exploration state, saved in checkpoints: data position (prompts drawn so far), E3's
+    difficulty stats and the sampling temperature (ALGORITHMS.md 0, 3)."""
+
+    def __init__(self, cfg: Config, n_items: int, vocab_size: int):
+        self.cfg, self.n_items, self.position = cfg, n_items, 0
+        self.difficulty = explore.Difficulty(n_items)
+        self.controller = explore.TemperatureController(
+            cfg.temperature, vocab_size, cfg.steps, cfg.tau_min, cfg.tau_max, cfg.tau_anneal_eta) \
+            if cfg.temperature_control else None
+
+    @property
+    def tau(self) -> float:
+        return self.controller.tau if self.controller is not None else self.cfg.temperature
+
+    def next_prompts(self) -> tuple[list[int], list[int]]:
+        """The next prompts_per_step training prompts and their rollout budgets (E3 when bounds are set)."""
+        cfg = self.cfg
+        picked = explore.pick_prompts(self.n_items, self.position, cfg.prompts_per_step, cfg.seed)
+        budgets = [cfg.rollouts_per_prompt] * len(picked)
+        if cfg.budget_min or cfg.budget_max:
+            lo, hi = explore.budget_bounds(self.position // self.n_items, cfg.rollouts_per_prompt, cfg.budget_min,
+                                           cfg.budget_max)
+            budgets = explore.allocate_budgets(self.difficulty.epoch_ranks[picked], cfg.rollouts_per_prompt, lo, hi)
+        return picked, budgets
+
+    def record(self, picked: list[int], rewards: list[list[float]]) -> None:
+        """Every rank records the whole global batch (so all agree on budgets); ranks refresh at epoch end."""
+        epoch = self.position // self.n_items
+        for item, r in zip(picked, rewards):
+            self.difficulty.record([item] * len(r), torch.tensor(r, dtype=torch.float64))
+        self.position += len(picked)
+        if self.position // self.n_items > epoch:
+            self.difficulty.end_epoch()
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "difficulty": self.difficulty.state_dict(),
+                "controller": self.controller.state_dict() if self.controller is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+        self.difficulty.load_state_dict(state["difficulty"])
+        if self.controller is not None and state["controller"] is not None:
+            self.controller.load_state_dict(state["controller"])
+
+
+def all_gather(obj) -> list:
+    """Every rank's obj, in rank order (just [obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_key: int, temperature: float,
+                 seed: int, rank: int, world: int) -> tuple[Batch, int]:
+    """This rank's share of one round of prompts (balanced by budget), sampled and scored; prompt i of the
+    round is keyed first_key + i, so the tokens do not depend on the number of ranks."""
+    mine = split_by_budget(budgets, world)[rank]
+    items = [task.items[picked[i]] for i in mine]
+    prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
+    r = sampler.generate(prompt_ids, [budgets[i] for i in mine], cfg.max_new_tokens, temperature, cfg.top_p,
+                         [tokenizer.eos_token_id], seed, prompt_keys=[first_key + i for i in mine])
+    texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
+    scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+    rewards = torch.tensor(scores, dtype=torch.float32)
+    if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
+        rewards = (rewards >= 1.0).float()
+    batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
+                  [len(prompt_ids[p]) for p in r.prompt_index],
+                  torch.tensor([first_key + mine[p] for p in r.prompt_index]),
+                  rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {})
+    return batch, failed
+
+
+def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
+                rank: int, world: int) -> tuple[Batch, dict]:
+    """One step's rollouts on this rank, and the step's sampling metrics over all ranks. With dynamic
+    sampling, groups whose rewards all equal are dropped and further rounds of prompts are sampled until
+    prompts_per_step informative groups are held or max_gen_rounds is reached (ALGORITHMS.md 0);
+    all-right groups stay for the echo term only (ALGORITHMS.md 4)."""
+    B, parts, held, all_budgets = cfg.prompts_per_step, [], 0, []
+    sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "groups", "informative",
+                          "kept", "all_right", "all_wrong"), 0.0)
+    for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
+        picked, budgets = state.next_prompts()
+        all_budgets += budgets
+        batch, failed = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
+                                     cfg.seed * 1_000_003 + step, rank, world)
+        per_prompt = [[] for _ in picked]
+        for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
+            per_prompt[key - round_ * B].append(r)
+        state.record(picked, [sum(x, []) for x in zip(*all_gather(per_prompt))])
+        all_right, all_wrong = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
+        informative = explore.informative_groups(batch.rewards, batch.group)
+        keys = batch.group.unique().tolist()
+        first = {g: (batch.group == g).nonzero()[0, 0].item() for g in keys}
+        kept = [g for g in keys if informative[first[g]]] if cfg.dynamic_sampling else keys
+        counts = all_gather(len(kept))  # keep exactly the groups still needed, lower ranks first
+        kept = kept[:max(0, B - held - sum(counts[:rank]))]
+        held += min(B - held, sum(counts))
+        echo_only = [g for g in keys if all_right[first[g]] and g not in kept] if cfg.echo_coef > 0 else []
+        rows = [i for i, g in enumerate(batch.group.tolist()) if g in kept or g in echo_only]
+        parts.append(batch.select(rows, torch.tensor([g in kept for g in batch.group.tolist()])))
+        entropy = torch.cat(batch.entropies).sum().item() if batch.entropies else 0.0
+        for name, value in (("responses", len(batch.rewards)), ("reward", batch.rewards.sum().item()),
+                            ("passed", (batch.rewards >= cfg.success).sum().item()),
+                            ("tokens", sum(len(e) for e in batch.entropies)), ("entropy", entropy),
+                            ("failures", failed), ("groups", len(keys)), ("kept", len(kept)),
+                            ("informative", sum(informative[first[g]].item() for g in keys)),
+                            ("all_right", sum(all_right[first[g]].item() for g in keys)),
+                            ("all_wrong", sum(all_wrong[first[g]].item() for g in keys))):
+            sums[name] += value
+        if held >= B:
+            break
+    batch = Batch.concat(parts)
+    if cfg.echo_coef > 0:
+        batch.clips = loss.echo_clip([s[p:] for s, p in zip(batch.sequences, batch.prompt_lens)], batch.entropies,
+                                     batch.rewards, batch.group, *step_ids, cfg.success, cfg.echo_mode)
+    totals = dict(zip(sums, all_sum(*sums.values())))
+    clip_len = sum(batch.clips.values())
+    clip_resp = sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in batch.clips)
+    echo_clips, clip_len, clip_resp = all_sum(len(batch.clips), clip_len, clip_resp)
+    row = {"reward": totals["reward"] / totals["responses"], "pass_rate": totals["passed"] / totals["responses"],
+           "entropy": totals["entropy"] / max(totals["tokens"], 1),
+           "response_len": totals["tokens"] / totals["responses"],
+           "verifier_failures": int(totals["failures"]), "groups_sampled": int(totals["groups"]),
+           "degenerate_frac": 1 - totals["informative"] / totals["groups"],
+           "all_right_frac": totals["all_right"] / totals["groups"],
+           "all_wrong_frac": totals["all_wrong"] / totals["groups"],
+           "rollouts_min": min(all_budgets), "rollouts_mean": sum(all_budgets) / len(all_budgets),
+           "rollouts_max": max(all_budgets)}
+    if cfg.dynamic_sampling:  # groups passing the filter / groups sampled, and how many the step trains on
+        row.update(ds_pass_rate=totals["informative"] / totals["groups"], groups_kept=int(totals["kept"]))
+    if cfg.echo_coef > 0:
+        row.update(echo_clips=int(echo_clips), echo_clip_frac=clip_len / clip_resp if clip_resp else 0.0)
+    return batch, row
 
 
 # ---- evaluation ----
@@ -397,7 +758,7 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
     sums = []
     for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
         r = sampler.generate(prompts, [samples] * len(prompts), cfg.max_new_tokens, temperature, cfg.top_p,
-                             [tokenizer.eos_token_id], seed, prompt_offset=start)
+                             [tokenizer.eos_token_id], seed, prompt_keys=list(range(start, stop)))
         texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
         scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
         correct = [0] * len(prompts)
@@ -466,9 +827,7 @@ def main(cfg: Config):
     rank, world, device = setup_process()
     if cfg.export_hf and Path(cfg.export_hf).exists():
         raise SystemExit(f"--export-hf {cfg.export_hf} already exists; name a new folder so nothing is overwritten")
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {world} ranks; "
-                         "use a multiple of the number of processes")
+    check_world_size(cfg, world)
     torch.manual_seed(cfg.seed)
     try:  # the task first: it is cheap and the likeliest thing to be mistyped
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
@@ -478,17 +837,24 @@ def main(cfg: Config):
     lm, tokenizer = load_model(cfg, device)
     dtype = getattr(torch, cfg.dtype)
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
+    needs_ref = cfg.kl_coef > 0 or cfg.loss == "tb"
+    ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if needs_ref else None
+    if cfg.activation_checkpointing:
+        checkpoint_layers(lm)
     model = Policy(lm)
-    ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if cfg.kl_coef > 0 else None
     if dist.is_initialized():
         for m in (model, ref_model):
             if m is not None:
                 shard(m, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = Explore(cfg, len(train_task.items), lm.config.vocab_size)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
-    start_step = load_checkpoint(checkpoint, model, optimizer, rank) if checkpoint else 0
+    start_step = 0
+    if checkpoint:
+        start_step, explore_state = load_checkpoint(checkpoint, model, optimizer, ref_model, rank)
+        state.load_state_dict(explore_state)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
-    stop = [tokenizer.eos_token_id]
+    step_ids = loss.step_token_ids(tokenizer) if cfg.echo_coef > 0 else None
 
     if start_step == 0:
         before = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
@@ -498,45 +864,29 @@ def main(cfg: Config):
     if rank == 0:
         print(f"resumed from {checkpoint} at step {start_step}" if start_step else f"before training: {before}")
 
-    first, last = my_share(cfg.prompts_per_step, rank, world)  # each rank samples whole groups of its prompts
     bar = tqdm(range(start_step, cfg.steps), desc="train", disable=rank != 0, initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
-        picked = explore.pick_prompts(len(train_task.items), step, cfg.prompts_per_step, cfg.seed)
-        items = [train_task.items[i] for i in picked[first:last]]
-        prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
+        if ref_model is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0 and step > 0:
+            reset_reference(ref_model, model)
+        temperature = state.tau
         sync_sampler(sampler, model)
-        r = sampler.generate(prompt_ids, [cfg.rollouts_per_prompt] * len(items), cfg.max_new_tokens, cfg.temperature,
-                             cfg.top_p, stop, seed=cfg.seed * 1_000_003 + step, prompt_offset=first)
+        batch, row = sample_step(cfg, state, sampler, tokenizer, train_task, step, temperature, step_ids, rank, world)
+        sampler.release_kv()  # the KV pool's memory goes to training until the next step
         t_gen = time.time() - t0
-        texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
-        scores, failed = reward.score(train_task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
-        rewards = torch.tensor(scores, dtype=torch.float32)
-        if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
-            rewards = (rewards >= 1.0).float()
-        group = torch.tensor(r.prompt_index)
-        mean = loss.group_stats(rewards, group)[0]
-        centred = rewards - mean  # REINFORCE++ z-scores these over the global batch
-        count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item())
-        batch_mean = total / count
-        batch_std = math.sqrt(max(squares / count - batch_mean ** 2, 0.0))
-        adv = loss.advantages(rewards, group, cfg.adv, batch_stats=(batch_mean, batch_std))
-        sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
-        n_tokens = sum(map(len, r.tokens))
-        global_tokens, reward_sum, passed, entropy_sum, failures = all_sum(
-            n_tokens, rewards.sum().item(), (rewards >= 1).sum().item(), torch.cat(r.entropies).sum().item(), failed)
-        stats = train_on_batch(cfg, model, ref_model, optimizer, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
-                               adv, dtype, int(global_tokens))
-        responses = count
-        row = {"step": step, "reward": reward_sum / responses, "pass_rate": passed / responses,
-               "entropy": entropy_sum / global_tokens, "response_len": global_tokens / responses,
-               "verifier_failures": int(failures), **stats, "t_gen": t_gen, "t_step": time.time() - t0}
+        beta = loss.tb_beta(step, cfg.tb_beta_start, cfg.tb_beta_end, cfg.tb_beta_steps) if cfg.loss == "tb" else 0.0
+        stats = train_on_batch(cfg, model, ref_model, optimizer, batch, temperature, dtype, beta)
+        if state.controller is not None:  # E3: hold the sampler's entropy at its target (ALGORITHMS.md 3)
+            row["entropy_target"] = state.controller.target(step) if state.controller.h0 is not None else row["entropy"]
+            state.controller.update(row["entropy"], step)
+        row = {"step": step, **row, "temperature": temperature, **({"tb_beta": beta} if cfg.loss == "tb" else {}),
+               **stats, "t_gen": t_gen, "t_step": time.time() - t0}
         log.log(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", entropy=f"{row['entropy']:.2f}")
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(cfg, model, optimizer, step, rank)
+            save_checkpoint(cfg, model, optimizer, ref_model, step, rank, state.state_dict())
 
     sync_sampler(sampler, model)
     after = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)

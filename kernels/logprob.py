@@ -20,6 +20,8 @@ float32: bf16 inputs are cast up before the product, never multiplied into bf16 
 (up to 0.06 at |z| = 30) would swamp the logprob. Constraints: targets in [0, V); temperature > 0.
 """
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -28,14 +30,14 @@ import triton.language as tl
 # ---- plain torch ----
 
 def _reference_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                       chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       chunk_size: int, dot_dtype=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprob, entropy, lse), holding [N, chunk_size] float32 values at a time."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    h = hidden.to(dtype)
+    h = hidden.to(dot_dtype or dtype)
     m = torch.full((h.shape[0],), float("-inf"), dtype=dtype, device=h.device)
     s, t, z_target = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
     for start in range(0, weight.shape[0], chunk_size):
-        z = (h @ weight[start:start + chunk_size].to(dtype).T).div_(temperature)
+        z = (h @ weight[start:start + chunk_size].to(h.dtype).T).to(dtype).div_(temperature)
         m_new = torch.maximum(m, z.amax(1))  # finite, so exp(m - m_new) is 0 on the first chunk, never NaN
         alpha = (m - m_new).exp()
         e = (z - m_new[:, None]).exp_()
@@ -50,22 +52,22 @@ def _reference_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def _reference_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                         entropy: torch.Tensor, grad_logprob: torch.Tensor, grad_entropy: torch.Tensor,
-                        temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float, chunk_size: int, dot_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight): per chunk, g = dloss/dz, then g @ W_chunk and g^T @ h."""
-    h = hidden.to(lse.dtype)
+    h = hidden.to(dot_dtype or lse.dtype)
     a, b = grad_logprob.to(lse.dtype)[:, None], grad_entropy.to(lse.dtype)[:, None]
-    grad_hidden = torch.zeros_like(h)
+    grad_hidden = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
     grad_weight = torch.empty_like(weight)
     for start in range(0, weight.shape[0], chunk_size):
-        w = weight[start:start + chunk_size].to(lse.dtype)
-        logp = (h @ w.T).div_(temperature).sub_(lse[:, None])
+        w = weight[start:start + chunk_size].to(h.dtype)
+        logp = (h @ w.T).to(lse.dtype).div_(temperature).sub_(lse[:, None])
         p = logp.exp()
         # T g = a (onehot - p) - b p (logp + entropy) = -p (a + b (logp + entropy)) + a onehot
         g = logp.add_(entropy[:, None]).mul_(b).add_(a).mul_(p).neg_()
         hit = (targets >= start) & (targets < start + w.shape[0])
         g.scatter_add_(1, (targets - start).clamp(0, w.shape[0] - 1)[:, None], a * hit[:, None])
-        g.div_(temperature)
-        grad_hidden.addmm_(g, w)
+        g = g.div_(temperature).to(h.dtype)
+        grad_hidden += g @ w  # float32 sum over chunks, whatever the product dtype
         grad_weight[start:start + w.shape[0]] = g.T @ h
     return grad_hidden.to(hidden.dtype), grad_weight
 
@@ -228,12 +230,15 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, te
 
 
 def reference_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                      chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int = 4096, dot_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, D], weight [V, D], targets [N] int64 -> (logprob [N], entropy [N]) of softmax(h W^T / T),
-    one [N, chunk_size] slice of logits at a time, forward and backward."""
+    one [N, chunk_size] slice of logits at a time, forward and backward. dot_dtype=torch.bfloat16 runs the
+    matrix products in bf16 (the CPU trainer's speed path, as autocast would; z is rounded to bf16 there)
+    and everything else in float32; None = float32 products."""
     _check(hidden, weight, targets, temperature)
     return _ChunkedLogprob.apply(hidden, weight, targets, temperature, chunk_size,
-                                 _reference_forward, _reference_backward)
+                                 partial(_reference_forward, dot_dtype=dot_dtype),
+                                 partial(_reference_backward, dot_dtype=dot_dtype))
 
 
 def logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -330,6 +330,22 @@ def test_reference_matches_full_logits(dtype, temperature, chunk_size):
             torch.testing.assert_close(got, want, **({} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)))
 
 
+def test_reference_bf16_products_match_bf16_logits():
+    """dot_dtype=bf16 (the CPU trainer's path) equals full logits whose products are taken in bf16,
+    values and gradients, and stays within bf16 rounding of the float32 answer."""
+    hidden, weight, targets = random_inputs(37, 64, 1000, torch.float32, seed=5)
+    out = reference_logprob(hidden, weight, targets, 0.7, 256, dot_dtype=torch.bfloat16)
+    logp = torch.log_softmax((hidden.bfloat16() @ weight.bfloat16().T).float() / 0.7, -1)
+    expected = logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+    for got, want, exact in zip(out, expected, full_logits(hidden, weight, targets, 0.7)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+        assert (got - exact).abs().max() < 0.2 and not torch.equal(got, exact)
+    for weights in loss_weights(37, seed=6):
+        for got, want in zip(gradients(out, weights, (hidden, weight)), gradients(expected, weights, (hidden, weight))):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_reference_gradcheck():
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -1,0 +1,251 @@
+"""Tests for explore.py: dynamic sampling masks, E3 difficulty ranks, budgets and temperature.
+
+    .venv/bin/python -m pytest -q test_explore.py
+"""
+
+import io
+import math
+import random
+
+import pytest
+import torch
+
+import explore
+
+
+# ---- dynamic sampling ----
+
+def _groups(rng: random.Random, values: list[float]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Random groups of random sizes, responses shuffled; returns rewards, group ids, {id: rewards}."""
+    by_group = {}
+    for g in rng.sample(range(100), 12):  # non-contiguous ids
+        size = rng.randint(1, 6)
+        same = rng.random() < 0.4  # plenty of all-equal groups
+        v = rng.choice(values)
+        by_group[g] = [v] * size if same else [rng.choice(values) for _ in range(size)]
+    pairs = [(g, r) for g, rs in by_group.items() for r in rs]
+    rng.shuffle(pairs)
+    return (torch.tensor([r for _, r in pairs], dtype=torch.float32),
+            torch.tensor([g for g, _ in pairs]), by_group)
+
+
+@pytest.mark.parametrize("values", [[0.0, 1.0], [0.0, 0.1, 0.3, 0.7, 1.0]])
+def test_informative_groups_keeps_exactly_groups_with_spread(values):
+    rng = random.Random(0)
+    for _ in range(30):
+        rewards, group, by_group = _groups(rng, values)
+        keep = explore.informative_groups(rewards, group)
+        assert keep.dtype == torch.bool and keep.shape == rewards.shape
+        for g, r in zip(group.tolist(), keep.tolist()):
+            assert r == (len(set(by_group[g])) > 1)
+
+
+def test_informative_groups_equal_float_rewards_are_dropped():
+    # torch.std of three float64 0.1s is 1.7e-17, not 0; the group is still degenerate
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.2], dtype=torch.float64)
+    group = torch.tensor([3, 3, 3, 7, 7])
+    assert explore.informative_groups(rewards, group).tolist() == [False, False, False, True, True]
+
+
+def test_group_outcomes():
+    rng = random.Random(1)
+    for values in ([0.0, 1.0], [0.0, 0.5, 1.0, 2.0]):
+        for _ in range(20):
+            rewards, group, by_group = _groups(rng, values)
+            right, wrong = explore.group_outcomes(rewards, group)
+            for g, a, b in zip(group.tolist(), right.tolist(), wrong.tolist()):
+                assert a == all(v >= 1.0 for v in by_group[g])
+                assert b == all(v < 1.0 for v in by_group[g])
+    right, wrong = explore.group_outcomes(torch.tensor([0.5, 0.6, 0.2]), torch.tensor([0, 0, 1]), success=0.5)
+    assert right.tolist() == [True, True, False] and wrong.tolist() == [False, False, True]
+
+
+# ---- budgets ----
+
+def _check_budgets(k, G, lo, hi):
+    b = explore.allocate_budgets(k, G, lo, hi)
+    assert len(b) == len(k) and sum(b) == len(k) * G
+    assert all(lo <= x <= hi for x in b)
+    for i in range(len(k)):
+        for j in range(len(k)):
+            if k[i] > k[j]:
+                assert b[i] >= b[j], (k, b)  # a harder prompt never gets fewer rollouts
+            if k[i] == k[j]:
+                assert abs(b[i] - b[j]) <= 1, (k, b)
+    return b
+
+
+def test_budgets_conserve_total_and_respect_bounds():
+    rng = random.Random(2)
+    for _ in range(400):
+        lo = rng.randint(1, 8)
+        hi = rng.randint(lo, 20)
+        G = rng.randint(lo, hi)
+        B = rng.randint(1, 12)
+        n = rng.randint(B, 50)
+        kind = rng.randrange(5)
+        if kind == 0:  # ranks as Difficulty makes them: distinct positions / |D|
+            k = [p / n for p in rng.sample(range(n), B)]
+        elif kind == 1:  # ties
+            k = [rng.choice([0.0, 0.25, 0.5, 0.75]) for _ in range(B)]
+        elif kind == 2:  # any floats
+            k = [rng.random() for _ in range(B)]
+        elif kind == 3:
+            k = [0.3] * B
+        else:
+            k = [0.0] * B
+        _check_budgets(k, G, lo, hi)
+
+
+def test_budgets_small_batch_and_special_ranks():
+    # B=2 is smaller than the bound range 4..12
+    for k in ([0.0, 0.5], [0.5, 0.0], [0.1, 0.9], [0.0, 0.0], [0.4, 0.4], [0.99, 0.98]):
+        _check_budgets(k, 8, 4, 12)
+    assert explore.allocate_budgets([0.0] * 5, 8, 4, 12) == [8] * 5  # sum k = 0: spread evenly
+    assert explore.allocate_budgets([0.3] * 4, 8, 4, 12) == [8] * 4  # equal ranks: equal shares
+    assert explore.allocate_budgets(torch.tensor([0.0, 0.5]), 8, 8, 8) == [8, 8]  # epoch 1 bounds
+    assert explore.allocate_budgets([], 8, 4, 12) == []
+
+
+def test_budgets_hand_examples():
+    # k = [0, .25, .5, .75], G=8, 4..12: extra = 4*(8-4) = 16, sum k = 1.5;
+    # step 2 adds floor(16*k/1.5) = 0, 2 (2.67), 5 (5.33), 8 -> [4, 6, 9, 12], total 31;
+    # step 3: 1 left, the hardest is at G_max=12, so the next hardest gets it -> [4, 6, 10, 12]
+    assert explore.allocate_budgets([0.0, 0.25, 0.5, 0.75], 8, 4, 12) == [4, 6, 10, 12]
+    # k = [0, 0, .5], G=8, 6..10: extra = 6, step 2 gives prompt 3 all 6, capped at 10-6 = 4 -> [6, 6, 10];
+    # 2 left, prompt 3 is full, the two tied prompts get one each in batch order -> [7, 7, 10]
+    assert explore.allocate_budgets([0.0, 0.0, 0.5], 8, 6, 10) == [7, 7, 10]
+    # the uncapped original would give [6, 6, 12]; the cap also binds in a later round:
+    # k = [.1, .9], G=8, 4..12: floor(8*.1) = 0, floor(8*.9) = 7 -> [4, 11]; 1 left, hardest first -> [4, 12]
+    assert explore.allocate_budgets([0.1, 0.9], 8, 4, 12) == [4, 12]
+    # k = [3/6, 5/6], G=8, 4..12: extra = 8, sum k = 4/3; shares 8*(1/2)/(4/3) = 3 and 8*(5/6)/(4/3) = 5,
+    # both whole: [7, 9]. In floats 8*0.8333/1.3333 is 4.999..., and flooring that would give [6, 10].
+    assert explore.allocate_budgets([3 / 6, 5 / 6], 8, 4, 12) == [7, 9]
+    # k = [.4, .6, .8], G=10, 4..16: extra = 18, sum 1.8; shares 4, 6, 8 exactly -> [8, 10, 12]
+    assert explore.allocate_budgets([2 / 5, 3 / 5, 4 / 5], 10, 4, 16) == [8, 10, 12]
+
+
+def test_budget_bounds_schedule():
+    got = [explore.budget_bounds(e, 8, 4, 12) for e in range(5)]
+    assert got == [(8, 8), (6, 10), (4, 12), (4, 12), (4, 12)]
+    got = [explore.budget_bounds(e, 8, 5, 9) for e in range(3)]
+    assert got == [(8, 8), (6, 9), (5, 9)]
+
+
+@pytest.mark.parametrize("G,lo,hi,flags", [
+    (8, 10, 12, ["--rollouts-per-prompt", "--budget-min"]),   # G below the bounds
+    (14, 4, 12, ["--rollouts-per-prompt", "--budget-max"]),   # G above the bounds
+    (8, 12, 4, ["--budget-min", "--budget-max"]),
+    (8, 0, 12, ["--budget-min"]),
+])
+def test_budget_bad_flags_raise(G, lo, hi, flags):
+    for call in (lambda: explore.allocate_budgets([0.1, 0.2], G, lo, hi),
+                 lambda: explore.budget_bounds(1, G, lo, hi)):
+        with pytest.raises(ValueError) as err:
+            call()
+        for flag in flags:
+            assert flag in str(err.value)
+
+
+# ---- difficulty ----
+
+def test_difficulty_ranks_hand_example():
+    d = explore.Difficulty(5)
+    d.record([0, 0, 1], torch.tensor([1.0, 1.0, 0.0]))
+    d.record(torch.tensor([1, 3, 3, 3, 4]), torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5]))
+    # means: p0 1.0, p1 0.5, p2 never sampled -> 0, p3 0.0, p4 0.5.
+    # descending, ties by prompt index: p0, p1, p4, p2, p3 -> positions 0, 1, 2, 3, 4 over |D| = 5
+    expected = [0.0, 0.2, 0.6, 0.8, 0.4]
+    assert d.ranks().tolist() == pytest.approx(expected)
+    assert d.epoch_ranks.tolist() == [0.0] * 5  # epoch 1: uniform until the first epoch ends
+    d.end_epoch()
+    assert d.epoch_ranks.tolist() == pytest.approx(expected)
+    d.record([3] * 4, torch.ones(4))  # p3 now 4/7: easier than p1, p4; epoch_ranks wait for end_epoch
+    assert d.epoch_ranks.tolist() == pytest.approx(expected)
+    # p0 1.0, p3 0.571, p1 0.5, p4 0.5, p2 0
+    assert d.ranks().tolist() == pytest.approx([0.0, 0.4, 0.8, 0.2, 0.6])
+    assert d.count.tolist() == [2, 2, 0, 7, 1]
+
+
+def test_difficulty_state_dict_round_trip():
+    d = explore.Difficulty(6)
+    d.record([0, 2, 2, 5], torch.tensor([0.3, 1.0, 0.0, 0.7]))
+    d.end_epoch()
+    d.record([1, 2], torch.tensor([1.0, 1.0]))
+    buf = io.BytesIO()
+    torch.save(d.state_dict(), buf)
+    buf.seek(0)
+    e = explore.Difficulty(6)
+    e.load_state_dict(torch.load(buf))
+    assert torch.equal(e.epoch_ranks, d.epoch_ranks) and torch.equal(e.ranks(), d.ranks())
+    for x in (d, e):  # and they go on identically
+        x.record([4], torch.tensor([0.9]))
+        x.end_epoch()
+    assert torch.equal(e.epoch_ranks, d.epoch_ranks)
+    with pytest.raises(ValueError, match="--task-size"):
+        explore.Difficulty(7).load_state_dict(d.state_dict())
+
+
+# ---- temperature ----
+
+def _scale(v: int) -> float:
+    return math.log(v) + math.log(math.log(v))
+
+
+def test_temperature_follows_entropy():
+    c = explore.TemperatureController(1.0, vocab_size=1000, total_steps=100)
+    assert c.update(2.0, 0) == 1.0  # the first batch sets H0 = 2.0: alpha = 1, tau holds
+    assert c.h0 == 2.0
+    tau = c.update(1.0, 1)  # below target: hotter
+    assert tau > 1.0 and tau == pytest.approx(1.0 * (1 + 1.0 * math.log(2.0) / _scale(1000)))
+    prev = tau
+    tau = c.update(4.0, 2)  # above target: cooler
+    assert tau < prev and tau == pytest.approx(prev * (1 + prev * math.log(0.5) / _scale(1000)))
+    assert c.update(2.0, 3) == tau  # exactly at target: holds still
+
+
+def test_temperature_clamps():
+    c = explore.TemperatureController(1.0, vocab_size=50, total_steps=10, tau_min=0.7, tau_max=1.3)
+    c.update(5.0, 0)
+    assert c.update(1e-9, 1) == 1.3
+    assert c.update(0.0, 2) == 1.3  # a zero entropy hits the bound instead of failing
+    assert c.update(5e6, 3) == 0.7
+    with pytest.raises(ValueError):
+        c.update(float("nan"), 4)
+
+
+def test_temperature_annealed_target():
+    c = explore.TemperatureController(1.0, vocab_size=1000, total_steps=100)
+    c.update(2.0, 0)
+    # t_a = 60; H0 = 2, eta = 0.9: progress 0 -> 2, 0.25 -> 2*(0.9 + 0.1*(1+cos(pi/4))/2) = 1.970711,
+    # 0.5 -> 2*(0.9 + 0.05) = 1.9, 1 -> 1.8
+    assert c.target(0) == 2.0 and c.target(59) == 2.0 and c.target(60) == pytest.approx(2.0)
+    assert c.target(70) == pytest.approx(1.9707107, abs=1e-6)
+    assert c.target(80) == pytest.approx(1.9)
+    assert c.target(100) == pytest.approx(1.8)
+    assert c.update(2.0, 80) < 1.0  # entropy at H0 is above the annealed target: cooler
+
+
+def test_temperature_state_dict_round_trip():
+    c = explore.TemperatureController(1.2, vocab_size=1000, total_steps=100)
+    for step, h in enumerate([1.5, 1.1, 1.7]):
+        c.update(h, step)
+    buf = io.BytesIO()
+    torch.save(c.state_dict(), buf)
+    buf.seek(0)
+    d = explore.TemperatureController(1.2, vocab_size=1000, total_steps=100)
+    d.load_state_dict(torch.load(buf))
+    assert (d.tau, d.h0) == (c.tau, c.h0) and d.update(1.3, 3) == c.update(1.3, 3)
+
+
+@pytest.mark.parametrize("kwargs,flags", [
+    (dict(tau0=1.0, tau_min=2.0, tau_max=0.5), ["--tau-min", "--tau-max"]),
+    (dict(tau0=3.0), ["--temperature", "--tau-max"]),
+    (dict(tau0=0.2), ["--temperature", "--tau-min"]),
+    (dict(tau0=1.0, tau_min=0.0), ["--tau-min"]),
+])
+def test_temperature_bad_flags_raise(kwargs, flags):
+    with pytest.raises(ValueError) as err:
+        explore.TemperatureController(vocab_size=1000, total_steps=10, **kwargs)
+    for flag in flags:
+        assert flag in str(err.value)
