@@ -5,15 +5,11 @@ Run: .venv/bin/python -m pytest -q test_loss.py
 """
 
 import math
-import os
 
 import pytest
 import torch
 
 import loss
-
-TOKENIZER_DIR = os.path.expanduser("~/.cache/fanout/smollm2-135m")
-
 
 def mixed_groups(seed: int, sizes=(1, 2, 5, 8)):
     """Groups of the given sizes with non-contiguous ids, responses shuffled so a group is not contiguous."""
@@ -319,10 +315,11 @@ def test_step_token_ids_finds_newline_tokens_in_a_toy_tokenizer():
     assert newline == {1, 3, 5} and blank == {1, 2, 4, 5, 6}
 
 
-@pytest.mark.skipif(not os.path.isdir(TOKENIZER_DIR), reason="no local SmolLM2 tokenizer")
 def test_step_token_ids_on_the_real_tokenizer():
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+    import train  # the embedded model's folder (converted from its GGUF on first use)
+    tok = AutoTokenizer.from_pretrained(train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout"))
     newline, blank = loss.step_token_ids(tok)
     nl, = tok.encode("\n")
     letter, = tok.encode("a")
