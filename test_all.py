@@ -516,7 +516,11 @@ def test_two_ranks_train_like_one(tmp_path):
     batch and seed: the same rollouts, rewards and losses, and the same updated weights (exported
     at the end), within float32 tolerance."""
     args = ["demo", "--steps", "2", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
-            "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5"]
+            "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5",
+            # the cross-rank paths too: dynamic sampling's rounds and trimming, E3 budgets (8 training prompts,
+            # so step 1 starts epoch 2), TIS, echo clips
+            "--task-size", "12", "--dynamic-sampling", "--max-gen-rounds", "2", "--budget-min", "6", "--budget-max",
+            "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any"]
     runs, weights = [], []
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
@@ -531,9 +535,10 @@ def test_two_ranks_train_like_one(tmp_path):
     one, two = ([r for r in rows if "step" in r] for rows in runs)
     assert len(one) == len(two) == 2 and one[0]["grad_norm"] > 0  # some group had a reward signal
     for a, b in zip(one, two):
-        for key in ("reward", "pass_rate", "response_len"):
-            assert a[key] == b[key]
-        for key in ("entropy", "loss", "grad_norm"):
+        for key in ("reward", "pass_rate", "response_len", "ds_pass_rate", "groups_kept", "rollouts_min",
+                    "rollouts_max", "echo_clips"):
+            assert a[key] == b[key], (key, a[key], b[key])
+        for key in ("entropy", "loss", "grad_norm", "tis_weight", "echo_loss"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
     initial = load_file(train.resolve_model(train.EMBEDDED_MODEL, train.Config().cache_dir) / "model.safetensors")
     assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 100

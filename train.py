@@ -385,7 +385,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     n = len(batch.sequences)
     resp_len = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
     tb = cfg.loss == "tb"
-    adv = advantages(cfg, batch.rewards, batch.group, batch.rl)
+    adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl)
     # A zero-advantage response adds nothing to a plain PPO gradient: skip its forward pass (its tokens
     # still count in the global token count).
     every = tb or cfg.kl_coef > 0 or cfg.entropy_coef > 0
@@ -418,7 +418,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         seq_kl = per_response([loss.kl(o, r, cfg.kl_kind) for o, r in zip(old, ref)])
         rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
                                                         for i in range(n)]).cpu()
-        adv = advantages(cfg, rewards, batch.group, batch.rl)
+        adv = global_advantages(cfg, rewards, batch.group, batch.rl)
     rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
     n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips)))
     stats = dict.fromkeys(("loss", "clip_frac", "kl", "trainer_entropy", "tis_weight", "echo_loss", "log_z_std",
@@ -492,7 +492,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     return {k: v for k, v in stats.items() if not off.get(k)}
 
 
-def advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor) -> torch.Tensor:
+def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor) -> torch.Tensor:
     """loss.advantages over the responses in the RL loss, with REINFORCE++'s batch statistics gathered
     over all ranks; 0 for the others."""
     centred = (rewards - loss.group_stats(rewards, group)[0])[rl]
@@ -700,9 +700,10 @@ def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int
         keys = batch.group.unique().tolist()
         first = {g: (batch.group == g).nonzero()[0, 0].item() for g in keys}
         kept = [g for g in keys if informative[first[g]]] if cfg.dynamic_sampling else keys
-        counts = all_gather(len(kept))  # keep exactly the groups still needed, lower ranks first
-        kept = kept[:max(0, B - held - sum(counts[:rank]))]
-        held += min(B - held, sum(counts))
+        # keep exactly the groups still needed, the lowest keys first, whichever rank holds them
+        needed = sorted(g for ranks_kept in all_gather(kept) for g in ranks_kept)[:B - held]
+        kept = [g for g in kept if g in needed]
+        held += len(needed)
         echo_only = [g for g in keys if all_right[first[g]] and g not in kept] if cfg.echo_coef > 0 else []
         rows = [i for i, g in enumerate(batch.group.tolist()) if g in kept or g in echo_only]
         parts.append(batch.select(rows, torch.tensor([g in kept for g in batch.group.tolist()])))
