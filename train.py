@@ -143,6 +143,7 @@ def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:
 
 
 DEMO = dict(binary_reward=True, max_new_tokens=32, lr=2e-5)  # the CPU demo's task, prompt and model (defaults)
+# BroRL (ALGORITHMS.md 1); the reset interval and the base learning rate below are our choices
 BRORL = dict(adv="reinforce++", eps_low=0.2, eps_high=0.28, kl_coef=1e-4, kl_kind="k3", ref_reset_every=100,
              tis_cap=2.0, dynamic_sampling=True, rollouts_per_prompt=512, prompts_per_step=128)
 E3 = dict(adv="grpo", rollouts_per_prompt=8, budget_min=4, budget_max=12, temperature_control=True, kl_coef=0.0)
@@ -169,8 +170,8 @@ PRESETS = {
         **E3, task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, max_new_tokens=4096,
         kv_budget_tokens=1 << 20, lr=1e-6, steps=480, eval_prompts=256, eval_samples=16,
         max_tokens_per_microbatch=16384, out_dir="runs/e3")),
-    # lr a tenth of the demo's: at 2e-5 the entropy falls ~30% a step, faster than E3's controller (a few % of
-    # tau a step) can follow
+    # lr a tenth of the demo's: at 2e-5 the entropy fell from 2.48 to 0.89 in 4 steps (measured), faster than
+    # E3's controller (a few % of tau a step) can follow
     "e3-cpu": ("E3 scaled down to this CPU: 64 training prompts, so budgets spread after epochs 1 and 2", Config(
         **{**E3, **DEMO, "lr": 2e-6}, task_size=80, eval_prompts=16, steps=24, out_dir="runs/e3-cpu")),
 }
