@@ -455,21 +455,13 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
                 micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
                 stats["kl"] += ((logp - ref[k]).detach() * rl).sum().item() * per_token_mean
             else:
-                token_adv = tokens([adv[i].expand(resp_len[i]) for i in b])
-                weight = None
-                if cfg.tis_cap > 0:
-                    weight = loss.tis_weight(old[k], tokens([batch.sampler_logp[i].float() for i in b]), cfg.tis_cap)
-                    stats["tis_weight"] += (weight * rl).sum().item() * per_token_mean
-                per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old[k], token_adv,
-                                                      cfg.eps_low, cfg.eps_high, cfg.dual_clip, weight)
-                if ref is not None and not cfg.kl_in_reward:
-                    kl = loss.kl(logp, ref[k], cfg.kl_kind)
-                    per_token = per_token + cfg.kl_coef * kl
-                    stats["kl"] += (kl * rl).sum().item() * per_token_mean
-                if cfg.entropy_coef > 0:
-                    per_token = per_token + loss.entropy_bonus(entropy, cfg.entropy_coef)
+                sampler_logp = tokens([batch.sampler_logp[i].float() for i in b]) if cfg.tis_cap > 0 else None
+                per_token, logged = ppo_token_loss(cfg, logp, entropy, None if old is None else old[k],
+                                                   None if ref is None else ref[k],
+                                                   tokens([adv[i].expand(resp_len[i]) for i in b]), sampler_logp)
                 micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, n_tokens, n_seqs, cfg.max_new_tokens)
-                stats["clip_frac"] += (clipped * rl).sum().item() * per_token_mean
+                for name, value in logged.items():
+                    stats[name] += (value * rl).sum().item() * per_token_mean
             entropy_sum += (entropy.detach() * rl).sum().item() / cfg.updates_per_step
             forwarded += rl.sum().item() / cfg.updates_per_step
             if cfg.echo_coef > 0:
@@ -491,6 +483,22 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
            "echo_loss": not cfg.echo_coef,
            "log_z_std": not tb, "clip_frac": tb}
     return {k: v for k, v in stats.items() if not off.get(k)}
+
+
+def ppo_token_loss(cfg: Config, logp, entropy, old, ref, adv, sampler_logp) -> tuple[torch.Tensor, dict]:
+    """Per-token loss of the PPO family (ALGORITHMS.md 0): clip-higher, dual clip, TIS weight, KL in the
+    loss, entropy bonus, each as configured; and the per-token values to log (clipped, TIS weight, KL)."""
+    weight = loss.tis_weight(old, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+    per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old, adv, cfg.eps_low,
+                                          cfg.eps_high, cfg.dual_clip, weight)
+    logged = {"clip_frac": clipped, **({"tis_weight": weight} if weight is not None else {})}
+    if ref is not None and not cfg.kl_in_reward:
+        kl = loss.kl(logp, ref, cfg.kl_kind)
+        per_token = per_token + cfg.kl_coef * kl
+        logged["kl"] = kl.detach()
+    if cfg.entropy_coef > 0:
+        per_token = per_token + loss.entropy_bonus(entropy, cfg.entropy_coef)
+    return per_token, logged
 
 
 def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor) -> torch.Tensor:
