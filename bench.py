@@ -238,9 +238,12 @@ def bench_trainer(args) -> dict:
     sequences = [torch.randint(0, hf_config.vocab_size, (length,), generator=gen).tolist()
                  for _ in range(args.sequences)]
     prompt_lens = [args.prompt_len] * args.sequences
-    adv = torch.randn(args.sequences, generator=gen)
-    n_tokens = args.sequences * args.response_len
-    step = lambda: train.train_on_batch(cfg, model, None, optimizer, sequences, prompt_lens, adv, dtype, n_tokens)
+    # groups of 4 responses, two right and two wrong each, so that every response has an advantage
+    group, rewards = torch.arange(args.sequences) // 4, (torch.arange(args.sequences) % 2).float()
+    per_token = [torch.zeros(args.response_len)] * args.sequences  # sampler logprobs and entropies: unused here
+    batch = train.Batch(sequences, prompt_lens, group, rewards, per_token, per_token,
+                        torch.ones(args.sequences, dtype=torch.bool), {})
+    step = lambda: train.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
     step()  # warm-up: allocator, Triton compilation, optimizer state
     _, seconds = timed(lambda: [step() for _ in range(args.repeats)], args.device)
     seconds /= args.repeats

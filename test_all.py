@@ -676,6 +676,17 @@ def test_learning_rate_schedules():
     assert math.isclose(train.brorl_lr(1e-6, 512 * 16, 128 * 512), 1e-6 * math.sqrt(8))
 
 
+def test_bench_trainer_runs_a_training_step(tmp_path):
+    """bench.py trainer drives train.train_on_batch; a tiny case keeps the two in step."""
+    out = tmp_path / "trainer.json"
+    run = subprocess.run([sys.executable, "bench.py", "trainer", "--sequences", "4", "--prompt-len", "8",
+                          "--response-len", "8", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0 and result["mfu"] is None  # no CPU peak
+
+
 # ---- the line budget ----
 
 def test_line_budget():
