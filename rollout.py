@@ -335,8 +335,9 @@ class Sampler:
         Prompt i is keyed as prompt_keys[i] (default i): a request split over several calls (or ranks),
         each passing its prompts' positions in the whole request, samples exactly the same tokens as
         the whole request in one call."""
-        if len(n) != len(prompts):
-            raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts; pass one n per prompt")
+        if len(n) != len(prompts) or (prompt_keys is not None and len(prompt_keys) != len(prompts)):
+            raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts and "
+                             f"{len(prompt_keys or prompts)} prompt keys; pass one of each per prompt")
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")

@@ -74,6 +74,18 @@ def test_greedy_matches_hf_smollm2(smollm2):
         assert reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
 
 
+def test_bad_generate_requests_are_one_sentence():
+    model = tiny_model("llama", seed=1)
+    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", kv_budget_tokens=64,
+                      dtype=torch.float32)
+    for args, kwargs, message in [(([[1, 2]], [1, 2], 4), {}, "1 prompts but 2 rollout counts"),
+                                  (([[1, 2]], [1], 4), {"prompt_keys": [0, 1]}, "2 prompt keys"),
+                                  (([[1, 2], []], [1, 1], 4), {}, "prompt 1 is empty"),
+                                  (([[1] * 40], [1], 40), {}, "does not fit kv_budget_tokens=64")]:
+        with pytest.raises(ValueError, match=message):
+            sampler.generate(*args, **kwargs)
+
+
 def test_sampled_same_tokens_together_or_alone():
     model = tiny_model("qwen2", seed=3)
     weights = model.state_dict()
