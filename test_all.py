@@ -500,6 +500,8 @@ def test_demo_loop_runs_end_to_end(tmp_path, smollm2):
     (dict(adv="reinforce++", dynamic_sampling=True, max_gen_rounds=2, tis_cap=2.0, kl_coef=1e-3, dual_clip=3.0,
           aggregate="seq-mean-token-mean"), ("ds_pass_rate", "tis_weight", "kl")),
     (dict(kl_coef=1e-3, kl_in_reward=True, aggregate="seq-mean-token-sum-norm", entropy_coef=1e-3), ()),
+    # the entropy bonus moves the policy; the reference catches up at step 2, so the KL is 0 again
+    (dict(kl_coef=1e-3, ref_reset_every=2, entropy_coef=1e-2, steps=3), ("kl",)),
     # 6 training prompts, 2 per step: budgets are uniform in epoch 1 (steps 0-2) and spread in epoch 2
     (dict(budget_min=1, budget_max=5, temperature_control=True, task_size=10, steps=5), ("entropy_target",))])
 def test_objective_and_explore_options_run(tmp_path, smollm2, flags, expect):
@@ -517,6 +519,8 @@ def test_objective_and_explore_options_run(tmp_path, smollm2, flags, expect):
         assert all(r["echo_clips"] == 2 and r["echo_loss"] > 0 and 0 < r["echo_clip_frac"] <= 1 for r in rows)
     if flags.get("dynamic_sampling"):
         assert all(r["ds_pass_rate"] == 0 and r["groups_sampled"] == 4 and r["grad_norm"] == 0 for r in rows)
+    if flags.get("ref_reset_every"):
+        assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0 and rows[2]["kl"] == 0
     if flags.get("temperature_control"):
         assert len({r["temperature"] for r in rows}) > 1  # the controller moved tau
         assert all(1 <= r["rollouts_min"] <= r["rollouts_mean"] == 3 <= r["rollouts_max"] <= 5 for r in rows)
