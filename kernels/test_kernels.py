@@ -295,6 +295,17 @@ def gradients(outputs, weights, inputs):
     return torch.autograd.grad(loss, inputs, retain_graph=True)
 
 
+def assert_same_gradients(out, expected, inputs, dtype, seed: int, poisoned: bool = False, **tolerance):
+    """For each loss_weights case, out's gradients w.r.t. inputs equal expected's, in dtype. poisoned: out's
+    backward runs with poisoned outputs (it is a Triton launcher's)."""
+    for weights in loss_weights(len(out[0]), seed):
+        with poisoned_outputs() if poisoned else contextlib.nullcontext():
+            grads = gradients(out, weights, inputs)
+        for got, want in zip(grads, gradients(expected, weights, inputs)):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want, **tolerance)
+
+
 @contextlib.contextmanager
 def poisoned_outputs():
     """In deterministic mode torch.empty fills floats with NaN, so an output element a launcher allocates
@@ -322,12 +333,8 @@ def test_reference_matches_full_logits(dtype, temperature, chunk_size):
     for got, want in zip(out, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert out[0][0] > -1e-3 and out[1][0] < 1e-2  # the peaked row
-    for weights in loss_weights(37, seed=2):
-        grads = gradients(out, weights, (hidden, weight))
-        expected_grads = gradients(expected, weights, (hidden, weight))
-        for got, want in zip(grads, expected_grads):
-            assert got.dtype == dtype
-            torch.testing.assert_close(got, want, **({} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)))
+    assert_same_gradients(out, expected, (hidden, weight), dtype, seed=2,
+                          **({} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)))
 
 
 def test_reference_bf16_products_match_bf16_logits():
@@ -340,10 +347,7 @@ def test_reference_bf16_products_match_bf16_logits():
     for got, want, exact in zip(out, expected, full_logits(hidden, weight, targets, 0.7)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
         assert (got - exact).abs().max() < 0.2 and not torch.equal(got, exact)
-    for weights in loss_weights(37, seed=6):
-        for got, want in zip(gradients(out, weights, (hidden, weight)), gradients(expected, weights, (hidden, weight))):
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert_same_gradients(out, expected, (hidden, weight), torch.float32, seed=6, rtol=2e-2, atol=2e-2)
 
 
 def test_reference_gradcheck():
@@ -375,13 +379,8 @@ def test_triton_matches_reference(dtype, temperature, chunk_size):
     for got, want in zip(out, expected):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5)
-    for weights in loss_weights(70, seed=6):
-        with poisoned_outputs():
-            grads = gradients(out, weights, (hidden, weight))
-        expected_grads = gradients(expected, weights, (hidden, weight))
-        for got, want in zip(grads, expected_grads):
-            assert got.dtype == dtype
-            torch.testing.assert_close(got, want, **({} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)))
+    assert_same_gradients(out, expected, (hidden, weight), dtype, seed=6, poisoned=True,
+                          **({} if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)))
 
 
 def test_mixed_dtypes_under_autocast():
