@@ -672,10 +672,8 @@ def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_k
     mine = split_by_budget(budgets, world)[rank]
     items = [task.items[picked[i]] for i in mine]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r = sampler.generate(prompt_ids, [budgets[i] for i in mine], cfg.max_new_tokens, temperature, cfg.top_p,
-                         [tokenizer.eos_token_id], seed, prompt_keys=[first_key + i for i in mine])
-    texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
-    scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+    r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [budgets[i] for i in mine],
+                                           temperature, seed, [first_key + i for i in mine])
     rewards = torch.tensor(scores, dtype=torch.float32)
     if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
         rewards = (rewards >= 1.0).float()
@@ -758,6 +756,17 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
+                       prompt_keys: list[int]):
+    """n[i] rollouts of each prompt (items[i], encoded as prompt_ids[i]) and every response's verifier
+    score: (rollouts, scores, verifier failures)."""
+    r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
+                         prompt_keys=prompt_keys)
+    texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
+    scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+    return r, scores, failed
+
+
 def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1) -> dict:
     """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy;
     each rank evaluates its share of the prompts."""
@@ -767,10 +776,8 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
     n = cfg.eval_samples
     sums = []
     for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
-        r = sampler.generate(prompts, [samples] * len(prompts), cfg.max_new_tokens, temperature, cfg.top_p,
-                             [tokenizer.eos_token_id], seed, prompt_keys=list(range(start, stop)))
-        texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
-        scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+        r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompts, [samples] * len(prompts),
+                                               temperature, seed, list(range(start, stop)))
         correct = [0] * len(prompts)
         for p, s in zip(r.prompt_index, scores):
             correct[p] += s >= 1.0
