@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+import loss
+
 
 def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
     order = list(range(n_items))
@@ -35,18 +37,10 @@ def pick_prompts(n_items: int, position: int, count: int, seed: int) -> list[int
 
 # ---- dynamic sampling (ALGORITHMS.md 0) and degenerate groups (ALGORITHMS.md 4) ----
 
-def _group_min_max(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per response: the smallest and largest reward in its group."""
-    ids, inv = group.unique(return_inverse=True)
-    lo = torch.full((len(ids),), math.inf, dtype=rewards.dtype, device=rewards.device)
-    hi = torch.full((len(ids),), -math.inf, dtype=rewards.dtype, device=rewards.device)
-    return lo.scatter_reduce(0, inv, rewards, "amin")[inv], hi.scatter_reduce(0, inv, rewards, "amax")[inv]
-
-
 def informative_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Bool [R]: True for the responses of groups whose rewards are not all equal (std > 0), the ones
     dynamic sampling keeps. Min != max is exact; torch.std of three 0.1s is 1.7e-17, not 0."""
-    lo, hi = _group_min_max(rewards, group)
+    lo, hi = loss.group_min_max(rewards, group)
     return lo != hi
 
 
@@ -55,7 +49,7 @@ def group_outcomes(rewards: torch.Tensor, group: torch.Tensor,
     """(all_right, all_wrong), bool [R] each: every reward of the response's group is >= `success`,
     or none is. all_right marks EchoRL's groups (ALGORITHMS.md 4), which dynamic sampling would drop;
     with partial credit a group can be all wrong (no success) and still informative."""
-    lo, hi = _group_min_max(rewards, group)
+    lo, hi = loss.group_min_max(rewards, group)
     return lo >= success, hi < success
 
 

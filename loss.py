@@ -18,18 +18,25 @@ ECHO_MODES = ("all", "any")
 
 # ---- base family (ALGORITHMS.md 0) ----
 
+def group_min_max(values: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response: the smallest and the largest value in its group (exact, unlike a float std)."""
+    _, inv, counts = group.unique(return_inverse=True, return_counts=True)
+    lo = values.new_zeros(len(counts)).scatter_reduce(0, inv, values, "amin", include_self=False)
+    hi = values.new_zeros(len(counts)).scatter_reduce(0, inv, values, "amax", include_self=False)
+    return lo[inv], hi[inv]
+
+
 def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-response group mean, unbiased group std (1 for groups of one) and group size."""
     _, inv, counts = group.unique(return_inverse=True, return_counts=True)
-    mean = rewards.new_zeros(len(counts)).index_add(0, inv, rewards) / counts
+    mean = (rewards.new_zeros(len(counts)).index_add(0, inv, rewards) / counts)[inv]
     # A float sum is inexact: equal rewards of 0.7 would get mean 0.7 +- 1 ulp, a std of ~1e-8 and GRPO
     # advantages of ~0.05 instead of 0. Use the exact value when a group's rewards are all equal.
-    hi = rewards.new_zeros(len(counts)).scatter_reduce(0, inv, rewards, "amax", include_self=False)
-    lo = rewards.new_zeros(len(counts)).scatter_reduce(0, inv, rewards, "amin", include_self=False)
+    lo, hi = group_min_max(rewards, group)
     mean = torch.where(hi == lo, hi, mean)
-    sq = torch.zeros_like(mean).index_add(0, inv, (rewards - mean[inv]) ** 2)
+    sq = rewards.new_zeros(len(counts)).index_add(0, inv, (rewards - mean) ** 2)
     std = torch.where(counts > 1, (sq / (counts - 1).clamp(min=1)).sqrt(), torch.ones_like(sq))
-    return mean[inv], std[inv], counts[inv]
+    return mean, std[inv], counts[inv]
 
 
 def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", batch_stats=None,
