@@ -1,7 +1,8 @@
 """fanout's benchmarks: the sampler against HF transformers' `generate` and the hardware roofline; the
 trainer's step throughput and MFU; the fused log-prob kernel's memory against materialised logits.
 
-    python bench.py sampler                 # CPU: SmolLM2-135M bf16, 64 rollouts of one 256-token prompt
+    python bench.py sampler                 # CPU: SmolLM2-135M in train.py's dtype for this CPU (--dtype auto),
+                                            # 64 rollouts of one 256-token prompt
     python bench.py sampler --device cuda   # GPU: a random Qwen2.5-1.5B-shaped model, prompts 256/1024/4096,
                                             # N in {16, 64, 512, 2048} rollouts per prompt at the same total
     python bench.py trainer [--device cuda] # one RL update (train.train_on_batch): tokens/s, TFLOP/s, MFU
@@ -78,16 +79,28 @@ def run_hf(model, prompt: list[int], n: int, new_tokens: int, device):
             "kv_bytes": cache_bytes(out.past_key_values)}
 
 
+def cpu_dtype(args, train, hf_config) -> tuple[torch.dtype, dict]:
+    """train.py's compute dtype for this CPU (--dtype auto probes it, as a run does) and how it was chosen."""
+    train.set_threads()
+    dtype, why = train.pick_dtype(args.dtype, torch.device("cpu"), hf_config.hidden_size,
+                                  hf_config.intermediate_size, "~/.cache/fanout")
+    print(f"dtype {str(dtype).removeprefix('torch.')} ({why}); {torch.get_num_threads()} threads")
+    return dtype, {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
+
+
 def bench_cpu(args) -> dict:
-    import train  # the embedded model lives behind train.resolve_model
+    train = import_train()  # the embedded model lives behind train.resolve_model
     path = train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype, chosen = cpu_dtype(args, train, model.config)
+    model = model.to(dtype)  # HF generate in the same dtype: the faster one on this CPU for both
     prompt = fixed_prompt(tokenizer, 256)
-    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", kv_budget_tokens=1 << 15)
+    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", kv_budget_tokens=1 << 15,
+                      dtype=dtype)
     ours = run_fanout(sampler, [prompt], [64], 128, "cpu")
     hf = run_hf(model, prompt, 64, 128, "cpu")
-    return {"case": "cpu: SmolLM2-135M bf16, 1 prompt x 64 rollouts, 256 -> +128 tokens",
+    return {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen,
             "fanout": ours, "hf_generate": hf, "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
 
 
@@ -222,10 +235,12 @@ def bench_trainer(args) -> dict:
         torch.distributed.init_process_group("nccl", device_id=device)
         hf_config, dtype = qwen25_15b_config(), torch.bfloat16
         lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(device)
+        chosen = {"dtype": "bfloat16"}
     else:
         path = train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout")
         lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        hf_config, dtype = lm.config, torch.bfloat16
+        hf_config = lm.config
+        dtype, chosen = cpu_dtype(args, train, hf_config)
     if args.activation_checkpointing:
         train.checkpoint_layers(lm)
     model = train.Policy(lm)
@@ -251,8 +266,8 @@ def bench_trainer(args) -> dict:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, "
-                      f"{args.sequences} x ({args.prompt_len} + {args.response_len}) tokens, one update, bf16",
-              "device": name, "seconds_per_step": seconds, "tokens_per_s": args.sequences * length / seconds,
+                      f"{args.sequences} x ({args.prompt_len} + {args.response_len}) tokens, one update, "
+                      f"{chosen['dtype']}", **chosen, "device": name, "seconds_per_step": seconds, "tokens_per_s": args.sequences * length / seconds,
               "tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak if peak else None,
               "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     print(result)
@@ -318,6 +333,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["sampler", "trainer", "logprob"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
     parser.add_argument("--out", default=None, help="JSON file (default runs/bench_<what>_<device>.json)")
     parser.add_argument("--prompt-lens", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--rollouts", type=int, nargs="+", default=[16, 64, 512, 2048])

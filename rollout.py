@@ -44,6 +44,10 @@ class ModelConfig:
         if cfg.model_type not in ("llama", "qwen2", "qwen3"):
             raise ValueError(f"model type '{cfg.model_type}' is not supported by fanout's sampler; "
                              "use a Llama, Qwen2 or Qwen3 shaped model")
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":  # the forward below computes SiLU MLPs only: anything else gives wrong logits
+            raise ValueError(f"hidden_act '{act}' is not supported by fanout's sampler (it computes SiLU MLPs); "
+                             "use a model whose config has hidden_act silu")
         rope = getattr(cfg, "rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default" or getattr(cfg, "use_sliding_window", False):
             raise ValueError(f"rope scaling {rope.get('rope_type')} or sliding-window attention is not "
@@ -71,6 +75,20 @@ class Rollouts:
 
 
 # ---- sampling ----
+
+def check_request(n: list[int], max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """One sentence for each request that would otherwise sample nonsense (top_p = 0 gives token 0 with NaN
+    logprobs) or fail deep inside (max_new_tokens = 0), or silently mean something else."""
+    checks = [(min(n, default=0) >= 0, f"a rollout count is negative ({min(n, default=0)}); ask for 0 or more "
+                                       "rollouts per prompt"),
+              (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
+              (temperature >= 0, f"temperature={temperature} is negative; use 0 for greedy decoding or a positive "
+                                 "value to sample"),
+              (0 < top_p <= 1, f"top_p={top_p} is outside (0, 1]; use 1.0 to sample from the whole distribution")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
 
 def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """One uint32 key per row from (seed, prompt index, sample index, position)."""
@@ -338,6 +356,7 @@ class Sampler:
         if len(n) != len(prompts) or (prompt_keys is not None and len(prompt_keys) != len(prompts)):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts and "
                              f"{len(prompt_keys or prompts)} prompt keys; pass one of each per prompt")
+        check_request(n, max_new_tokens, temperature, top_p)
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")

@@ -32,6 +32,9 @@ from test_simulate import *  # noqa: F401,F403 (simulate.py and the mass-balance
 from rollout import ModelConfig, Sampler, nucleus, sample_keys
 
 ROOT = Path(__file__).parent
+# Limit on any one subprocess or wait: there to catch a hang, not to time the code. A run that takes 3.5 min
+# alone took 3x that with two CPU-bound jobs beside the suite on 2 cores; 30 min passes a loaded machine.
+HANG_GUARD = 1800
 
 
 # ---- models used by several tests ----
@@ -82,8 +85,13 @@ def test_bad_generate_requests_are_one_sentence():
     for args, kwargs, message in [(([[1, 2]], [1, 2], 4), {}, "1 prompts but 2 rollout counts"),
                                   (([[1, 2]], [1], 4), {"prompt_keys": [0, 1]}, "2 prompt keys"),
                                   (([[1, 2], []], [1, 1], 4), {}, "prompt 1 is empty"),
-                                  (([[1] * 40], [1], 40), {}, "does not fit kv_budget_tokens=64")]:
-        with pytest.raises(ValueError, match=message):
+                                  (([[1] * 40], [1], 40), {}, "does not fit kv_budget_tokens=64"),
+                                  (([[1, 2]], [1], 4), {"top_p": 0.0}, "top_p=0.0 is outside (0, 1]"),
+                                  (([[1, 2]], [1], 4), {"top_p": 1.5}, "top_p=1.5 is outside (0, 1]"),
+                                  (([[1, 2]], [1], 0), {}, "max_new_tokens=0 must be at least 1"),
+                                  (([[1, 2]], [1], 4), {"temperature": -0.5}, "temperature=-0.5 is negative"),
+                                  (([[1, 2], [3]], [2, -1], 4), {}, "a rollout count is negative (-1)")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
             sampler.generate(*args, **kwargs)
 
 
@@ -154,6 +162,10 @@ def test_unsupported_model_type_is_one_sentence():
     cfg = transformers.GPT2Config()
     with pytest.raises(ValueError, match="not supported by fanout's sampler"):
         ModelConfig.from_hf(cfg)
+    gelu = tiny_config("llama")
+    gelu.hidden_act = "gelu"  # a Llama shape whose MLP is not SiLU: the sampler would compute wrong logits
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported by fanout's sampler"):
+        ModelConfig.from_hf(gelu)
 
 
 # ---- losses (ALGORITHMS.md 0) ----
@@ -358,10 +370,10 @@ def test_hanging_verifier_times_out_and_later_calls_work():
     task = reward.Task("rg:chain_sum", [{"question": str(i), "answer": "1"} for i in range(5)])
     responses = ["Answer: 1", "Answer: hang", "Answer: 2", "Answer: hang", "Answer: 3"]
     start = time.time()
-    rewards, failures = reward.score(task, task.items, responses, timeout=1.0, verifier=_hanging_verifier)
+    rewards, failures = reward.score(task, task.items, responses, timeout=3.0, verifier=_hanging_verifier)
     assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0] and failures == 2
-    assert time.time() - start < 10
-    rewards, failures = reward.score(task, task.items[:2], ["Answer: 1", "Answer: 2"], timeout=1.0,
+    assert time.time() - start < 30  # each hang sleeps 60 s: both were cut short
+    rewards, failures = reward.score(task, task.items[:2], ["Answer: 1", "Answer: 2"], timeout=3.0,
                                      verifier=_hanging_verifier)
     assert rewards == [1.0, 1.0] and failures == 0
 
@@ -443,15 +455,79 @@ def test_missing_model_path_is_one_sentence(tmp_path):
     (dict(budget_min=10, budget_max=6), "--budget-min 10 is above --budget-max 6"),
     (dict(budget_min=10, budget_max=12), "--rollouts-per-prompt 8 is outside --budget-min 10"),
     (dict(temperature_control=True, tau_min=2.0, tau_max=0.5), "--tau-min 2.0 and --tau-max 0.5"),
-    (dict(max_gen_rounds=0), "--max-gen-rounds 0 must be at least 1")])
+    (dict(max_gen_rounds=0), "--max-gen-rounds 0 must be at least 1"),
+    (dict(dtype="float16"), "--dtype float16 is unknown"),
+    (dict(top_p=0.0), "top_p=0.0 is outside (0, 1]"),
+    (dict(temperature=-1.0), "temperature=-1.0 is negative"),
+    (dict(max_new_tokens=0), "max_new_tokens=0 must be at least 1"),
+    (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2 must be at least 1"),
+    (dict(prompts_per_step=0), "--prompts-per-step 0 and --rollouts-per-prompt 8 must be at least 1")])
 def test_bad_config_is_one_sentence(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train.Config(**fields)
 
 
+def test_dtype_auto_probes_once_per_cpu_and_picks_the_faster(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    dtype, why = train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
+    cache = json.loads((tmp_path / "dtype_probe.json").read_text())
+    [(key, ms)] = cache.items()
+    assert train.cpu_identity() in key and "64x128" in key and ms["float32"] > 0 and ms["bfloat16"] > 0
+    assert dtype == (torch.bfloat16 if ms["bfloat16"] < ms["float32"] else torch.float32)
+    assert not ms["stopped"] or ms["bfloat16"] > ms["float32"]  # bf16 stops early only once it is slower
+    assert f"{ms['float32']:.1f} ms in float32" in why
+    monkeypatch.setattr(train, "probe_matmuls", lambda *a: pytest.fail("probed again; the cache holds the answer"))
+    assert train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == dtype
+    for bf16_ms, expected in ((0.5, torch.bfloat16), (2.0, torch.float32)):  # a CPU with and without bf16 units
+        cache[key] = {"float32": 1.0, "bfloat16": bf16_ms, "stopped": False}
+        (tmp_path / "dtype_probe.json").write_text(json.dumps(cache))
+        assert train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == expected
+    assert train.pick_dtype("float32", cpu, 64, 128, str(tmp_path)) == (torch.float32, "--dtype float32")
+    assert train.pick_dtype("auto", torch.device("cuda"), 64, 128, str(tmp_path))[0] == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another CPU: its own probe
+    assert "oneDNN ISA AVX2" in train.cpu_identity()
+    with pytest.raises(pytest.fail.Exception, match="probed again"):
+        train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
+
+
+def test_threads_are_the_physical_cores_of_the_affinity(monkeypatch):
+    cores = train.physical_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        train.set_threads()
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more ranks than cores: one thread each
+        train.set_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_scoring_workers_sit_idle_while_the_model_runs():
+    """The verifier pool's workers block on their queue between score() calls: while the parent computes
+    they use no CPU time, so they do not compete with torch's threads."""
+    task = reward.load_task("rg:chain_sum", 4, seed=0)
+    reward.score(task, task.items, [f"Answer: {item['answer']}" for item in task.items])
+    workers = [p.pid for pool in reward._pools.values() for p in pool._pool]
+
+    def cpu_seconds(pid):  # utime + stime from /proc/PID/stat, in clock ticks
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = [cpu_seconds(pid) for pid in workers]
+    start = time.time()
+    x = torch.randn(512, 512)
+    while time.time() - start < 1.0:
+        x = (x @ x).tanh()
+    assert workers and all(cpu_seconds(pid) - b <= 0.02 for pid, b in zip(workers, before))
+
+
 def test_bad_config_on_the_command_line_is_one_sentence():
     run = subprocess.run([sys.executable, "train.py", "demo", "--kl-kind", "k9"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HANG_GUARD)
     assert run.returncode != 0
     assert "--kl-kind k9 is unknown" in run.stderr and "Traceback" not in run.stderr
 
@@ -461,7 +537,7 @@ def test_bad_task_in_a_run_is_one_sentence(tmp_path):
     bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": oops}\n')
     for task, message in [("rg:no_such_task", "no dataset 'no_such_task'"), (str(bad), "data.jsonl line 2 is not valid JSON")]:
         run = subprocess.run([sys.executable, "train.py", "demo", "--task", task, "--model", str(tmp_path)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
         assert run.returncode != 0 and "Traceback" not in run.stderr
         assert message in run.stderr
 
@@ -489,7 +565,10 @@ def test_demo_loop_runs_end_to_end(tmp_path, smollm2):
     assert [r["step"] for r in steps] == [0, 1]
     for key in ("reward", "pass_rate", "entropy", "loss", "clip_frac"):
         assert all(math.isfinite(r[key]) for r in steps)
-    assert rows[0]["eval_samples"] == 8
+    assert rows[1]["eval_samples"] == 8
+    # the first row says how the run computes: --dtype auto's choice for this CPU, and why
+    assert rows[0]["run"] == "started" and rows[0]["dtype"] in ("float32", "bfloat16") and rows[0]["threads"] >= 1
+    assert rows[0]["dtype_why"].startswith("auto: the model's MLP product")
     assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
 
 
@@ -545,7 +624,7 @@ def test_two_ranks_train_like_one(tmp_path):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                               "train.py", *args, *checkpointing, "--out-dir", str(out), "--export-hf",
                               str(out / "export")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
         assert run.returncode == 0, run.stderr[-2000:]
         runs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
         weights.append(load_file(out / "export" / "model.safetensors"))
@@ -632,12 +711,12 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path):
     command = [sys.executable, "train.py", *SMALL_RUN, *e3, "--steps", "4", "--save-every", "1"]
     # the unbroken run saves nothing (a checkpoint is 1.6 GB): saving must not change a run either
     unbroken = subprocess.run(command[:-2] + ["--out-dir", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=HANG_GUARD)
     assert unbroken.returncode == 0, unbroken.stderr[-2000:]
     out = tmp_path / "b"
     killed = subprocess.Popen(command + ["--out-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD
     while not (out / "checkpoints" / "step_000001").is_dir() and time.time() < deadline:
         time.sleep(0.2)
     killed.kill()  # SIGKILL, somewhere in step 2
@@ -647,7 +726,7 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path):
     half_written.mkdir()
     (half_written / ".metadata").write_text("garbage")
     resumed = subprocess.run(command + ["--out-dir", str(out), "--resume", "auto"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=HANG_GUARD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     a, b = step_rows(tmp_path / "a"), step_rows(out)
@@ -667,7 +746,8 @@ def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path):
              (["--export-hf", str(tmp_path)], "already exists")]
     for flags, message in cases:
         run = subprocess.run([sys.executable, "train.py", *SMALL_RUN, "--steps", "1", "--out-dir",
-                              str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True,
+                             timeout=HANG_GUARD)
         assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
@@ -700,7 +780,7 @@ def test_bench_trainer_runs_a_training_step(tmp_path):
     out = tmp_path / "trainer.json"
     run = subprocess.run([sys.executable, "bench.py", "trainer", "--sequences", "4", "--prompt-len", "8",
                           "--response-len", "8", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=HANG_GUARD)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0 and result["mfu"] is None  # no CPU peak

