@@ -119,6 +119,40 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def key_slots(b: "DecodeBatch", block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool slots of every row's keys, its prompt's and then its own, [R, K], and which are real. The
+    rest repeat the slot of the row's fed token, which this step writes, so nothing unwritten is read.
+    Rows outside every group (padding) have no prompt keys."""
+    rows, grouped = len(b.tokens), int(b.group_count.sum())  # grouped rows come first
+    group = torch.repeat_interleave(torch.arange(len(b.group_count), device=b.tokens.device),
+                                    b.group_count.long(), output_size=grouped)
+    prompt_len = b.prompt_len.new_zeros(rows)
+    prompt_len[:grouped] = b.prompt_len[group]
+    prompt_blocks = b.prompt_blocks.new_zeros(rows, b.prompt_blocks.shape[1])
+    prompt_blocks[:grouped] = b.prompt_blocks[group]
+
+    def slots(table, length):
+        t = torch.arange(int(length.max()), device=table.device)
+        return table[:, t // block_size].long() * block_size + t % block_size, t < length[:, None]
+
+    (prompt, prompt_valid), (own, own_valid) = slots(prompt_blocks, prompt_len), slots(b.block_table, b.seq_len)
+    valid = torch.cat([prompt_valid, own_valid], 1)
+    return torch.where(valid, torch.cat([prompt, own], 1), b.write_slots[:, None]), valid
+
+
+def gathered_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+                       valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention without Triton: each row's keys gathered from the pool by key_slots, then softmax
+    attention, [R, heads, d]. On a CPU the prompt KV costs little to read per row, and one gather per layer
+    beats the kernels' torch twins (prefix + paged decode + merge), whose indexing outweighs the attention."""
+    rows, heads, d = q.shape
+    kv_heads = k_pool.shape[2]
+    k, v = (pool.view(-1, kv_heads, d)[slots].float() for pool in (k_pool, v_pool))  # [R, K, kv_heads, d]
+    scores = torch.einsum("rgqd,rkgd->rgqk", q.float().view(rows, kv_heads, heads // kv_heads, d), k) * scale
+    p = scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
+    return torch.einsum("rgqk,rkgd->rgqd", p, v).reshape(rows, heads, d).to(q.dtype)
+
+
 class BlockPool:
     """KV memory in fixed-size blocks: a free list and a reference count per block."""
 
@@ -186,12 +220,11 @@ class Sampler:
         self.kv_shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
         self.k_pool = self.v_pool = None  # allocated by generate(), freed by release_kv()
         self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype.itemsize
-        # Triton kernels on CUDA, their plain-torch twins elsewhere (DESIGN.md, Kernels)
-        prefix = "" if (self.device.type == "cuda" if use_triton is None else use_triton) else "reference_"
+        # Triton kernels on CUDA, plain torch elsewhere (DESIGN.md, Kernels): there the KV write and sampling
+        # twins, and attention over each row's gathered keys (gathered_attention)
+        self.use_triton = self.device.type == "cuda" if use_triton is None else use_triton
+        prefix = "" if self.use_triton else "reference_"
         self.write_kv = getattr(attention, prefix + "write_kv")
-        self.prefix_attention = getattr(attention, prefix + "prefix_attention")
-        self.decode_attention = getattr(attention, prefix + "decode_attention")
-        self.merge_attention = getattr(attention, prefix + "merge_attention")
         self.sample = getattr(sampling, prefix + "sample")
         # Decode steps padded to power-of-two sizes and replayed as CUDA graphs, one per size
         # (on CPU, cuda_graphs=True pads and runs eagerly: that is how the padding is tested).
@@ -219,8 +252,9 @@ class Sampler:
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.weights[name + ".weight"], self.weights.get(name + ".bias"))
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Logits [..., T, vocab] (float32); attend(layer, q, k, v) -> [..., T, heads, d]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend, keep=None) -> torch.Tensor:
+        """Logits [..., T, vocab] (float32), or of the positions x[keep] only (the LM head is a large share
+        of the work); attend(layer, q, k, v) -> [..., T, heads, d]."""
         c, w = self.cfg, self.weights
         x = w["model.embed_tokens.weight"][tokens]
         angles = positions.float()[:, None] * self.inv_freq[None]
@@ -241,7 +275,7 @@ class Sampler:
             h = rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
             x = x + self._linear(F.silu(self._linear(h, p + "mlp.gate_proj")) * self._linear(h, p + "mlp.up_proj"),
                                  p + "mlp.down_proj")
-        x = rms_norm(x, w["model.norm.weight"], c.rms_norm_eps)
+        x = rms_norm(x if keep is None else x[keep], w["model.norm.weight"], c.rms_norm_eps)
         return F.linear(x, w["lm_head.weight"]).float()
 
     def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> torch.Tensor:
@@ -264,8 +298,8 @@ class Sampler:
                                                v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True)
             return o.transpose(1, 2)
 
-        logits = self.forward(tokens, torch.arange(max(lengths), device=self.device), attend)
-        return logits[torch.arange(len(prompts)), torch.tensor(lengths) - 1]
+        last = (torch.arange(len(prompts)), torch.tensor(lengths) - 1)
+        return self.forward(tokens, torch.arange(max(lengths), device=self.device), attend, keep=last)
 
     def sample_tokens(self, logits: torch.Tensor, keys: torch.Tensor, temperature: float, top_p: float):
         """Token, its logprob and the entropy of the sampling distribution, per row."""
@@ -301,14 +335,17 @@ class Sampler:
 
     def _decode(self, b: DecodeBatch, temperature: float, top_p: float):
         scale = self.cfg.head_dim ** -0.5
+        slots, valid = (None, None) if self.use_triton else key_slots(b, self.block_size)  # once for all layers
 
         def attend(layer, q, k, v):
             kp, vp = self.k_pool[layer], self.v_pool[layer]
             self.write_kv(kp, vp, k, v, b.write_slots)
-            o1, lse1 = self.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len, b.prompt_blocks,
-                                             scale, b.max_count)
-            o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
-            return self.merge_attention(o1, lse1, o2, lse2, q.dtype)
+            if not self.use_triton:
+                return gathered_attention(q, kp, vp, slots, valid, scale)
+            o1, lse1 = attention.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len,
+                                                  b.prompt_blocks, scale, b.max_count)
+            o2, lse2 = attention.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
+            return attention.merge_attention(o1, lse1, o2, lse2, q.dtype)
 
         return self.sample_tokens(self.forward(b.tokens, b.positions, attend), b.keys, temperature, top_p)
 

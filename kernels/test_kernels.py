@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels import attention
 from kernels.logprob import logprob, reference_logprob
 from kernels.sampling import hash32, reference_sample, sample
-from rollout import ModelConfig, Sampler
+from rollout import ModelConfig, Sampler, gathered_attention, key_slots
 
 DEVICE = os.environ.get("FANOUT_TEST_DEVICE", "cpu")
 
@@ -194,6 +194,23 @@ def test_shared_prefix_plus_own_attention_equals_dense(kernels, num_splits, dtyp
     o2, lse2 = decode(*decode_args(c, num_splits))
     o = merge(o1, lse1, o2, lse2, torch.float32)
     torch.testing.assert_close(o, dense_attention(c), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, head_dim, rep", CASES)
+def test_gathered_attention_equals_dense(dtype, head_dim, rep):
+    """The sampler's torch path: each row's prompt and own keys gathered by slot, plain attention."""
+    c = make_case(dtype, head_dim, rep, seed=5)
+    fed = c.seq_len.long() - 1  # the token a decode step feeds: its slot is always written
+    b = SimpleNamespace(tokens=c.seq_len, group_start=c.group_start, group_count=c.group_count,
+                        prompt_len=c.prompt_len, prompt_blocks=c.prompt_blocks, block_table=c.block_table,
+                        seq_len=c.seq_len, write_slots=c.block_table[torch.arange(len(fed)), fed // BLOCK_SIZE].long()
+                        * BLOCK_SIZE + fed % BLOCK_SIZE)
+    slots, valid = key_slots(b, BLOCK_SIZE)
+    assert valid.sum(1).tolist() == (c.prompt_len.repeat_interleave(c.group_count) + c.seq_len).tolist()
+    o = gathered_attention(c.q, c.k_pool, c.v_pool, slots, valid, c.scale)
+    assert o.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # the bf16 output's rounding
+    torch.testing.assert_close(o.float(), dense_attention(c), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES + [(torch.float32, 48, 3)])
