@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in interpreter mode on CPU
 
+import itertools
 import json
 import math
 import re
@@ -436,6 +437,60 @@ def test_response_logprobs_match_full_forward():
         want_entropy.append(-(logp.exp() * logp).sum(-1))
     torch.testing.assert_close(got.detach(), torch.cat(want), atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy.detach(), torch.cat(want_entropy), atol=1e-5, rtol=0)
+
+
+def grouped_sequences(seed: int):
+    """Three prompts with three responses of 1 to 7 tokens each, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, prompt_lens = [], []
+    for i, p in enumerate(random_prompts(256, [9, 14, 6], seed=seed)):
+        for k in range(3):
+            seqs.append(p + torch.randint(3, 256, (1 + (5 * k + i) % 7,), generator=g).tolist())
+            prompt_lens.append(len(p))
+    order = torch.randperm(len(seqs), generator=g).tolist()
+    return [seqs[i] for i in order], [prompt_lens[i] for i in order]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_shared_prompt_rows_match_one_row_per_response(kind):
+    """The CPU trainer runs each prompt once for all its responses: the same logprobs, entropies and
+    gradients as one padded row per response."""
+    model = tiny_model(kind, seed=6)
+    seqs, prompt_lens = grouped_sequences(seed=8)
+    rows, _ = train.pack_rows(seqs, prompt_lens, share_prompts=True)
+    assert len(rows) == 3 and sum(len(r[0]) for r in rows) == 29 + sum(len(s) - p - 1 for s, p in zip(seqs, prompt_lens))
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, entropy = train.response_logprobs(train.Policy(model), seqs, prompt_lens, 0.7, torch.float32, share)
+        (logp * torch.arange(len(logp)) + entropy).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logp, entropy, grads), (logp2, entropy2, grads2) = results
+    torch.testing.assert_close(logp2, logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy2, entropy, atol=1e-5, rtol=0)
+    for a, b in zip(grads2, grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_shared_row_keeps_responses_apart():
+    """Changing one response's tokens changes its own logprobs only, not those of the responses beside it
+    in the same row."""
+    model = tiny_model("llama", seed=2)
+    seqs, prompt_lens = grouped_sequences(seed=3)
+    policy = train.Policy(model)
+    with torch.no_grad():
+        before = train.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32, True)[0]
+        prompt = lambda j: seqs[j][:prompt_lens[j]]
+        # a response that comes first in its row, so that others follow it there
+        i = next(j for j in range(len(seqs)) if len(seqs[j]) - prompt_lens[j] >= 2
+                 and all(prompt(k) != prompt(j) for k in range(j)))
+        assert any(prompt(k) == prompt(i) for k in range(i + 1, len(seqs)))
+        changed = [list(s) for s in seqs]
+        changed[i][prompt_lens[i]:-1] = [(t + 1) % 256 for t in changed[i][prompt_lens[i]:-1]]
+        after = train.response_logprobs(policy, changed, prompt_lens, 1.0, torch.float32, True)[0]
+    starts = [0, *itertools.accumulate(len(s) - p for s, p in zip(seqs, prompt_lens))]
+    moved = [not torch.equal(before[a:b], after[a:b]) for a, b in zip(starts, starts[1:])]
+    assert moved == [j == i for j in range(len(seqs))]
 
 
 def test_missing_model_path_is_one_sentence(tmp_path):

@@ -408,31 +408,63 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, ids, mask, rows, cols, temperature: float, dot_dtype=None):
-        """kernels/logprob on the final hidden states of the response positions (DESIGN.md step 7): the LM
-        head is applied in vocabulary chunks, never as a [tokens, vocab] float32 tensor."""
-        hidden = self.lm.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols]
-        weight, targets = self.lm.lm_head.weight, ids[rows, cols + 1]
+    def forward(self, ids, mask, positions, rows, cols, targets, temperature: float, dot_dtype=None):
+        """kernels/logprob on the final hidden states at (rows, cols), the positions that predict `targets`
+        (DESIGN.md step 7): the LM head is applied in vocabulary chunks, never as a [tokens, vocab] float32
+        tensor."""
+        hidden = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state[rows, cols]
+        weight = self.lm.lm_head.weight
         if hidden.is_cuda:
             return logprob(hidden, weight, targets, temperature)
         return reference_logprob(hidden, weight, targets, temperature, dot_dtype=dot_dtype)
 
 
-def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype):
-    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0)."""
+def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False):
+    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), in the
+    order of `sequences`. share_prompts: responses to the same prompt share one row, the prompt run once."""
     device = next(policy.parameters()).device
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, device=device), 1
-    rows = torch.cat([torch.full((len(s) - p,), i) for i, (s, p) in enumerate(zip(sequences, prompt_lens))])
-    cols = torch.cat([torch.arange(p - 1, len(s) - 1) for s, p in zip(sequences, prompt_lens)])
+    rows, where = pack_rows(sequences, prompt_lens, share_prompts)
+    padded = lambda part, fill: torch.nn.utils.rnn.pad_sequence([torch.tensor(row[part]) for row in rows],
+                                                                batch_first=True, padding_value=fill)
+    ids, positions, segment = padded(0, 0), padded(1, 0), padded(2, -1)  # segment -1: padding
+    width = ids.shape[1]
+    if share_prompts:  # a token sees the prompt and its own response, causally (4D masks reach sdpa as they are)
+        seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        mask = (seen & (segment[:, None, :] >= 0) & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
+    else:
+        mask = (segment >= 0).long()
+    index = torch.tensor([rc for response in where for rc in response]).reshape(-1, 2)
+    row, col = index[:, 0].to(device), index[:, 1].to(device)
+    targets = torch.tensor([t for s, p in zip(sequences, prompt_lens) for t in s[p:]], device=device)
     low_precision = autocast_dtype != torch.float32
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=low_precision):
         # On CPU the LM-head products run in the autocast dtype too, as a plain lm_head call would (speed).
-        return policy(ids, mask, rows, cols, temperature if temperature > 0 else 1.0,
-                      autocast_dtype if low_precision else None)
+        return policy(ids.to(device), mask.to(device), positions.to(device), row, col, targets,
+                      temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
+
+
+def pack_rows(sequences, prompt_lens, share_prompts: bool):
+    """Model input rows for the response tokens of `sequences`: per row (tokens, positions, segment: 0 for the
+    prompt, k for its k-th response), each row one prompt and then the responses that continue it (with
+    share_prompts all of them, else one); a response sits at the positions it has after the prompt alone,
+    and its last token, which predicts nothing, is left out. Per response: the (row, column) of the token
+    that predicts each of its tokens, the prompt's last for the first."""
+    rows, row_of, where = [], {}, []
+    for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        key = tuple(s[:p]) if share_prompts else i
+        if key not in row_of:
+            row_of[key] = len(rows)
+            rows.append((list(s[:p]), list(range(p)), [0] * p, [0]))  # the last: responses in the row so far
+        r = row_of[key]
+        tokens, positions, segment, count = rows[r]
+        count[0] += 1
+        start, response = len(tokens), s[p:]
+        tokens += response[:-1]
+        positions += range(p, p + len(response) - 1)
+        segment += [count[0]] * (len(response) - 1)
+        where.append([(r, c) for c in [p - 1, *range(start, start + len(response) - 1)]])
+    return rows, where
 
 
 def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -491,11 +523,16 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
     batches += [[] for _ in range(all_max(len(batches)) - len(batches))]
 
+    # On a CPU, where training is compute-bound and a demo prompt is longer than its responses, each prompt
+    # runs once for all its responses in a micro-batch; on a GPU the dense 4D mask that this takes would keep
+    # sdpa off its flash kernels, so there every response runs with its own copy of the prompt.
+    share = next(model.parameters()).device.type == "cpu"
+
     def logprobs(m, b):
         if not b:  # an empty micro-batch: one dummy token
             return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
         return response_logprobs(m, [batch.sequences[i] for i in b], [batch.prompt_lens[i] for i in b], temperature,
-                                 autocast_dtype)
+                                 autocast_dtype, share)
 
     def per_response(values: list[torch.Tensor]) -> dict:  # micro-batch token values -> {response: tokens}
         out = {}
