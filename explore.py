@@ -8,9 +8,9 @@ state_dict().
 
 import math
 import random
-from fractions import Fraction
 from typing import Sequence
 
+import numpy as np
 import torch
 
 import loss
@@ -115,27 +115,25 @@ def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int
 
 def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, G_max: int) -> list[int]:
     """E3's rollouts for each prompt of a batch with difficulty ranks `ranks` (k_i in [0, 1), higher =
-    harder); the total stays B*G and every budget stays within [G_min, G_max]."""
+    harder), exactly as the released code's get_rollout_n_per_prompt (ALGORITHMS.md 3) but for the cap in
+    step 2; the total stays B*G and every budget stays within [G_min, G_max]."""
     _check_budget(G, G_min, G_max)
-    k = [float(x) for x in ranks]
-    if not k:
+    k = np.asarray([float(x) for x in ranks], dtype=np.float64)
+    if not len(k):
         return []
-    # Ranks are position/|D|: do step 2 in exact fractions, so a share that is a whole number
-    # (8 * (5/6) / (4/3) = 5, which floats make 4.999...) never floors to one less.
-    exact = [Fraction(x).limit_denominator(1 << 30) for x in k]
-    extra, total = len(k) * (G - G_min), sum(exact)
-    shares = [extra * x / total if total else Fraction(extra, len(k)) for x in exact]
-    # Steps 1 and 2. The original does not cap step 2 at G_max; we do, so no prompt exceeds it.
-    budgets = [G_min + min(math.floor(s), G_max - G_min) for s in shares]
-    # Step 3: the leftover one at a time, hardest first (ties: lower batch position first), in rounds,
-    # since the cap can leave more than one per prompt; B*G <= B*G_max, so there is always room.
-    hardest_first = sorted(range(len(k)), key=lambda i: -k[i])
+    # Step 2 in numpy's float64, as the original: the shares, its 1e-8, numpy's pairwise sum and the floor
+    # all decide which prompts reach the next whole rollout.
+    total = k.sum()
+    w = k / (total + 1e-8) if total > 0 else np.zeros_like(k)
+    budgets = np.floor(np.full(len(k), float(G_min)) + float(len(k) * (G - G_min)) * w).astype(np.int64)
+    budgets = np.minimum(budgets, G_max).tolist()  # the cap is ours: the original can exceed G_max here
+    # Step 3: the leftover to the hardest prompt first (ties: batch order), each filled up to G_max before
+    # the next is served; B*G <= B*G_max, so one pass always places it all.
     left = len(k) * G - sum(budgets)
-    while left > 0:
-        for i in hardest_first:
-            if left > 0 and budgets[i] < G_max:
-                budgets[i] += 1
-                left -= 1
+    for i in sorted(range(len(k)), key=lambda i: -w[i]):
+        take = min(left, G_max - budgets[i])
+        budgets[i] += take
+        left -= take
     return budgets
 
 
@@ -145,18 +143,19 @@ class TemperatureController:
     silently froze tau by measuring entropy only when an entropy bonus was on."""
 
     def __init__(self, tau0: float, vocab_size: int, total_steps: int, tau_min: float = 0.5,
-                 tau_max: float = 2.0, eta: float = 0.9, anneal_from: float = 0.6):
+                 tau_max: float = 2.0, eta: float = 0.9, anneal_last: float = 0.4):
         if not 0 < tau_min <= tau_max:
             raise ValueError(f"--tau-min {tau_min} and --tau-max {tau_max} must satisfy 0 < min <= max")
         if not tau_min <= tau0 <= tau_max:
             raise ValueError(f"--temperature {tau0} is outside --tau-min {tau_min} .. --tau-max {tau_max}")
         self.tau, self.h0 = tau0, None
         self.tau_min, self.tau_max, self.eta = tau_min, tau_max, eta
-        self.total_steps, self.anneal_start = total_steps, anneal_from * total_steps
+        # annealing starts at t_a = T - int(0.4 T), a whole step, as the released scheduler computes it
+        self.total_steps, self.anneal_start = total_steps, total_steps - int(anneal_last * total_steps)
         self.scale = math.log(vocab_size) + math.log(math.log(vocab_size))
 
     def target(self, step: int) -> float:
-        """H0 until anneal_from * T, then a cosine down to eta * H0 at step T."""
+        """H0 until t_a = T - int(anneal_last * T), then a cosine down to eta * H0 at step T."""
         if self.h0 is None:
             raise RuntimeError("no entropy recorded yet: call update() with the first batch's entropy")
         t_a, T = self.anneal_start, self.total_steps
