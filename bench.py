@@ -5,7 +5,7 @@ trainer's step throughput and MFU; the fused log-prob kernel's memory against ma
                                             # 64 rollouts of one 256-token prompt
     python bench.py sampler --device cuda   # GPU: a random Qwen2.5-1.5B-shaped model, prompts 256/1024/4096,
                                             # N in {16, 64, 512, 2048} rollouts per prompt at the same total
-    python bench.py trainer [--device cuda] # one RL update (train.train_on_batch): tokens/s, TFLOP/s, MFU
+    python bench.py trainer [--device cuda] # one RL update (trainer.train_on_batch): tokens/s, TFLOP/s, MFU
                                             # (CPU: SmolLM2-135M; GPU: Qwen2.5-1.5B shape, FSDP2 on one rank)
     python bench.py logprob [--device cuda] # peak memory of response logprobs + entropies, forward and
                                             # backward, 8192 tokens x 49,152 vocabulary x 576: chunked vs full
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import transformers
 
+import cluster
+import trainer
 from kernels import attention
 from rollout import ModelConfig, Sampler
 
@@ -79,21 +81,20 @@ def run_hf(model, prompt: list[int], n: int, new_tokens: int, device):
             "kv_bytes": cache_bytes(out.past_key_values)}
 
 
-def cpu_dtype(args, train, hf_config) -> tuple[torch.dtype, dict]:
+def cpu_dtype(args, hf_config) -> tuple[torch.dtype, dict]:
     """train.py's compute dtype for this CPU (--dtype auto probes it, as a run does) and how it was chosen."""
-    train.set_threads()
-    dtype, why = train.pick_dtype(args.dtype, torch.device("cpu"), hf_config.hidden_size,
+    cluster.set_threads()
+    dtype, why = cluster.pick_dtype(args.dtype, torch.device("cpu"), hf_config.hidden_size,
                                   hf_config.intermediate_size, "~/.cache/fanout")
     print(f"dtype {str(dtype).removeprefix('torch.')} ({why}); {torch.get_num_threads()} threads")
     return dtype, {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
 
 
 def bench_cpu(args) -> dict:
-    train = import_train()  # the embedded model lives behind train.resolve_model
-    path = train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout")
+    path = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    dtype, chosen = cpu_dtype(args, train, model.config)
+    dtype, chosen = cpu_dtype(args, model.config)
     model = model.to(dtype)  # HF generate in the same dtype: the faster one on this CPU for both
     prompt = fixed_prompt(tokenizer, 256)
     sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", kv_budget_tokens=1 << 15,
@@ -206,8 +207,8 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM d
 
 
 def import_train():
-    """train.py, on a machine with only torch, triton and transformers: the trainer step needs neither
-    the CLI (tyro) nor the verifiers (reward.py: reasoning-gym, math-verify), so stand-ins fill in."""
+    """train.py (for its Config), on a machine with only torch, triton and transformers: the trainer step
+    needs neither the CLI (tyro) nor the verifiers (reward.py: reasoning-gym, math-verify): stand-ins."""
     for name in ("tyro", "reward"):
         try:
             __import__(name)
@@ -237,15 +238,15 @@ def bench_trainer(args) -> dict:
         lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(device)
         chosen = {"dtype": "bfloat16"}
     else:
-        path = train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout")
+        path = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
         lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         hf_config = lm.config
-        dtype, chosen = cpu_dtype(args, train, hf_config)
+        dtype, chosen = cpu_dtype(args, hf_config)
     if args.activation_checkpointing:
-        train.checkpoint_layers(lm)
-    model = train.Policy(lm)
+        trainer.checkpoint_layers(lm)
+    model = trainer.Policy(lm)
     if device.type == "cuda":
-        train.shard(model, device, dtype)
+        cluster.shard(model, device, dtype)
     cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     gen = torch.Generator().manual_seed(0)
@@ -256,9 +257,9 @@ def bench_trainer(args) -> dict:
     # groups of 4 responses, two right and two wrong each, so that every response has an advantage
     group, rewards = torch.arange(args.sequences) // 4, (torch.arange(args.sequences) % 2).float()
     per_token = [torch.zeros(args.response_len)] * args.sequences  # sampler logprobs and entropies: unused here
-    batch = train.Batch(sequences, prompt_lens, group, rewards, per_token, per_token,
+    batch = trainer.Batch(sequences, prompt_lens, group, rewards, per_token, per_token,
                         torch.ones(args.sequences, dtype=torch.bool), {})
-    step = lambda: train.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
+    step = lambda: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
     step()  # warm-up: allocator, Triton compilation, optimizer state
     _, seconds = timed(lambda: [step() for _ in range(args.repeats)], args.device)
     seconds /= args.repeats
@@ -342,14 +343,14 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--kv-budget-tokens", type=int, default=1 << 21)
     parser.add_argument("--max-slots", type=int, default=2048)
-    trainer = parser.add_argument_group("trainer")
-    trainer.add_argument("--sequences", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
-    trainer.add_argument("--prompt-len", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
-    trainer.add_argument("--response-len", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
-    trainer.add_argument("--tokens-per-microbatch", type=int, default=16384)
-    trainer.add_argument("--activation-checkpointing", action="store_true")
-    trainer.add_argument("--repeats", type=int, default=3)
-    trainer.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
+    trainer_args = parser.add_argument_group("trainer")
+    trainer_args.add_argument("--sequences", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
+    trainer_args.add_argument("--prompt-len", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
+    trainer_args.add_argument("--response-len", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
+    trainer_args.add_argument("--tokens-per-microbatch", type=int, default=16384)
+    trainer_args.add_argument("--activation-checkpointing", action="store_true")
+    trainer_args.add_argument("--repeats", type=int, default=3)
+    trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.sequences = args.sequences or (16 if gpu else 8)

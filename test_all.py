@@ -20,10 +20,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+import cluster
+import collect
 import explore
 import loss
+import outputs
 import reward
 import train
+import trainer
 from kernels.sampling import hash32, reference_sample
 from kernels.test_kernels import *  # noqa: F401,F403 (the kernel tests run here too, in the interpreter)
 from kernels.test_kernels import random_prompts, tiny_config, tiny_model
@@ -42,7 +46,7 @@ HANG_GUARD = 1800
 
 @pytest.fixture(scope="session")
 def smollm2():
-    path = train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout")
+    path = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, tok
@@ -70,7 +74,7 @@ def test_greedy_matches_hf_tiny(kind):
 def test_greedy_matches_hf_smollm2(smollm2):
     model, tok = smollm2
     sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", dtype=torch.float32)
-    prompts = train.encode_prompts(tok, "{question}", [{"question": "What is 3+4?"},
+    prompts = collect.encode_prompts(tok, "{question}", [{"question": "What is 3+4?"},
                                                        {"question": "Write a haiku about the sea."}])
     out = sampler.generate(prompts, [1, 1], max_new_tokens=40, temperature=0.0, stop_token_ids=[tok.eos_token_id])
     for p, tokens, reason in zip(out.prompt_index, out.tokens, out.finish_reason):
@@ -412,12 +416,12 @@ def test_pass_at_k_matches_enumeration():
     for n, c, k in [(4, 0, 1), (4, 1, 1), (5, 2, 3), (6, 6, 2), (8, 3, 8)]:
         outcomes = [1] * c + [0] * (n - c)
         subsets = list(itertools.combinations(outcomes, k))
-        assert abs(train.pass_at_k(n, c, k) - sum(any(s) for s in subsets) / len(subsets)) < 1e-12
+        assert abs(collect.pass_at_k(n, c, k) - sum(any(s) for s in subsets) / len(subsets)) < 1e-12
 
 
 def test_microbatches_respect_the_token_budget():
     lengths = [5, 90, 33, 33, 70, 12, 64, 1, 100]
-    batches = train.microbatches(lengths, budget=128)
+    batches = trainer.microbatches(lengths, budget=128)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 128
@@ -427,7 +431,7 @@ def test_response_logprobs_match_full_forward():
     model = tiny_model("llama", seed=6)
     seqs = random_prompts(256, [9, 14, 6], seed=8)
     prompt_lens = [4, 10, 2]
-    got, entropy = train.response_logprobs(train.Policy(model), seqs, prompt_lens, temperature=0.5,
+    got, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, temperature=0.5,
                                            autocast_dtype=torch.float32)
     want, want_entropy = [], []
     for s, p in zip(seqs, prompt_lens):
@@ -457,12 +461,12 @@ def test_shared_prompt_rows_match_one_row_per_response(kind):
     gradients as one padded row per response."""
     model = tiny_model(kind, seed=6)
     seqs, prompt_lens = grouped_sequences(seed=8)
-    rows, _ = train.pack_rows(seqs, prompt_lens, share_prompts=True)
+    rows, _ = trainer.pack_rows(seqs, prompt_lens, share_prompts=True)
     assert len(rows) == 3 and sum(len(r[0]) for r in rows) == 29 + sum(len(s) - p - 1 for s, p in zip(seqs, prompt_lens))
     results = []
     for share in (False, True):
         model.zero_grad()
-        logp, entropy = train.response_logprobs(train.Policy(model), seqs, prompt_lens, 0.7, torch.float32, share)
+        logp, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, 0.7, torch.float32, share)
         (logp * torch.arange(len(logp)) + entropy).sum().backward()
         results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
     (logp, entropy, grads), (logp2, entropy2, grads2) = results
@@ -477,9 +481,9 @@ def test_a_shared_row_keeps_responses_apart():
     in the same row."""
     model = tiny_model("llama", seed=2)
     seqs, prompt_lens = grouped_sequences(seed=3)
-    policy = train.Policy(model)
+    policy = trainer.Policy(model)
     with torch.no_grad():
-        before = train.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32, True)[0]
+        before = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32, True)[0]
         prompt = lambda j: seqs[j][:prompt_lens[j]]
         # a response that comes first in its row, so that others follow it there
         i = next(j for j in range(len(seqs)) if len(seqs[j]) - prompt_lens[j] >= 2
@@ -487,7 +491,7 @@ def test_a_shared_row_keeps_responses_apart():
         assert any(prompt(k) == prompt(i) for k in range(i + 1, len(seqs)))
         changed = [list(s) for s in seqs]
         changed[i][prompt_lens[i]:-1] = [(t + 1) % 256 for t in changed[i][prompt_lens[i]:-1]]
-        after = train.response_logprobs(policy, changed, prompt_lens, 1.0, torch.float32, True)[0]
+        after = trainer.response_logprobs(policy, changed, prompt_lens, 1.0, torch.float32, True)[0]
     starts = [0, *itertools.accumulate(len(s) - p for s, p in zip(seqs, prompt_lens))]
     moved = [not torch.equal(before[a:b], after[a:b]) for a, b in zip(starts, starts[1:])]
     assert moved == [j == i for j in range(len(seqs))]
@@ -495,7 +499,7 @@ def test_a_shared_row_keeps_responses_apart():
 
 def test_missing_model_path_is_one_sentence(tmp_path):
     with pytest.raises(SystemExit, match="no config.json there"):
-        train.resolve_model(str(tmp_path / "nope"), str(tmp_path))
+        trainer.resolve_model(str(tmp_path / "nope"), str(tmp_path))
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -524,38 +528,38 @@ def test_bad_config_is_one_sentence(fields, message):
 
 def test_dtype_auto_probes_once_per_cpu_and_picks_the_faster(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
-    dtype, why = train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
+    dtype, why = cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
     cache = json.loads((tmp_path / "dtype_probe.json").read_text())
     [(key, ms)] = cache.items()
-    assert train.cpu_identity() in key and "64x128" in key and ms["float32"] > 0 and ms["bfloat16"] > 0
+    assert cluster.cpu_identity() in key and "64x128" in key and ms["float32"] > 0 and ms["bfloat16"] > 0
     assert dtype == (torch.bfloat16 if ms["bfloat16"] < ms["float32"] else torch.float32)
     assert not ms["stopped"] or ms["bfloat16"] > ms["float32"]  # bf16 stops early only once it is slower
     assert f"{ms['float32']:.1f} ms in float32" in why
-    monkeypatch.setattr(train, "probe_matmuls", lambda *a: pytest.fail("probed again; the cache holds the answer"))
-    assert train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == dtype
+    monkeypatch.setattr(cluster, "probe_matmuls", lambda *a: pytest.fail("probed again; the cache holds the answer"))
+    assert cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == dtype
     for bf16_ms, expected in ((0.5, torch.bfloat16), (2.0, torch.float32)):  # a CPU with and without bf16 units
         cache[key] = {"float32": 1.0, "bfloat16": bf16_ms, "stopped": False}
         (tmp_path / "dtype_probe.json").write_text(json.dumps(cache))
-        assert train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == expected
-    assert train.pick_dtype("float32", cpu, 64, 128, str(tmp_path)) == (torch.float32, "--dtype float32")
-    assert train.pick_dtype("auto", torch.device("cuda"), 64, 128, str(tmp_path))[0] == torch.bfloat16
+        assert cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == expected
+    assert cluster.pick_dtype("float32", cpu, 64, 128, str(tmp_path)) == (torch.float32, "--dtype float32")
+    assert cluster.pick_dtype("auto", torch.device("cuda"), 64, 128, str(tmp_path))[0] == torch.bfloat16
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another CPU: its own probe
-    assert "oneDNN ISA AVX2" in train.cpu_identity()
+    assert "oneDNN ISA AVX2" in cluster.cpu_identity()
     with pytest.raises(pytest.fail.Exception, match="probed again"):
-        train.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
+        cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
 
 
 def test_threads_are_the_physical_cores_of_the_affinity(monkeypatch):
-    cores = train.physical_cores()
+    cores = cluster.physical_cores()
     assert 1 <= cores <= len(os.sched_getaffinity(0))
     threads = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-        train.set_threads()
+        cluster.set_threads()
         assert torch.get_num_threads() == cores
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more ranks than cores: one thread each
-        train.set_threads()
+        cluster.set_threads()
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -691,25 +695,34 @@ def test_two_ranks_train_like_one(tmp_path):
             assert a[key] == b[key], (key, a[key], b[key])
         for key in ("entropy", "loss", "grad_norm", "tis_weight", "echo_loss"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
-    initial = load_file(train.resolve_model(train.EMBEDDED_MODEL, train.Config().cache_dir) / "model.safetensors")
+    initial = load_file(trainer.resolve_model(trainer.EMBEDDED_MODEL, train.Config().cache_dir) / "model.safetensors")
     assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 100
     assert any(not torch.equal(weights[0][k], initial[k]) for k in weights[0])  # the runs did train
+    # AdamW moves a weight by about lr x sign(g) wherever |g| is tiny, so where a gradient sits at the float noise
+    # of the two layouts (other rows per rank, a sum over ranks) its sign can flip and that weight differ by up to
+    # 2 lr a step. Allow that for a handful of the 135M weights (seen: 4 embedding entries, 7e-6) and nothing more.
+    lr, steps = 1e-5, 2
+    flipped = 0
     for name in weights[0]:
-        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-7)
+        a, b = weights[0][name], weights[1][name]
+        apart = ~torch.isclose(a, b, rtol=1e-5, atol=1e-7)
+        flipped += int(apart.sum())
+        assert ((a - b)[apart].abs() <= 2 * lr * steps).all(), name
+    assert flipped <= 100, f"{flipped} weights differ between 1 and 2 ranks"
 
 
 def test_prompts_split_over_ranks_by_budget():
     gen = torch.Generator().manual_seed(0)
     for world in (1, 2, 3, 8):
         budgets = torch.randint(1, 40, (24,), generator=gen).tolist()
-        shares = train.split_by_budget(budgets, world)
+        shares = cluster.split_by_budget(budgets, world)
         assert sorted(i for share in shares for i in share) == list(range(24))
         loads = [sum(budgets[i] for i in share) for share in shares]
         assert max(loads) - min(loads) <= max(budgets)
-    assert train.split_by_budget([8] * 4, 2) == [[0, 2], [1, 3]]  # equal budgets: equal shares
-    assert train.split_by_budget([12, 4, 4, 4], 2) == [[0], [1, 2, 3]]
+    assert cluster.split_by_budget([8] * 4, 2) == [[0, 2], [1, 3]]  # equal budgets: equal shares
+    assert cluster.split_by_budget([12, 4, 4, 4], 2) == [[0], [1, 2, 3]]
     with pytest.raises(SystemExit, match="--prompts-per-step 6 does not split over 4 ranks"):
-        train.check_world_size(train.Config(prompts_per_step=6), 4)
+        cluster.check_world_size(train.Config(prompts_per_step=6), 4)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -718,10 +731,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model("llama", seed=4)
         if checkpointing:
-            train.checkpoint_layers(model)
+            trainer.checkpoint_layers(model)
         calls = []
         model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
-        logp, entropy = train.response_logprobs(train.Policy(model), seqs, prompt_lens, 0.7, torch.float32)
+        logp, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, 0.7, torch.float32)
         (logp.sum() + entropy.sum()).backward()
         grads.append([p.grad for p in model.parameters()])
         layer_calls.append(len(calls))
@@ -732,18 +745,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_checkpoint_holds_model_optimizer_and_reference(tmp_path):
     def parts(seed):
-        model = train.Policy(tiny_model("llama", seed=seed))
-        ref = train.Policy(tiny_model("llama", seed=seed + 1).requires_grad_(False))
+        model = trainer.Policy(tiny_model("llama", seed=seed))
+        ref = trainer.Policy(tiny_model("llama", seed=seed + 1).requires_grad_(False))
         return model, torch.optim.AdamW(model.parameters()), ref
 
     model, optimizer, ref = parts(0)
-    train.reset_reference(ref, model)
+    trainer.reset_reference(ref, model)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     sum(p.sum() for p in model.parameters()).backward()
     optimizer.step()  # now model, optimizer state and reference all differ from a fresh start
-    train.save_checkpoint(train.Config(out_dir=str(tmp_path)), model, optimizer, ref, 3, rank=0)
+    outputs.save_checkpoint(train.Config(out_dir=str(tmp_path)), model, optimizer, ref, 3, rank=0)
     model2, optimizer2, ref2 = parts(5)
-    assert train.load_checkpoint(tmp_path / "checkpoints" / "step_000003", model2, optimizer2, ref2, rank=0) == (4, None)
+    assert outputs.load_checkpoint(tmp_path / "checkpoints" / "step_000003", model2, optimizer2, ref2, rank=0) == (4, None)
     for a, b in zip([*model.parameters(), *ref.parameters()], [*model2.parameters(), *ref2.parameters()]):
         assert torch.equal(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
@@ -814,7 +827,7 @@ def test_exported_model_loads_in_transformers_and_decodes_like_the_sampler(tmp_p
                             export_hf=str(tmp_path / "export")))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
     sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", dtype=torch.float32)
-    prompts = train.encode_prompts(transformers.AutoTokenizer.from_pretrained(tmp_path / "export"), "{question}",
+    prompts = collect.encode_prompts(transformers.AutoTokenizer.from_pretrained(tmp_path / "export"), "{question}",
                                    [{"question": "What is 2 + 2?"}])
     out = sampler.generate(prompts, [1], max_new_tokens=12, temperature=0.0)
     assert out.tokens[0] == hf_greedy(model, prompts[0], 12, eos=None)
@@ -822,16 +835,16 @@ def test_exported_model_loads_in_transformers_and_decodes_like_the_sampler(tmp_p
 
 def test_learning_rate_schedules():
     cfg = train.Config(lr=1.0, steps=10, warmup_steps=2, lr_schedule="cosine")
-    lrs = [train.lr_at(cfg, s) for s in range(10)]
+    lrs = [trainer.lr_at(cfg, s) for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < 0.05 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
-    assert [train.lr_at(train.Config(lr=2.0, steps=10, warmup_steps=4), s) for s in (0, 9)] == [2.0, 2.0]
+    assert [trainer.lr_at(train.Config(lr=2.0, steps=10, warmup_steps=4), s) for s in (0, 9)] == [2.0, 2.0]
     warmup = train.Config(lr=2.0, steps=10, warmup_steps=4, lr_schedule="warmup")
-    assert [train.lr_at(warmup, s) for s in (0, 3, 9)] == [0.5, 2.0, 2.0]
+    assert [trainer.lr_at(warmup, s) for s in (0, 3, 9)] == [0.5, 2.0, 2.0]
     assert math.isclose(train.brorl_lr(1e-6, 512 * 16, 128 * 512), 1e-6 * math.sqrt(8))
 
 
 def test_bench_trainer_runs_a_training_step(tmp_path):
-    """bench.py trainer drives train.train_on_batch; a tiny case keeps the two in step."""
+    """bench.py trainer drives trainer.train_on_batch; a tiny case keeps the two in step."""
     out = tmp_path / "trainer.json"
     run = subprocess.run([sys.executable, "bench.py", "trainer", "--sequences", "4", "--prompt-len", "8",
                           "--response-len", "8", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,

@@ -318,8 +318,8 @@ def test_step_token_ids_finds_newline_tokens_in_a_toy_tokenizer():
 def test_step_token_ids_on_the_real_tokenizer():
     from transformers import AutoTokenizer
 
-    import train  # the embedded model's folder (converted from its GGUF on first use)
-    tok = AutoTokenizer.from_pretrained(train.resolve_model(train.EMBEDDED_MODEL, "~/.cache/fanout"))
+    import trainer  # the embedded model's folder (converted from its GGUF on first use)
+    tok = AutoTokenizer.from_pretrained(trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout"))
     newline, blank = loss.step_token_ids(tok)
     nl, = tok.encode("\n")
     letter, = tok.encode("a")

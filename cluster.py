@@ -1,0 +1,206 @@
+"""fanout's processes: torchrun set-up, the compute dtype and threads of a CPU, collectives over ranks,
+FSDP2 sharding, and the hand-off of the trainer's weights to the sampler. The one place that knows
+about torch.distributed's process groups.
+"""
+
+from __future__ import annotations  # Config and friends are named in hints only: no import cycle
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from train import Config
+    from trainer import Policy
+    from rollout import Sampler
+
+
+# ---- process setup ----
+
+def setup_process():
+    """(rank, world size, device); nccl on CUDA, gloo on CPU, when launched by torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    set_threads()
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def set_threads() -> None:
+    """torch's intra-op threads: OMP_NUM_THREADS when set (torchrun sets 1 when it starts several ranks),
+    else this rank's share of the physical cores the process may run on; a thread per hyper-thread only
+    makes two threads fight over one core's units. The scoring workers (reward.py) sit idle, blocked on
+    their queue, while the model samples or trains, so they take nothing from these threads."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) among the CPUs this process may run on (its affinity, as taskset or a
+    container sets it); on systems without Linux's topology files, the CPUs themselves."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            cores.add(cpu)
+    return len(cores)
+
+
+# ---- the compute dtype of a CPU ----
+
+def pick_dtype(requested: str, device, hidden: int, intermediate: int, cache_dir: str) -> tuple[torch.dtype, str]:
+    """The compute dtype and why. auto: bfloat16 on CUDA; on a CPU whichever of bfloat16 and float32 ran the
+    model's own MLP product faster (forward and both backward products), probed once per CPU, torch build
+    and model shape, and cached. Without bf16 units (AVX-512 BF16, AMX) a bf16 product falls back to a
+    generic kernel: measured 40x slower than float32 in the backward on an AVX2 CPU."""
+    if requested != "auto":
+        return getattr(torch, requested), f"--dtype {requested}"
+    if device.type == "cuda":
+        return torch.bfloat16, "auto: bfloat16 on CUDA"
+    key = f"{cpu_identity()} | torch {torch.__version__} | {hidden}x{intermediate} | {torch.get_num_threads()} threads"
+    cache = Path(cache_dir).expanduser() / "dtype_probe.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in known:
+        known[key] = probe_matmuls(hidden, intermediate)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)  # atomic: ranks probing at once never leave half a file
+    ms = known[key]
+    name = "bfloat16" if ms["bfloat16"] < ms["float32"] else "float32"
+    bf16 = f"over {ms['bfloat16']:.1f} ms (stopped there)" if ms["stopped"] else f"{ms['bfloat16']:.1f} ms"
+    return getattr(torch, name), (f"auto: the model's MLP product, forward + backward, took {ms['float32']:.1f} ms in "
+                                  f"float32 and {bf16} in bfloat16 on this CPU (probe cached in {cache})")
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and a digest of its feature flags, and the kernel set torch and oneDNN may use
+    (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower it): what decides the speed of a bf16 product."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                               if line.startswith(name)), "")
+    flags = hashlib.sha1(field("flags").encode()).hexdigest()[:12]
+    return (f"{field('model name') or platform.processor()} | flags {flags} | "
+            f"{torch.backends.cpu.get_cpu_capability()} | oneDNN ISA {os.environ.get('ONEDNN_MAX_CPU_ISA', 'max')}")
+
+
+def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int = 3) -> dict:
+    """Milliseconds of x @ W.T, dy @ W and dy.T @ x for a [rows, hidden] x [intermediate, hidden] product
+    (the MLP's shape), best of `repeats` each, summed, per dtype. bfloat16 stops as soon as the best of two
+    tries leaves it slower than float32 was in all three (stopped=True): on a CPU without bf16 units that
+    is within the first product, so the probe takes a few tens of milliseconds."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(shape, generator=gen) for shape in ((rows, hidden), (intermediate, hidden),
+                                                                (rows, intermediate)))
+    result = {"stopped": False}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b, c = (t.to(dtype) for t in (x, w, dy))
+        total = 0.0
+        for product in (lambda: a @ b.T, lambda: c @ b, lambda: c.T @ a):
+            best = math.inf
+            for i in range(repeats):
+                start = time.perf_counter()
+                product()
+                best = min(best, time.perf_counter() - start)
+                if dtype == torch.bfloat16 and i > 0 and (total + best) * 1e3 > result["float32"]:
+                    result["stopped"] = True
+                    break
+            total += best
+            if result["stopped"]:
+                break
+        result[str(dtype).removeprefix("torch.")] = total * 1e3
+    return result
+
+
+# ---- collectives: each is the value itself on one process ----
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """t reduced over ranks (t itself on one process); nccl needs it on the GPU."""
+    if dist.is_initialized():
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=op)
+    return t
+
+
+def all_sum(*values: float) -> list[float]:
+    """Element-wise sums over ranks (the values themselves on one process)."""
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
+
+
+def all_max(value: int) -> int:
+    return int(_all_reduce(torch.tensor([value]), dist.ReduceOp.MAX).item())
+
+
+def all_gather(obj) -> list:
+    """Every rank's obj, in rank order (just [obj] on one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of n items."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def check_world_size(cfg: Config, world: int) -> None:
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {world} ranks; "
+                         "use a multiple of the number of processes")
+
+
+def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
+    """Prompt positions per rank, balanced by rollouts: the largest budget first, each onto the rank
+    with the fewest rollouts so far (ties: fewer prompts, then the lower rank). Every rank samples its
+    prompts' groups whole, so each prompt's KV is stored once, on one rank."""
+    shares, load = [[] for _ in range(world)], [0] * world
+    for i in sorted(range(len(budgets)), key=lambda i: -budgets[i]):
+        r = min(range(world), key=lambda r: (load[r], len(shares[r]), r))
+        shares[r].append(i)
+        load[r] += budgets[i]
+    return [sorted(share) for share in shares]
+
+
+# ---- FSDP2 and the weight hand-off ----
+
+def shard(model: Policy, device, dtype) -> None:
+    """FSDP2: every decoder layer, then the root. On GPU, bf16 parameters with float32 gradient
+    reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
+        MixedPrecisionPolicy()
+    for layer in model.lm.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def sync_sampler(sampler: Sampler, model) -> None:
+    """Hand the trainer's weights to the sampler tensor by tensor: each shard is cast to the
+    sampler's dtype, gathered, and copied into the sampler's buffer on the device (no files, no CPU)."""
+    with torch.no_grad():
+        for name, t in model.lm.state_dict().items():
+            if name in sampler.weights:
+                t = t.to(sampler.dtype)
+                sampler.weights[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)

