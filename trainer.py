@@ -205,10 +205,10 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
     batches += [[] for _ in range(all_max(len(batches)) - len(batches))]
 
-    # On a CPU, where training is compute-bound and a demo prompt is longer than its responses, each prompt
-    # runs once for all its responses in a micro-batch; on a GPU the dense 4D mask that this takes would keep
-    # sdpa off its flash kernels, so there every response runs with its own copy of the prompt.
-    share = False  # shared rows made two identical CPU runs differ (the resume test): off until that is found
+    # Shared-prompt rows (each prompt once for all its responses) would suit a CPU, where training is
+    # compute-bound, but not a GPU (their dense 4D mask keeps sdpa off its flash kernels). They are off: with
+    # them two identical CPU runs logged different losses (the resume test), a cause not yet found.
+    share = False
 
     def logprobs(m, b):
         if not b:  # an empty micro-batch: one dummy token
