@@ -11,11 +11,13 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -128,37 +130,41 @@ def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int =
     return result
 
 
-# ---- collectives: each is the value itself on one process ----
+# ---- collectives: each is the value itself on one process; `group` None = every rank ----
 
-def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
-    """t reduced over ranks (t itself on one process); nccl needs it on the GPU."""
+def _all_reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
+    """t reduced over the group's ranks (t itself on one process); nccl needs it on the GPU."""
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=op, group=group)
     return t
 
 
-def all_sum(*values: float) -> list[float]:
+def all_sum(*values: float, group=None) -> list[float]:
     """Element-wise sums over ranks (the values themselves on one process)."""
-    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
+    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM, group).tolist()
 
 
-def all_max(value: int) -> int:
-    return int(_all_reduce(torch.tensor([value]), dist.ReduceOp.MAX).item())
+def all_max(value: int, group=None) -> int:
+    return int(_all_reduce(torch.tensor([value]), dist.ReduceOp.MAX, group).item())
 
 
-def all_gather(obj) -> list:
+def all_gather(obj, group=None) -> list:
     """Every rank's obj, in rank order (just [obj] on one process)."""
     if not dist.is_initialized():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -167,9 +173,13 @@ def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def check_world_size(cfg: Config, world: int) -> None:
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {world} ranks; "
-                         "use a multiple of the number of processes")
+    if cfg.searchers and world > 1 and cfg.searchers >= world:
+        raise SystemExit(f"--searchers {cfg.searchers} leaves no trainer among {world} processes; use at most "
+                         f"{world - 1} or launch more")
+    trainers = world - cfg.searchers if cfg.searchers and world > 1 else world
+    if cfg.prompts_per_step % trainers:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {trainers} trainer ranks; "
+                         "use a multiple of their number")
 
 
 def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
@@ -186,14 +196,15 @@ def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
 
 # ---- FSDP2 and the weight hand-off ----
 
-def shard(model: Policy, device, dtype) -> None:
-    """FSDP2: every decoder layer, then the root. On GPU, bf16 parameters with float32 gradient
-    reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
+def shard(model: Policy, device, dtype, group=None) -> None:
+    """FSDP2 over `group`'s ranks (None: all): every decoder layer, then the root. On GPU, bf16 parameters
+    with float32 gradient reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
+    mesh = DeviceMesh.from_group(group, device.type) if group is not None else None
     for layer in model.lm.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def sync_sampler(sampler: Sampler, model) -> None:
@@ -204,3 +215,75 @@ def sync_sampler(sampler: Sampler, model) -> None:
             if name in sampler.weights:
                 t = t.to(sampler.dtype)
                 sampler.weights[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+# ---- TBA: roles and the weight broadcast (DESIGN.md async mode) ----
+
+@dataclass
+class Roles:
+    """Who does what in an async (TBA) run: ranks [0, n_trainers) train as one FSDP2 group, the others
+    search. A world of one plays every role: its searchers are virtual and take turns with the trainer."""
+    searching: bool  # this rank is a searcher
+    n_trainers: int
+    trainers: object = None  # the trainer ranks' process group (None: one process)
+    handoff: object = None   # trainer rank 0 and the searcher ranks: weights out, rounds in
+    rank: int = 0            # this rank among the trainers, or among the searchers
+
+
+def make_roles(searchers: int, rank: int, world: int) -> Roles:
+    """Every rank creates the same groups in the same order (torch.distributed requires it)."""
+    if world == 1:
+        return Roles(False, 1)
+    n_trainers = world - searchers
+    trainers = dist.new_group(list(range(n_trainers)))
+    handoff = dist.new_group([0, *range(n_trainers, world)])
+    searching = rank >= n_trainers
+    return Roles(searching, n_trainers, trainers, handoff, rank - n_trainers if searching else rank)
+
+
+BUCKET = 1 << 25  # elements per broadcast: 64 MiB of bf16
+
+
+def weight_names(lm, sampler: Sampler) -> list[str]:
+    """The sampler's tensors in the fixed order of the broadcast (by name); a tied LM head goes once."""
+    tied = sampler.weights.get("lm_head.weight") is sampler.weights.get("model.embed_tokens.weight")
+    return sorted(name for name in lm.state_dict() if name in sampler.weights and not (tied and name == "lm_head.weight"))
+
+
+def pack_weights(lm, names: list[str]) -> torch.Tensor:
+    """The trainer's weights as one flat bf16 tensor in `names` order; with FSDP2 every trainer rank takes
+    part (each parameter is gathered whole)."""
+    state = lm.state_dict()
+    with torch.no_grad():
+        return torch.cat([(state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).to(torch.bfloat16)
+                          .flatten() for n in names])
+
+
+def checksum(flat: torch.Tensor) -> int:
+    """The sum of the weights' bf16 bit patterns (as int16): equal on both sides of an exact copy."""
+    return int(flat.view(torch.int16).sum(dtype=torch.int64))
+
+
+def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int]:
+    """Global rank 0 sends flat (bf16) and its version to the group in BUCKET-sized pieces; the other ranks
+    pass a flat of the same size, filled in place. gloo has no bf16 (nor int16: "Invalid scalar type"), so
+    there the bytes travel as uint8, exactly. Returns (version, checksum), checked on arrival."""
+    header = torch.tensor([version, checksum(flat)], dtype=torch.int64, device=flat.device)
+    dist.broadcast(header, 0, group)
+    bits = flat.view(torch.uint8) if dist.get_backend(group) == "gloo" else flat
+    for piece in bits.split(2 * BUCKET if bits.dtype == torch.uint8 else BUCKET):
+        dist.broadcast(piece, 0, group)
+    if checksum(flat) != header[1].item():
+        raise RuntimeError(f"weights version {header[0].item()} arrived damaged: checksum {checksum(flat)} "
+                           f"!= {header[1].item()}")
+    return int(header[0]), int(header[1])
+
+
+def load_flat(sampler: Sampler, flat: torch.Tensor, names: list[str]) -> None:
+    """Copy a packed flat of weights into the sampler's buffers."""
+    offset = 0
+    with torch.no_grad():
+        for name in names:
+            w = sampler.weights[name]
+            w.copy_(flat[offset:offset + w.numel()].view(w.shape))
+            offset += w.numel()

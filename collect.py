@@ -175,9 +175,9 @@ def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids,
     return r, scores, failed
 
 
-def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1) -> dict:
+def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1, group=None) -> dict:
     """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy;
-    each rank evaluates its share of the prompts."""
+    each rank (of `group`, None: all) evaluates its share of the prompts."""
     start, stop = my_share(len(task.items), rank, world)
     items = task.items[start:stop]
     prompts = encode_prompts(tokenizer, cfg.prompt_template, items)
@@ -190,7 +190,7 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
         for p, s in zip(r.prompt_index, scores):
             correct[p] += s >= 1.0
         sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed]
-    right, pass_n, failed, greedy_right, _, greedy_failed = all_sum(*sums)
+    right, pass_n, failed, greedy_right, _, greedy_failed = all_sum(*sums, group=group)
     total = len(task.items)
     return {"pass@1": right / (total * n), f"pass@{n}": pass_n / total, "greedy_acc": greedy_right / total,
             "eval_samples": total * n, "verifier_failures": int(failed + greedy_failed)}

@@ -6,6 +6,7 @@ position, seed), so a resumed run picks the same prompts; the state that depends
 state_dict().
 """
 
+import copy
 import math
 import random
 from typing import Sequence
@@ -181,3 +182,84 @@ class TemperatureController:
 
     def load_state_dict(self, state: dict) -> None:
         self.tau, self.h0 = float(state["tau"]), state["h0"]
+
+
+# ---- TBA's replay buffer (ALGORITHMS.md 2) ----
+
+class ReplayBuffer:
+    """Responses per prompt, as the searchers hand them over at each sync. Per prompt at most `capacity`,
+    an exact duplicate of a newer response removed (the newest kept), the oldest weights version evicted
+    first; responses whose weights are more than `max_staleness` trainer steps old are dropped. Each
+    response is a dict: prompt, tokens (tuple), logp (per-token sampler logprobs), reward, ref and sampler
+    (sequence logprobs), version (the trainer step of its weights), round. Every trainer rank holds the
+    same buffer and, given the same generator, draws the same batch."""
+
+    def __init__(self, capacity: int, max_staleness: int):
+        self.capacity, self.max_staleness = capacity, max_staleness
+        self.items: dict[int, list[dict]] = {}  # prompt -> responses, oldest version first
+        self.fresh: list[int] = []              # prompts refreshed at the last sync
+        self.fresh_left: list[int] = []         # prompts not drawn since the pools were last refilled, as TBA
+        self.any_left: list[int] = []           # draws them: without replacement until a pool runs dry
+        self.removed = {"duplicates": 0, "evicted_capacity": 0, "evicted_age": 0}
+
+    def add(self, responses: list[dict]) -> None:
+        """One sync's round: its prompts become the fresh ones."""
+        by_prompt: dict[int, list[dict]] = {}
+        for r in responses:
+            by_prompt.setdefault(r["prompt"], []).append(r)
+        for prompt, new in by_prompt.items():
+            newest = {}
+            for r in new:  # within a round the first of identical responses stays
+                newest.setdefault(r["tokens"], r)
+            old = [r for r in self.items.get(prompt, []) if r["tokens"] not in newest]
+            kept = sorted(old + list(newest.values()), key=lambda r: r["version"])  # stable: arrival order
+            self.removed["duplicates"] += len(new) + len(self.items.get(prompt, [])) - len(kept)
+            self.removed["evicted_capacity"] += max(len(kept) - self.capacity, 0)
+            self.items[prompt] = kept[-self.capacity:]
+        self.fresh = sorted(by_prompt)
+        self.fresh_left = list(self.fresh)
+
+    def drop_stale(self, step: int) -> None:
+        if self.max_staleness <= 0:  # 0: no age limit
+            return
+        for prompt in list(self.items):
+            kept = [r for r in self.items[prompt] if step - r["version"] <= self.max_staleness]
+            self.removed["evicted_age"] += len(self.items[prompt]) - len(kept)
+            if kept:
+                self.items[prompt] = kept
+            else:
+                del self.items[prompt]
+        self.fresh = [p for p in self.fresh if p in self.items]
+
+    def draw(self, prompts: int, k: int, fresh_prob: float, inv_temp: float, generator: torch.Generator,
+             ) -> list[tuple[int, bool, list[dict]]]:
+        """`prompts` slots of (prompt, fresh, k responses): with probability fresh_prob a prompt of the last
+        sync and k of its responses from that sync, uniformly; otherwise any prompt held and k responses with
+        probability proportional to exp(inv_temp * reward). With replacement only when a prompt has fewer."""
+        if not self.items:
+            raise RuntimeError("the replay buffer is empty: every response is older than --max-staleness")
+        slots = []
+        for _ in range(prompts):
+            fresh = torch.rand((), generator=generator).item() < fresh_prob and bool(self.fresh)
+            pool = self.fresh_left if fresh else self.any_left
+            pool[:] = [p for p in pool if p in self.items] or (list(self.fresh) if fresh else sorted(self.items))
+            prompt = pool.pop(int(torch.randint(len(pool), (), generator=generator)))
+            held = self.items[prompt]
+            if fresh:
+                last = max(r["round"] for r in held)
+                held = [r for r in held if r["round"] == last]
+            weights = torch.tensor([inv_temp * r["reward"] for r in held], dtype=torch.float64).softmax(0)
+            picked = torch.multinomial(weights, k, replacement=len(held) < k, generator=generator)
+            slots.append((prompt, fresh, [held[i] for i in picked.tolist()]))
+        return slots
+
+    def size(self) -> int:
+        return sum(len(v) for v in self.items.values())
+
+    def state_dict(self) -> dict:
+        return {name: copy.deepcopy(getattr(self, name))
+                for name in ("items", "fresh", "fresh_left", "any_left", "removed")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, copy.deepcopy(value))

@@ -76,25 +76,27 @@ class Logger:
 
 # ---- checkpoints and export ----
 
-def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, explore_state=None) -> None:
+def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, explore_state=None,
+                    group=None) -> None:
     """Sharded model and optimizer (torch.distributed.checkpoint) plus every rank's trainer state,
     written into step_N.tmp and renamed to step_N once complete: a checkpoint cut off while being
-    written is never picked up by --resume auto."""
+    written is never picked up by --resume auto. `group`: the ranks holding the model (None: all)."""
     root = Path(cfg.out_dir) / "checkpoints"
     tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    barrier(group)
+    dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, process_group=group,
+             no_dist=not dist.is_initialized())
     # The explore state: data position, difficulty stats, sampler temperature (see main); the RNG is saved
     # for code that draws from it.
     torch.save({"step": step, "torch_rng": torch.get_rng_state(), "explore": explore_state},
                tmp / f"trainer_rank{rank}.pt")
-    barrier()
+    barrier(group)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    barrier()
+    barrier(group)
 
 
 def find_checkpoint(cfg: Config) -> Path | None:
@@ -120,13 +122,13 @@ def checkpoint_state(model, optimizer, ref_model) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int) -> tuple[int, dict | None]:
+def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=None) -> tuple[int, dict | None]:
     """Restore model, optimizer, reference and this rank's RNG; returns the step to run next and the
     explore state."""
     state = checkpoint_state(model, optimizer, ref_model)
     try:
         dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=not dist.is_initialized())
         trainer = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
     except Exception as e:  # a damaged or foreign checkpoint: one sentence, no traceback
         raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "

@@ -721,7 +721,7 @@ def test_prompts_split_over_ranks_by_budget():
         assert max(loads) - min(loads) <= max(budgets)
     assert cluster.split_by_budget([8] * 4, 2) == [[0, 2], [1, 3]]  # equal budgets: equal shares
     assert cluster.split_by_budget([12, 4, 4, 4], 2) == [[0], [1, 2, 3]]
-    with pytest.raises(SystemExit, match="--prompts-per-step 6 does not split over 4 ranks"):
+    with pytest.raises(SystemExit, match="--prompts-per-step 6 does not split over 4 trainer ranks"):
         cluster.check_world_size(train.Config(prompts_per_step=6), 4)
 
 
@@ -861,3 +861,107 @@ def test_line_budget():
             and not any(part.startswith(".") or part == "runs" for part in f.relative_to(ROOT).parts)]
     lines = sum(len(f.read_text().splitlines()) for f in code)
     assert 0 < lines <= 5000, f"{lines} lines of non-test code; the budget is 5,000"
+
+
+# ---- TBA: async searchers, the weight broadcast, the replay buffer's run (ALGORITHMS.md 2) ----
+
+BROADCAST_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cluster
+cluster.BUCKET = 1000  # several buckets and a short last one
+dist.init_process_group("gloo")
+group = dist.new_group([0, 1])
+bits = torch.randint(-2**15, 2**15, (12345,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+sent = bits.to(torch.int16).view(torch.bfloat16)  # every pattern: NaN payloads, -0, infinities, subnormals
+flat = sent.clone() if dist.get_rank() == 0 else torch.zeros_like(sent)
+for version in (0, 4):
+    assert cluster.broadcast_weights(flat, version, group) == (version, cluster.checksum(sent))
+    assert torch.equal(flat.view(torch.int16), sent.view(torch.int16))
+    flat.view(torch.int16)[0] += 1 if dist.get_rank() == 0 else 0
+    sent.view(torch.int16)[0] += 1
+dist.destroy_process_group()
+print("exact")
+"""
+
+
+def test_weight_broadcast_is_bit_exact(tmp_path):
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          str(ROOT)], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert run.returncode == 0 and run.stdout.count("exact") == 2, run.stderr[-2000:]
+
+
+def tba_command(tmp_path: Path, name: str, procs: int, *flags: str) -> list[str]:
+    """A tiny `tba-cpu` run (random model, real tokenizer), 4 steps; procs 0 = plain python (one process,
+    virtual searchers), else torchrun."""
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs else []
+    return [sys.executable, *launch, "train.py", "tba-cpu", "--model", str(tmp_path / "model"), "--searchers", "2",
+            "--dtype", "float32", "--steps", "4", "--sync-every", "1", "--prompts-per-step", "2",
+            "--rollouts-per-prompt", "3", "--max-new-tokens", "6", "--task-size", "40", "--eval-prompts", "2",
+            "--eval-samples", "1", "--lr", "1e-3", "--out-dir", str(tmp_path / name), *flags]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # so that one process and several compute alike
+
+
+def tba_run(tmp_path: Path, name: str, procs: int, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(tba_command(tmp_path, name, procs, *flags), cwd=ROOT, capture_output=True, text=True,
+                          timeout=HANG_GUARD, env=ONE_THREAD)
+
+
+TIMING = ("t_step", "broadcast_s", "trainer_waited", "searcher_waited", "rollouts_per_s", "tokens_per_s")
+
+
+def test_tba_one_process_and_torchrun_agree_and_resume(tmp_path, smollm2):
+    """Virtual searchers in one process and searcher ranks under torchrun give the same rollouts, rewards,
+    losses and final weights: exactly with one trainer rank, within float32 tolerance with an FSDP2 group of
+    two (AdamW moves a weight whose gradient is at float noise by up to lr a step, either way). SIGKILL, then
+    --resume auto: the same metrics as the unbroken run, in one process and under torchrun."""
+    save_tiny_model(tmp_path / "model", "qwen2", smollm2[1], seed=0)
+    rows, weights = {}, {}
+    for name, procs in (("one", 0), ("three", 3), ("four", 4)):
+        run = tba_run(tmp_path, name, procs, "--export-hf", str(tmp_path / name / "export"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows[name] = [{k: v for k, v in r.items() if k not in TIMING} for r in step_rows(tmp_path / name)]
+        weights[name] = load_file(tmp_path / name / "export" / "model.safetensors")
+    one, three, four = rows["one"], rows["three"], rows["four"]
+    assert [r["step"] for r in one] == [0, 1, 2, 3] and one[-1]["grad_norm"] > 0
+    assert one[-1]["staleness_max"] == 1 and one[0]["staleness_max"] == 0 and one[-1]["buffer"] > one[0]["buffer"]
+    assert one == three and all(torch.equal(weights["one"][k], weights["three"][k]) for k in weights["one"])
+    for a, b in zip(one, four):
+        assert a["step"] == b["step"] and a["buffer"] == b["buffer"] and a["staleness_max"] == b["staleness_max"]
+    assert math.isclose(one[0]["loss"], four[0]["loss"], rel_tol=1e-4, abs_tol=1e-6)
+    for name in weights["one"]:
+        assert ((weights["one"][name] - weights["four"][name]).abs() <= 2 * 1e-3 * 4 + 1e-6).all(), name
+
+    for name, procs in (("one", 0), ("three", 3)):
+        out = tmp_path / f"{name}-resumed"
+        # killed once the checkpoint of sync 2 (after step 1) exists, then resumed from it
+        killed = subprocess.Popen(tba_command(tmp_path, out.name, procs, "--save-every", "2"), cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                  env=ONE_THREAD)
+        deadline = time.time() + HANG_GUARD
+        while not (out / "checkpoints" / "step_000001").is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+        os.killpg(killed.pid, 9)  # SIGKILL to every process of the run
+        killed.wait()
+        assert not (out / "checkpoints" / "step_000003").exists()
+        resumed = tba_run(tmp_path, out.name, procs, "--save-every", "2", "--resume", "auto")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        again = [{k: v for k, v in r.items() if k not in TIMING} for r in step_rows(out)]
+        assert [r["step"] for r in again] == [0, 1, 2, 3] and again == rows[name]
+
+
+def test_tba_bad_input_is_one_sentence():
+    cases = [(dict(searchers=2, sync_every=0), "--sync-every 0 must be at least 1"),
+             (dict(searchers=2, fresh_prob=1.5), "--fresh-prob 1.5 is a probability"),
+             (dict(searchers=2, replay_capacity=4), "--replay-capacity 4 is below --rollouts-per-prompt 8"),
+             (dict(searchers=2, sync_every=3, max_staleness=4), "--max-staleness 4 would drop fresh rounds"),
+             (dict(searchers=2, kl_coef=0.1), "async PPO has no per-token reference logprobs")]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train.Config(**flags)
+    with pytest.raises(SystemExit, match="--searchers 3 leaves no trainer among 3 processes"):
+        cluster.check_world_size(train.Config(searchers=3, loss="tb"), 3)

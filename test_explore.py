@@ -264,3 +264,60 @@ def test_temperature_bad_flags_raise(kwargs, flags):
         explore.TemperatureController(vocab_size=1000, total_steps=10, **kwargs)
     for flag in flags:
         assert flag in str(err.value)
+
+
+# ---- TBA's replay buffer (ALGORITHMS.md 2) ----
+
+def _response(prompt: int, tokens, version: int, round_: int, reward: float = 0.0) -> dict:
+    tokens = tuple(tokens)
+    return {"prompt": prompt, "tokens": tokens, "version": version, "round": round_, "reward": reward,
+            "ref": 0.0, "sampler": 0.0, "entropy": 0.0, "logp": torch.zeros(len(tokens))}
+
+
+def test_replay_buffer_capacity_duplicates_and_eviction():
+    buffer = explore.ReplayBuffer(capacity=4, max_staleness=3)
+    buffer.add([_response(0, [1], 0, 0), _response(0, [2], 0, 0), _response(0, [1], 0, 0), _response(1, [5], 0, 0)])
+    assert [r["tokens"] for r in buffer.items[0]] == [(1,), (2,)] and buffer.removed["duplicates"] == 1
+    # a newer copy of (2,) replaces the old one; capacity 4 then evicts the oldest version first
+    buffer.add([_response(0, [2], 2, 1), _response(0, [3], 2, 1), _response(0, [4], 2, 1), _response(0, [6], 2, 1)])
+    assert [(r["tokens"], r["version"]) for r in buffer.items[0]] == [((2,), 2), ((3,), 2), ((4,), 2), ((6,), 2)]
+    assert buffer.removed == {"duplicates": 2, "evicted_capacity": 1, "evicted_age": 0}
+    assert buffer.fresh == [0] and sorted(buffer.items) == [0, 1]
+    buffer.drop_stale(3)  # version 0 is 3 steps old: kept; at step 4 it goes, and prompt 1 with it
+    assert sorted(buffer.items) == [0, 1]
+    buffer.drop_stale(4)
+    assert sorted(buffer.items) == [0] and buffer.removed["evicted_age"] == 1 and buffer.size() == 4
+    never = explore.ReplayBuffer(capacity=4, max_staleness=0)  # 0: no age limit
+    never.add([_response(0, [1], 0, 0)])
+    never.drop_stale(1000)
+    assert never.size() == 1
+
+
+def test_replay_buffer_draws():
+    rng = random.Random(0)
+    buffer = explore.ReplayBuffer(capacity=100, max_staleness=5)
+    for round_ in range(4):
+        buffer.add([_response(p, [rng.randrange(50) for _ in range(3)], 2 * round_, round_, rng.random())
+                    for p in range(round_ * 3, round_ * 3 + 6) for _ in range(5)])
+        buffer.drop_stale(2 * round_ + 1)
+    fresh_prompts = set(buffer.fresh)
+    # m = 1: only prompts of the last sync, only their responses of that sync
+    slots = buffer.draw(6, 4, 1.0, 0.0, torch.Generator().manual_seed(1))
+    assert all(fresh and prompt in fresh_prompts and all(r["round"] == 3 for r in rs) for prompt, fresh, rs in slots)
+    assert len({prompt for prompt, _, _ in slots}) == 6  # without replacement while the pool lasts
+    # a large inverse temperature: each replay slot takes its prompt's best response
+    for prompt, fresh, rs in buffer.draw(8, 1, 0.0, 1e4, torch.Generator().manual_seed(2)):
+        assert not fresh and rs[0]["reward"] == max(x["reward"] for x in buffer.items[prompt])
+    # every response drawn is within --max-staleness of the step; two ranks (buffers in the same state, as a
+    # checkpointed one is too) with the same seed draw the same batch
+    for seed in range(5):
+        twin = explore.ReplayBuffer(capacity=100, max_staleness=5)
+        twin.load_state_dict(buffer.state_dict())
+        a, b = (x.draw(5, 4, 0.5, 0.0, torch.Generator().manual_seed(seed)) for x in (buffer, twin))
+        assert all(7 - r["version"] <= 5 for _, _, rs in a for r in rs)
+        assert [(p, f, [r["tokens"] for r in rs]) for p, f, rs in a] == [(p, f, [r["tokens"] for r in rs]) for p, f, rs in b]
+    # fewer responses than K: with replacement
+    small = explore.ReplayBuffer(capacity=10, max_staleness=0)
+    small.add([_response(0, [1], 0, 0), _response(0, [2], 0, 0)])
+    (prompt, fresh, rs), = small.draw(1, 5, 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert len(rs) == 5 and {r["tokens"] for r in rs} <= {(1,), (2,)}

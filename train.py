@@ -14,10 +14,12 @@ trainer.py (the policy and its update), collect.py (what a step samples, and eva
 """
 
 import copy
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,11 +30,13 @@ from tqdm import tqdm
 import explore
 import loss
 import reward
-from cluster import check_world_size, pick_dtype, setup_process, shard, sync_sampler
-from collect import Explore, evaluate, sample_step
+from cluster import check_world_size, make_roles, my_share, pick_dtype, setup_process, shard, sync_sampler
+from collect import Explore, encode_prompts, evaluate, sample_step
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from rollout import ModelConfig, Sampler, check_request
-from trainer import EMBEDDED_MODEL, Policy, checkpoint_layers, load_model, lr_at, reset_reference, train_on_batch
+from search import Searchers, serve, to_responses
+from trainer import (EMBEDDED_MODEL, Batch, Policy, checkpoint_layers, load_model, lr_at, reset_reference,
+                     train_on_batch)
 
 
 @dataclass
@@ -84,6 +88,15 @@ class Config:
     tau_min: float = 0.5                   # temperature controller bounds
     tau_max: float = 2.0
     tau_anneal_eta: float = 0.9            # entropy target annealed from 60% of training down to eta x target
+    # async trajectory balance (TBA, ALGORITHMS.md 2): searchers fill a replay buffer, the trainer draws from it
+    searchers: int = 0                     # searcher ranks (0 = synchronous; -1 = every rank but one); one process: virtual ones
+    sync_every: int = 2                    # trainer steps between syncs (weights out, a round of rollouts in)
+    search_prompts: int = 0                # prompts per searcher and round (0 = prompts_per_step x sync_every / searchers)
+    search_oversample: float = 1.2         # each searched prompt gets ceil(this x rollouts_per_prompt) responses
+    replay_capacity: int = 100             # responses kept per prompt (duplicates removed, oldest weights out first)
+    max_staleness: int = 0                 # drop responses from weights more than this many steps old (0 = never)
+    fresh_prob: float = 0.95               # chance a prompt slot takes a prompt of the last sync and its new responses
+    replay_inv_temp: float = 0.0           # other slots draw responses with p ~ exp(this x reward) (0 = uniform)
     # optimisation
     steps: int = 20                        # RL steps (each: sample, score, update)
     lr: float = 1e-6                       # AdamW learning rate
@@ -122,6 +135,23 @@ class Config:
             (self.max_gen_rounds >= 1, f"--max-gen-rounds {self.max_gen_rounds} must be at least 1"),
             (self.rollouts_per_prompt >= 1 and self.prompts_per_step >= 1, f"--prompts-per-step "
              f"{self.prompts_per_step} and --rollouts-per-prompt {self.rollouts_per_prompt} must be at least 1")]
+        if self.searchers:
+            checks += [
+                (self.searchers >= -1, f"--searchers {self.searchers} must be >= 0 (or -1: every rank but one)"),
+                (self.sync_every >= 1, f"--sync-every {self.sync_every} must be at least 1 trainer step"),
+                (0 <= self.fresh_prob <= 1, f"--fresh-prob {self.fresh_prob} is a probability; use a value in [0, 1]"),
+                (self.replay_capacity >= self.rollouts_per_prompt, f"--replay-capacity {self.replay_capacity} is "
+                 f"below --rollouts-per-prompt {self.rollouts_per_prompt}; a prompt must hold a whole group"),
+                (self.max_staleness == 0 or self.max_staleness >= 2 * self.sync_every - 1, f"--max-staleness "
+                 f"{self.max_staleness} would drop fresh rounds, which are used up to 2 x --sync-every - 1 = "
+                 f"{2 * self.sync_every - 1} steps after their weights; use at least that, or 0 (never)"),
+                (self.search_oversample > 0 and self.search_prompts >= 0, f"--search-oversample "
+                 f"{self.search_oversample} must be > 0 and --search-prompts {self.search_prompts} >= 0"),
+                (self.loss == "tb" or self.kl_coef == 0, f"--kl-coef {self.kl_coef}: async PPO has no per-token "
+                 "reference logprobs (searchers keep sequence sums); use --loss tb or --kl-coef 0"),
+                (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
+                      or self.echo_coef), "dynamic sampling, E3 budgets and temperature, and EchoRL are "
+                 "synchronous only; drop them or --searchers")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -144,6 +174,8 @@ DEMO = dict(binary_reward=True, max_new_tokens=32, lr=2e-5)  # the CPU demo's ta
 BRORL = dict(adv="reinforce++", eps_low=0.2, eps_high=0.28, kl_coef=1e-4, kl_kind="k3", ref_reset_every=100,
              tis_cap=2.0, dynamic_sampling=True, rollouts_per_prompt=512, prompts_per_step=128)
 E3 = dict(adv="grpo", rollouts_per_prompt=8, budget_min=4, budget_max=12, temperature_control=True, kl_coef=0.0)
+TBA = dict(loss="tb", searchers=-1, sync_every=2, prompts_per_step=7, rollouts_per_prompt=20, fresh_prob=0.95,
+           replay_inv_temp=0.0, tb_beta_start=0.014, tb_beta_end=0.004, tb_beta_steps=500, lr=1e-5)
 PRESETS = {
     "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(
         **DEMO, steps=30)),
@@ -167,6 +199,14 @@ PRESETS = {
         **E3, task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, max_new_tokens=4096,
         kv_budget_tokens=1 << 20, lr=1e-6, steps=480, eval_prompts=256, eval_samples=16,
         max_tokens_per_microbatch=16384, out_dir="runs/e3")),
+    "tba": ("TBA on GPUs (GSM8K settings): 1 trainer rank, the others searchers; 7 prompts x 20, sync every 2, "
+            "m = 0.95, beta 0.014 -> 0.004 over 500 steps, lr 1e-5 after 10 warm-up steps", Config(
+        **TBA, task="rg:basic_arithmetic", task_size=20000, max_new_tokens=512, kv_budget_tokens=1 << 20,
+        lr_schedule="warmup", warmup_steps=10, steps=500, eval_prompts=256, eval_samples=8,
+        max_tokens_per_microbatch=16384, out_dir="runs/tba")),
+    "tba-cpu": ("TBA at the demo scale, one process: 2 virtual searchers, 4 prompts x 8 a step, sync every 2", Config(
+        **{**TBA, **DEMO, "searchers": 2, "prompts_per_step": 4, "rollouts_per_prompt": 8, "lr": 2e-5}, steps=30,
+        out_dir="runs/tba-cpu")),
     # lr a tenth of the demo's: at 2e-5 the entropy fell from 2.48 to 0.89 in 4 steps (measured), faster than
     # E3's controller (a few % of tau a step) can follow
     "e3-cpu": ("E3 scaled down to this CPU: 64 training prompts, so budgets spread after epochs 1 and 2", Config(
@@ -194,6 +234,11 @@ def main(cfg: Config):
         dist.broadcast_object_list(choice, src=0)
     dtype, dtype_why = choice[0]
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
+    setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": dtype_why, "threads": torch.get_num_threads()}
+    if rank == 0:
+        print(f"compute dtype {setup['dtype']} ({dtype_why}); {setup['threads']} intra-op threads per rank")
+    if cfg.searchers:
+        return main_async(cfg, rank, world, device, lm, tokenizer, train_task, eval_task, sampler, dtype, setup)
     needs_ref = cfg.kl_coef > 0 or cfg.loss == "tb"
     ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if needs_ref else None
     if cfg.activation_checkpointing:
@@ -211,10 +256,7 @@ def main(cfg: Config):
         start_step, explore_state = load_checkpoint(checkpoint, model, optimizer, ref_model, rank)
         state.load_state_dict(explore_state)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
-    setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": dtype_why, "threads": torch.get_num_threads()}
     log.log({"run": "resumed" if start_step else "started", **setup})
-    if rank == 0:
-        print(f"compute dtype {setup['dtype']} ({dtype_why}); {setup['threads']} intra-op threads per rank")
     step_ids = loss.step_token_ids(tokenizer) if cfg.echo_coef > 0 else None
 
     if start_step == 0:
@@ -249,8 +291,14 @@ def main(cfg: Config):
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(cfg, model, optimizer, ref_model, step, rank, state.state_dict())
 
+    finish(cfg, model, sampler, tokenizer, log, before, partial(evaluate, cfg, sampler, tokenizer, eval_task,
+                                                                cfg.seed + 1, rank, world), rank)
+
+
+def finish(cfg: Config, model, sampler, tokenizer, log, before, evaluate_now, rank: int) -> None:
+    """A run's end: held-out evaluation with the trained weights, the export, the plot."""
     sync_sampler(sampler, model)
-    after = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, rank, world)
+    after = evaluate_now()
     log.log({"eval": "after", **after})
     if rank == 0:
         print(f"after training:  {after}")
@@ -262,6 +310,110 @@ def main(cfg: Config):
     log.plot()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main_async(cfg: Config, rank, world, device, lm, tokenizer, train_task, eval_task, sampler, dtype, setup):
+    """TBA (ALGORITHMS.md 2; DESIGN.md async mode): searchers generate round after round into the replay
+    buffer, the trainer draws each step's batch from it. At sync w (every sync_every steps) the trainer's
+    weights (version = its steps so far) go to the searchers, and round w comes back, sampled with the
+    weights of sync w - 1 (round 0: the initial ones); a checkpoint is taken at a sync."""
+    if cfg.searchers == -1:
+        cfg = dataclasses.replace(cfg, searchers=max(world - 1, 1))
+    roles = make_roles(cfg.searchers, rank, world)
+    k, K, B = cfg.sync_every, cfg.rollouts_per_prompt, cfg.prompts_per_step
+    n_syncs = math.ceil(cfg.steps / k)
+    virtual = roles.handoff is None
+    ref = Policy(copy.deepcopy(lm).requires_grad_(False)) if roles.searching or virtual else None  # frozen
+    if roles.searching:
+        serve(cfg, sampler, ref, lm, tokenizer, train_task, roles, n_syncs, dtype)
+        return dist.destroy_process_group()
+    if cfg.activation_checkpointing:
+        checkpoint_layers(lm)
+    model = Policy(lm)
+    if dist.is_initialized():
+        shard(model, device, dtype, roles.trainers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    buffer = explore.ReplayBuffer(cfg.replay_capacity, cfg.max_staleness)
+    checkpoint = find_checkpoint(cfg) if cfg.resume else None
+    start_step, sent = 0, {}  # sent: the last round's searcher figures
+    if checkpoint:
+        start_step, state = load_checkpoint(checkpoint, model, optimizer, None, roles.rank, roles.trainers)
+        buffer.load_state_dict(state["buffer"])
+        sent = state["sent"]
+    log = Logger(cfg, enabled=rank == 0, start_step=start_step)
+    log.log({"run": "resumed" if start_step else "started", **setup, "searchers": cfg.searchers,
+             "trainers": roles.n_trainers})
+    evaluate_here = partial(evaluate, cfg, sampler, tokenizer, eval_task, cfg.seed + 1, roles.rank, roles.n_trainers,
+                            roles.trainers)
+    if start_step == 0:
+        before = evaluate_here()
+        log.log({"eval": "before", **before})
+    else:
+        before = next((r for r in log.rows if r.get("eval") == "before"), None) if rank == 0 else None
+    if rank == 0:
+        print(f"before training: {before}" if before else f"resumed from {checkpoint} at step {start_step}")
+
+    searchers = Searchers(cfg, roles, sampler, ref, lm, tokenizer, train_task, n_syncs, dtype)
+    prompt_ids = {}  # training prompt -> its encoded chat prompt
+    bar = tqdm(total=cfg.steps, desc="train", disable=rank != 0, initial=start_step)
+    w0 = start_step // k
+    due = searchers.open(w0, start_step)
+    for w in range(w0, n_syncs):
+        if w > w0:
+            due = searchers.sync(w, w * k)
+        if due is not None:
+            buffer.add([r for ints, floats, _ in due for r in to_responses(ints, floats)])
+            seconds, waited, failures, tokens = (sum(x) for x in zip(*(stats.tolist() for *_, stats in due)))
+            sent = {"rollouts_per_s": len(due) * len(due[0][0]) / seconds, "tokens_per_s": tokens / seconds,
+                    "verifier_failures": int(failures), "searcher_waited": waited / len(due)}
+        if cfg.save_every and w > w0 and (w * k) // cfg.save_every > (w * k - k) // cfg.save_every:
+            save_checkpoint(cfg, model, optimizer, None, w * k - 1, roles.rank,
+                            {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
+        for step in range(max(w * k, start_step), min(w * k + k, cfg.steps)):  # resumed at the end: none
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            buffer.drop_stale(step)
+            slots = buffer.draw(B, K, cfg.fresh_prob, cfg.replay_inv_temp,
+                                torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
+            start, stop = my_share(B, roles.rank, roles.n_trainers)
+            batch = replay_batch(cfg, slots, start, stop, prompt_ids, tokenizer, train_task)
+            beta = loss.tb_beta(step, cfg.tb_beta_start, cfg.tb_beta_end, cfg.tb_beta_steps) if cfg.loss == "tb" else 0
+            stats = train_on_batch(cfg, model, None, optimizer, batch, cfg.temperature, dtype, beta, roles.trainers)
+            age = {fresh: [step - r["version"] for _, f, rs in slots if f == fresh for r in rs] for fresh in (1, 0)}
+            got = {fresh: [r["reward"] for _, f, rs in slots if f == fresh for r in rs] for fresh in (1, 0)}
+            mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+            drawn = [r for *_, rs in slots for r in rs]
+            row = {"step": step, "reward": mean(got[1] + got[0]), "reward_fresh": mean(got[1]),
+                   "pass_rate": mean([r["reward"] >= cfg.success for r in drawn]),
+                   "entropy": sum(r["entropy"] for r in drawn) / sum(len(r["tokens"]) for r in drawn),
+                   "response_len": mean([len(r["tokens"]) for r in drawn]),
+                   "reward_replay": mean(got[0]), "staleness_mean": mean(age[1] + age[0]),
+                   "staleness_max": max(age[1] + age[0]), "staleness_fresh": mean(age[1]),
+                   "staleness_replay": mean(age[0]), "fresh_frac": len(age[1]) / (B * K), "buffer": buffer.size(),
+                   "prompts_held": len(buffer.items), **buffer.removed, "sync": w, **sent,
+                   "trainer_waited": searchers.waited, "broadcast_s": searchers.broadcast["seconds"],
+                   "broadcast_bytes": searchers.broadcast["bytes"], "weights_checksum": searchers.broadcast["checksum"],
+                   **({"tb_beta": beta} if cfg.loss == "tb" else {}), **stats, "t_step": time.time() - t0}
+            log.log(row)
+            bar.update()
+            bar.set_postfix(reward=f"{row['reward']:.3f}", staleness=f"{row['staleness_mean']:.1f}")
+    if cfg.save_every:
+        save_checkpoint(cfg, model, optimizer, None, cfg.steps - 1, roles.rank,
+                        {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
+    finish(cfg, model, sampler, tokenizer, log, before, evaluate_here, roles.rank)
+
+
+def replay_batch(cfg: Config, slots, start: int, stop: int, prompt_ids: dict, tokenizer, task) -> Batch:
+    """This trainer rank's prompt slots [start, stop) of a drawn batch as the trainer's Batch (group = slot)."""
+    rows = [(j, prompt, r) for j, (prompt, _, rs) in enumerate(slots) if start <= j < stop for r in rs]
+    for _, prompt, _ in rows:
+        if prompt not in prompt_ids:
+            prompt_ids[prompt] = encode_prompts(tokenizer, cfg.prompt_template, [task.items[prompt]])[0]
+    return Batch([prompt_ids[p] + list(r["tokens"]) for _, p, r in rows], [len(prompt_ids[p]) for _, p, _ in rows],
+                 torch.tensor([j for j, _, _ in rows]), torch.tensor([r["reward"] for *_, r in rows]),
+                 [r["logp"] for *_, r in rows], [torch.zeros(len(r["logp"])) for *_, r in rows],
+                 torch.ones(len(rows), dtype=torch.bool), {}, torch.tensor([r["ref"] for *_, r in rows]))
 
 
 def parse_config(args: list[str]) -> Config:

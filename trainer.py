@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor
 
 import loss
-from cluster import all_max, all_sum
+from cluster import all_max, all_sum, group_size
 from kernels.logprob import logprob, reference_logprob
 
 if TYPE_CHECKING:
@@ -113,7 +112,9 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
     width = ids.shape[1]
     if share_prompts:  # a token sees the prompt and its own response, causally (4D masks reach sdpa as they are)
         seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-        mask = (seen & (segment[:, None, :] >= 0) & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
+        mask = seen & (segment[:, None, :] >= 0) & torch.ones(width, width, dtype=torch.bool).tril()
+        # a padding position sees itself: sdpa's CPU backward on a row that sees nothing made runs differ
+        mask = (mask | torch.eye(width, dtype=torch.bool))[:, None]
     else:
         mask = (segment >= 0).long()
     index = torch.tensor([rc for response in where for rc in response]).reshape(-1, 2)
@@ -173,11 +174,12 @@ class Batch:
     entropies: list[torch.Tensor]     # per response token, of the sampling distribution
     rl: torch.Tensor                  # [R] bool: in the RL loss (False: kept for the echo term only)
     clips: dict                       # response index -> EchoClip length (ALGORITHMS.md 4)
+    ref_seq: torch.Tensor | None = None  # [R] sequence logprobs under the reference, when the searchers made them
 
     @staticmethod
     def concat(parts: list["Batch"]) -> "Batch":
         joined = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in dataclasses.fields(Batch)}
-        return Batch(**{**joined, "group": torch.cat([p.group for p in parts]), "clips": {},
+        return Batch(**{**joined, "group": torch.cat([p.group for p in parts]), "clips": {}, "ref_seq": None,
                         "rewards": torch.cat([p.rewards for p in parts]), "rl": torch.cat([p.rl for p in parts])})
 
     def select(self, keep: list[int], rl: torch.Tensor) -> "Batch":
@@ -187,14 +189,14 @@ class Batch:
 
 
 def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, temperature: float, autocast_dtype,
-                   beta: float = 0.0) -> dict:
+                   beta: float = 0.0, group=None) -> dict:
     """`updates_per_step` optimizer steps on this rank's responses. Every loss term ends in a division by
-    a count over the whole global batch (tokens, responses or clips, all-reduced), so the sum over
-    micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation)."""
+    a count over the whole global batch (tokens, responses or clips, all-reduced over `group`, the trainer
+    ranks), so the sum over micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation)."""
     n = len(batch.sequences)
     resp_len = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
     tb = cfg.loss == "tb"
-    adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl)
+    adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl, group)
     # A zero-advantage response adds nothing to a plain PPO gradient: skip its forward pass (its tokens
     # still count in the global token count).
     every = tb or cfg.kl_coef > 0 or cfg.entropy_coef > 0
@@ -203,12 +205,11 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
                                                              cfg.max_tokens_per_microbatch)]
     # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
-    batches += [[] for _ in range(all_max(len(batches)) - len(batches))]
+    batches += [[] for _ in range(all_max(len(batches), group) - len(batches))]
 
-    # Shared-prompt rows (each prompt once for all its responses) would suit a CPU, where training is
-    # compute-bound, but not a GPU (their dense 4D mask keeps sdpa off its flash kernels). They are off: with
-    # them two identical CPU runs logged different losses (the resume test), a cause not yet found.
-    share = False
+    # Shared-prompt rows (each prompt once for all its responses) suit a CPU, where training is compute-bound,
+    # but not a GPU (their dense 4D mask keeps sdpa off its flash kernels).
+    share = next(model.parameters()).device.type == "cpu"
 
     def logprobs(m, b):
         if not b:  # an empty micro-batch: one dummy token
@@ -227,30 +228,38 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         need_old = cfg.updates_per_step > 1 or cfg.tis_cap > 0 or cfg.kl_in_reward or tb
         old = [logprobs(model, b)[0] for b in batches] if need_old else None
         ref = [logprobs(ref_model, b)[0] for b in batches] if ref_model is not None else None
+    if old is None and cfg.searchers:  # async PPO: the sampler's logprobs, from stale weights, are pi_old
+        old = [torch.cat([batch.sampler_logp[i].float() for i in b] + [torch.zeros(0)]) for b in batches]
     rewards = batch.rewards
+    if tb:  # sequence logprobs under the reference: the searchers' (async) or from the passes above
+        seq_ref_of = per_response(ref) if ref is not None else {}
+        ref_seq = batch.ref_seq if batch.ref_seq is not None else \
+            torch.stack([seq_ref_of[i].sum().cpu() if i in seq_ref_of else torch.zeros(()) for i in range(n)])
     if cfg.kl_in_reward and ref is not None:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
         seq_kl = per_response([loss.kl(o, r, cfg.kl_kind) for o, r in zip(old, ref)])
         rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
                                                         for i in range(n)]).cpu()
-        adv = global_advantages(cfg, rewards, batch.group, batch.rl)
+        adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
     rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
-    n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips)))
+    n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips),
+                                                         group=group))
     stats = dict.fromkeys(("loss", "clip_frac", "kl", "trainer_entropy", "tis_weight", "echo_loss", "log_z_std",
                            "grad_norm"), 0.0)
-    scale = dist.get_world_size() if dist.is_initialized() else 1  # FSDP averages gradients over ranks: undo it
+    scale = group_size(group)  # FSDP averages gradients over the trainer ranks: undo it
     entropy_sum = forwarded = 0.0  # the trainer's entropy over the tokens it ran forward
+    z_moments = [0, 0.0, 0.0]  # count, sum and sum of squares of each response's log Z (TB)
     per_token_mean = 1 / max(n_tokens, 1) / cfg.updates_per_step  # turns a token sum into its share of a logged mean
     for update in range(cfg.updates_per_step):
         if tb:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
             with torch.no_grad():
                 cur = old if update == 0 else [logprobs(model, b)[0] for b in batches]
-            seq, seq_ref = per_response(cur), per_response(ref)
+            seq = per_response(cur)
             idx = sorted(seq)
             z = loss.tb_log_z(torch.stack([seq[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
-                              torch.stack([seq_ref[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
-                              rewards[idx], batch.group[idx], beta)
+                              ref_seq[idx], rewards[idx], batch.group[idx], beta)
             log_z = dict(zip(idx, z.tolist()))
-            stats["log_z_std"] += z.std(unbiased=False).item() / cfg.updates_per_step if idx else 0.0
+            z_moments = [m + x for m, x in zip(z_moments, (len(z) if idx else 0, z.sum().item() if idx else 0.0,
+                                                            (z ** 2).sum().item() if idx else 0.0))]
         for k, b in enumerate(batches):
             logp, entropy = logprobs(model, b)
 
@@ -262,11 +271,11 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
             dev = logp.device
             if tb:
                 seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
-                seq_ref = torch.zeros(len(b), device=dev).index_add(0, seq_ids, ref[k])
+                seq_ref = ref_seq[b].to(dev)
                 term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), batch.group[b].to(dev), beta,
                                     torch.tensor([log_z.get(i, 0.0) for i in b], device=dev))
                 micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
-                stats["kl"] += ((logp - ref[k]).detach() * rl).sum().item() * per_token_mean
+                stats["kl"] += ((seq_logp.detach() - seq_ref) * batch.rl[b].to(dev)).sum().item() * per_token_mean
             else:
                 sampler_logp = tokens([batch.sampler_logp[i].float() for i in b]) if cfg.tis_cap > 0 else None
                 per_token, logged = ppo_token_loss(cfg, logp, entropy, None if old is None else old[k],
@@ -290,9 +299,11 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss")
-    totals = all_sum(*(stats[k] for k in summed), entropy_sum, forwarded, stats["log_z_std"] / scale)
-    stats.update(zip(summed, totals), trainer_entropy=totals[-3] / max(totals[-2], 1), log_z_std=totals[-1])
-    off = {"kl": ref is None or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
+    totals = all_sum(*(stats[k] for k in summed), entropy_sum, forwarded, *z_moments, group=group)
+    z_n, z_sum, z_squares = totals[-3:]  # log Z's spread over every response of the batch, all ranks and updates
+    stats.update(zip(summed, totals), trainer_entropy=totals[-5] / max(totals[-4], 1),
+                 log_z_std=math.sqrt(max(z_squares / max(z_n, 1) - (z_sum / max(z_n, 1)) ** 2, 0.0)))
+    off = {"kl": (ref is None and not tb) or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
            "echo_loss": not cfg.echo_coef,
            "log_z_std": not tb, "clip_frac": tb}
     return {k: v for k, v in stats.items() if not off.get(k)}
@@ -314,11 +325,12 @@ def ppo_token_loss(cfg: Config, logp, entropy, old, ref, adv, sampler_logp) -> t
     return per_token, logged
 
 
-def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor) -> torch.Tensor:
+def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor,
+                      ranks=None) -> torch.Tensor:
     """loss.advantages over the responses in the RL loss, with REINFORCE++'s batch statistics gathered
-    over all ranks; 0 for the others."""
+    over the trainer ranks (`ranks`: their process group); 0 for the others."""
     centred = (rewards - loss.group_stats(rewards, group)[0])[rl]
-    count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item())
+    count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item(), group=ranks)
     mean = total / max(count, 1)
     std = math.sqrt(max(squares / max(count, 1) - mean ** 2, 0.0))
     return torch.where(rl, loss.advantages(rewards, group, cfg.adv, batch_stats=(mean, std)), 0.0)

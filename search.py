@@ -1,0 +1,190 @@
+"""TBA's searchers (ALGORITHMS.md 2; DESIGN.md async mode). Each round gives every searcher a fixed set
+of prompts, dealt by a seeded rule; it samples each ceil(oversample x K) times with the weights of the
+last sync, scores the responses and computes their sequence logprobs under the frozen initial model (so
+the trainer holds no reference model). A round travels as three fixed-shape tensors; `serve` is a
+searcher rank's whole life, and `Virtual` plays the searchers inside a one-process run.
+"""
+
+from __future__ import annotations  # Config and friends are named in hints only: no import cycle
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+import explore
+from cluster import Roles, broadcast_weights, checksum, load_flat, pack_weights, weight_names
+from collect import encode_prompts, generate_and_score
+from trainer import response_logprobs
+
+if TYPE_CHECKING:
+    from train import Config
+
+INTS, FLOATS = 4, 4  # per response: prompt, version, round, length | reward, ref and sampler logprobs, entropy
+STATS = ("seconds", "waited", "failures", "tokens")  # per searcher and round
+
+
+def samples_per_prompt(cfg: Config) -> int:
+    return math.ceil(cfg.search_oversample * cfg.rollouts_per_prompt - 1e-9)
+
+
+def prompts_per_searcher(cfg: Config) -> int:
+    """--search-prompts, or (0) enough for the prompts_per_step x sync_every prompt slots of a sync."""
+    return cfg.search_prompts or math.ceil(cfg.prompts_per_step * cfg.sync_every / cfg.searchers)
+
+
+def round_prompts(cfg: Config, n_items: int, round_: int, searcher: int) -> list[int]:
+    """Round r deals the next searchers x P prompts of the epoch order, P to each searcher in turn."""
+    P = prompts_per_searcher(cfg)
+    picked = explore.pick_prompts(n_items, round_ * cfg.searchers * P, cfg.searchers * P, cfg.seed)
+    return picked[searcher * P:(searcher + 1) * P]
+
+
+def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: int, version: int, dtype,
+           waited: float = 0.0) -> list[torch.Tensor]:
+    """One searcher's round as [ints, floats, stats]: rows of (prompt, version, round, length, tokens...)
+    and (reward, ref logprob, sampler logprob, summed entropy, per-token sampler logprobs...), padded to
+    max_new_tokens. Randomness is keyed by the round and the prompt's place in it, as in a synchronous step."""
+    t0 = time.time()
+    P, n, width = prompts_per_searcher(cfg), samples_per_prompt(cfg), cfg.max_new_tokens
+    picked = round_prompts(cfg, len(task.items), round_, searcher)
+    items = [task.items[i] for i in picked]
+    prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
+    r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P, cfg.temperature,
+                                           cfg.seed * 1_000_003 + 500_009 + round_,
+                                           [searcher * P + i for i in range(P)])
+    sampler.release_kv()
+    sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
+    with torch.no_grad():
+        ref_logp = response_logprobs(ref, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
+                                     cfg.temperature, dtype)[0].cpu().split([len(t) for t in r.tokens])
+    ints = torch.zeros(P * n, INTS + width, dtype=torch.long)
+    floats = torch.zeros(P * n, FLOATS + width, dtype=torch.float32)
+    for row, (p, tokens, logp, entropy, score, ref_t) in enumerate(zip(r.prompt_index, r.tokens, r.logprobs,
+                                                                       r.entropies, scores, ref_logp)):
+        reward = float(score >= 1.0) if cfg.binary_reward else float(score)
+        ints[row, :INTS + len(tokens)] = torch.tensor([picked[p], version, round_, len(tokens), *tokens])
+        floats[row, :FLOATS] = torch.tensor([reward, ref_t.sum().item(), logp.float().sum().item(),
+                                             entropy.float().sum().item()])
+        floats[row, FLOATS:FLOATS + len(tokens)] = logp.float()
+    stats = torch.tensor([time.time() - t0, waited, failed, sum(len(t) for t in r.tokens)], dtype=torch.float64)
+    return [ints, floats, stats]
+
+
+def to_responses(ints: torch.Tensor, floats: torch.Tensor) -> list[dict]:
+    """A round's rows as the replay buffer's responses."""
+    out = []
+    for i, f in zip(ints.tolist(), floats):
+        prompt, version, round_, length = i[:INTS]
+        out.append({"prompt": prompt, "version": version, "round": round_, "tokens": tuple(i[INTS:INTS + length]),
+                    "reward": f[0].item(), "ref": f[1].item(), "sampler": f[2].item(), "entropy": f[3].item(),
+                    "logp": f[FLOATS:FLOATS + length].clone()})
+    return out
+
+
+def round_shapes(cfg: Config) -> list[tuple[int, ...]]:
+    rows = prompts_per_searcher(cfg) * samples_per_prompt(cfg)
+    return [(rows, INTS + cfg.max_new_tokens), (rows, FLOATS + cfg.max_new_tokens), (len(STATS),)]
+
+
+def empty_round(cfg: Config) -> list[torch.Tensor]:
+    return [torch.zeros(shape, dtype=dtype) for shape, dtype in
+            zip(round_shapes(cfg), (torch.long, torch.float32, torch.float64))]
+
+
+def gather_round(cfg: Config, mine: list[torch.Tensor] | None, roles: Roles) -> list[list[torch.Tensor]] | None:
+    """Every searcher's round to trainer rank 0 (returned there, one list per searcher; None elsewhere)."""
+    mine = mine or empty_round(cfg)
+    rank0 = dist.get_rank() == 0
+    out = []
+    for t in mine:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(roles.handoff))] if rank0 else None
+        dist.gather(t, parts, dst=0, group=roles.handoff)
+        out.append(parts[1:] if rank0 else None)
+    return [list(x) for x in zip(*out)] if rank0 else None
+
+
+def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, n_syncs: int, dtype) -> None:
+    """A searcher rank's life: take the weights at the opening (a fresh run then samples round 0 with them),
+    then sample round w + 1 with the weights of sync w and hand it over at sync w + 1."""
+    names = weight_names(lm, sampler)
+    flat = torch.empty(sum(sampler.weights[n].numel() for n in names), dtype=torch.bfloat16)
+    opening = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(opening, 0, roles.handoff)  # the first sync: 0, or the resumed one
+    first = int(opening.item())
+    version, _ = broadcast_weights(flat, 0, roles.handoff)
+    load_flat(sampler, flat, names)
+    if first == 0:
+        gather_round(cfg, search(cfg, sampler, ref, tokenizer, task, 0, roles.rank, version, dtype), roles)
+    waited = 0.0
+    for w in range(first + 1, n_syncs):
+        mine = search(cfg, sampler, ref, tokenizer, task, w, roles.rank, version, dtype, waited)
+        t0 = time.time()
+        gather_round(cfg, mine, roles)
+        version, _ = broadcast_weights(flat, 0, roles.handoff)
+        waited = time.time() - t0
+        load_flat(sampler, flat, names)
+
+
+class Searchers:
+    """The trainer's side of the hand-off: `open` at the first sync of a run (w0) and `sync` at every later
+    one; each sends the trainer's weights of that sync (version = trainer steps taken) and returns the
+    searchers' round that is due, as one list of [ints, floats, stats] per searcher (None: nothing due).
+    Remote searchers are ranks; virtual ones run in this process, one after another, on its sampler, so both
+    produce the same rounds."""
+
+    def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, n_syncs: int, dtype):
+        self.cfg, self.roles, self.sampler, self.ref, self.lm = cfg, roles, sampler, ref, lm
+        self.tokenizer, self.task, self.n_syncs, self.dtype = tokenizer, task, n_syncs, dtype
+        self.names, self.pending = weight_names(lm, sampler), None
+        self.virtual = roles.handoff is None
+        self.broadcast = {"seconds": 0.0, "bytes": 0, "checksum": 0}
+        self.waited = 0.0  # seconds the trainer waited for the last round
+
+    def _send(self, version: int) -> torch.Tensor:
+        t0 = time.time()
+        flat = pack_weights(self.lm, self.names)
+        if self.virtual:
+            self.broadcast["checksum"] = checksum(flat)
+        elif self.roles.rank == 0:  # the other trainer ranks only helped to gather
+            _, self.broadcast["checksum"] = broadcast_weights(flat, version, self.roles.handoff)
+        self.broadcast.update(seconds=time.time() - t0, bytes=flat.numel() * 2)
+        return flat
+
+    def _search_all(self, round_: int, version: int) -> list[list[torch.Tensor]]:
+        return [search(self.cfg, self.sampler, self.ref, self.tokenizer, self.task, round_, s, version, self.dtype)
+                for s in range(self.cfg.searchers)]
+
+    def _receive(self) -> list[list[torch.Tensor]]:
+        """The due round: gathered on trainer rank 0, then broadcast to the other trainer ranks."""
+        t0 = time.time()
+        due = gather_round(self.cfg, None, self.roles) if self.roles.rank == 0 else None
+        if self.roles.n_trainers > 1:
+            due = due or [empty_round(self.cfg) for _ in range(self.cfg.searchers)]
+            for t in (t for round_ in due for t in round_):
+                dist.broadcast(t, 0, self.roles.trainers)
+        self.waited = time.time() - t0
+        return due
+
+    def open(self, w0: int, version: int):
+        if not self.virtual and self.roles.rank == 0:
+            dist.broadcast(torch.tensor([w0]), 0, self.roles.handoff)
+        flat = self._send(version)
+        if not self.virtual:
+            return self._receive() if w0 == 0 else None
+        load_flat(self.sampler, flat, self.names)
+        due = self._search_all(0, version) if w0 == 0 else None
+        self.pending = self._search_all(w0 + 1, version) if w0 + 1 < self.n_syncs else None
+        return due
+
+    def sync(self, w: int, version: int):
+        if not self.virtual:
+            due = self._receive()
+            self._send(version)
+            return due
+        due = self.pending
+        load_flat(self.sampler, self._send(version), self.names)
+        self.pending = self._search_all(w + 1, version) if w + 1 < self.n_syncs else None
+        return due
