@@ -173,10 +173,11 @@ def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def check_world_size(cfg: Config, world: int) -> None:
-    if cfg.searchers and world > 1 and cfg.searchers >= world:
-        raise SystemExit(f"--searchers {cfg.searchers} leaves no trainer among {world} processes; use at most "
+    searchers = world - 1 if cfg.searchers == -1 else cfg.searchers  # -1: every rank but one
+    if searchers and world > 1 and searchers >= world:
+        raise SystemExit(f"--searchers {searchers} leaves no trainer among {world} processes; use at most "
                          f"{world - 1} or launch more")
-    trainers = world - cfg.searchers if cfg.searchers and world > 1 else world
+    trainers = world - searchers if searchers and world > 1 else world
     if cfg.prompts_per_step % trainers:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {trainers} trainer ranks; "
                          "use a multiple of their number")

@@ -178,8 +178,9 @@ class Batch:
 
     @staticmethod
     def concat(parts: list["Batch"]) -> "Batch":
-        joined = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in dataclasses.fields(Batch)}
-        return Batch(**{**joined, "group": torch.cat([p.group for p in parts]), "clips": {}, "ref_seq": None,
+        joined = {f.name: [x for p in parts for x in getattr(p, f.name)] for f in dataclasses.fields(Batch)
+                  if f.name != "ref_seq"}  # a synchronous step's parts: the trainer computes the reference
+        return Batch(**{**joined, "group": torch.cat([p.group for p in parts]), "clips": {},
                         "rewards": torch.cat([p.rewards for p in parts]), "rl": torch.cat([p.rl for p in parts])})
 
     def select(self, keep: list[int], rl: torch.Tensor) -> "Batch":
