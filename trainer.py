@@ -91,8 +91,12 @@ class Policy(torch.nn.Module):
         """kernels/logprob on the final hidden states at (rows, cols), the positions that predict `targets`
         (DESIGN.md step 7): the LM head is applied in vocabulary chunks, never as a [tokens, vocab] float32
         tensor."""
-        hidden = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               use_cache=False).last_hidden_state[rows, cols]
+        states = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state
+        # index_select, not states[rows, cols]: a shared prompt's last position predicts the first token of every
+        # response, and the backward of advanced indexing sums such repeats in a varying order on a CPU
+        # (last-bit different gradients run to run); index_select's backward (index_add) sums them in order
+        hidden = states.flatten(0, 1).index_select(0, rows * states.shape[1] + cols)
         weight = self.lm.lm_head.weight
         if hidden.is_cuda:
             return logprob(hidden, weight, targets, temperature)
@@ -113,7 +117,7 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
     if share_prompts:  # a token sees the prompt and its own response, causally (4D masks reach sdpa as they are)
         seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
         mask = seen & (segment[:, None, :] >= 0) & torch.ones(width, width, dtype=torch.bool).tril()
-        # a padding position sees itself: sdpa's CPU backward on a row that sees nothing made runs differ
+        # a padding position sees itself: no query row sees nothing (a softmax over no keys)
         mask = (mask | torch.eye(width, dtype=torch.bool))[:, None]
     else:
         mask = (segment >= 0).long()
