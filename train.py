@@ -323,7 +323,9 @@ def main_async(cfg: Config, rank, world, device, lm, tokenizer, train_task, eval
     k, K, B = cfg.sync_every, cfg.rollouts_per_prompt, cfg.prompts_per_step
     n_syncs = math.ceil(cfg.steps / k)
     virtual = roles.handoff is None
-    ref = Policy(copy.deepcopy(lm).requires_grad_(False)) if roles.searching or virtual else None  # frozen
+    # the searchers' frozen reference: a searcher rank never trains its copy; one process keeps a second one
+    ref = Policy((lm if roles.searching else copy.deepcopy(lm)).requires_grad_(False)) if roles.searching or virtual \
+        else None
     if roles.searching:
         serve(cfg, sampler, ref, lm, tokenizer, train_task, roles, n_syncs, dtype)
         return dist.destroy_process_group()
