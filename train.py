@@ -205,7 +205,7 @@ PRESETS = {
         lr_schedule="warmup", warmup_steps=10, steps=500, eval_prompts=256, eval_samples=8,
         max_tokens_per_microbatch=16384, out_dir="runs/tba")),
     "tba-cpu": ("TBA at the demo scale, one process: 2 virtual searchers, 4 prompts x 8 a step, sync every 2", Config(
-        **{**TBA, **DEMO, "searchers": 2, "prompts_per_step": 4, "rollouts_per_prompt": 8, "lr": 2e-5}, steps=32,
+        **{**TBA, **DEMO, "searchers": 2, "prompts_per_step": 4, "rollouts_per_prompt": 8, "lr": 2e-5}, steps=16,
         out_dir="runs/tba-cpu")),
     # lr a tenth of the demo's: at 2e-5 the entropy fell from 2.48 to 0.89 in 4 steps (measured), faster than
     # E3's controller (a few % of tau a step) can follow
