@@ -970,6 +970,29 @@ def test_tba_one_process_and_torchrun_agree_and_resume(tmp_path, smollm2):
         assert [r["step"] for r in again] == [0, 1, 2, 3] and again == rows[name]
 
 
+def test_async_ppo_takes_the_samplers_logprobs_as_pi_old():
+    """--loss ppo with searchers: the ratio is pi / pi_sampler (stale weights), so a sampler that gave each
+    token e^-1 of the trainer's probability clips every token of a positive advantage; synchronously, pi_old is
+    the trainer's own (detached), the ratio 1, nothing clipped."""
+    seqs, prompt_lens = grouped_sequences(seed=4)
+    keys = {}
+    group = torch.tensor([keys.setdefault(tuple(s[:p]), len(keys)) for s, p in zip(seqs, prompt_lens)])
+    rewards = torch.tensor([float(i % 2) for i in range(len(seqs))])
+    clipped = {}
+    for searchers in (0, 2):
+        policy = trainer.Policy(tiny_model("llama", seed=6))
+        with torch.no_grad():
+            logp = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32)[0]
+        per_response = list(logp.split([len(s) - p for s, p in zip(seqs, prompt_lens)]))
+        batch = trainer.Batch(seqs, prompt_lens, group, rewards, [x - 1.0 for x in per_response],
+                              [torch.zeros_like(x) for x in per_response], torch.ones(len(seqs), dtype=torch.bool), {})
+        cfg = train.Config(loss="ppo", searchers=searchers, prompts_per_step=3, rollouts_per_prompt=3)
+        stats = trainer.train_on_batch(cfg, policy, None, torch.optim.AdamW(policy.parameters(), lr=0.0), batch, 1.0,
+                                       torch.float32)
+        clipped[searchers] = stats["clip_frac"]
+    assert clipped[0] == 0 and clipped[2] > 0
+
+
 def test_tba_bad_input_is_one_sentence():
     cases = [(dict(searchers=2, sync_every=0), "--sync-every 0 must be at least 1"),
              (dict(searchers=2, fresh_prob=1.5), "--fresh-prob 1.5 is a probability"),
