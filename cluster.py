@@ -172,8 +172,13 @@ def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
+def searcher_count(searchers: int, world: int) -> int:
+    """--searchers as a number: -1 = every rank but one (one virtual searcher in a world of one)."""
+    return max(world - 1, 1) if searchers == -1 else searchers
+
+
 def check_world_size(cfg: Config, world: int) -> None:
-    searchers = world - 1 if cfg.searchers == -1 else cfg.searchers  # -1: every rank but one
+    searchers = searcher_count(cfg.searchers, world)
     if searchers and world > 1 and searchers >= world:
         raise SystemExit(f"--searchers {searchers} leaves no trainer among {world} processes; use at most "
                          f"{world - 1} or launch more")
@@ -269,15 +274,16 @@ def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int
     """Global rank 0 sends flat (bf16) and its version to the group in BUCKET-sized pieces; the other ranks
     pass a flat of the same size, filled in place. gloo has no bf16 (nor int16: "Invalid scalar type"), so
     there the bytes travel as uint8, exactly. Returns (version, checksum), checked on arrival."""
-    header = torch.tensor([version, checksum(flat)], dtype=torch.int64, device=flat.device)
+    sending = dist.get_rank() == 0
+    header = torch.tensor([version, checksum(flat) if sending else 0], dtype=torch.int64, device=flat.device)
     dist.broadcast(header, 0, group)
     bits = flat.view(torch.uint8) if dist.get_backend(group) == "gloo" else flat
     for piece in bits.split(2 * BUCKET if bits.dtype == torch.uint8 else BUCKET):
         dist.broadcast(piece, 0, group)
-    if checksum(flat) != header[1].item():
-        raise RuntimeError(f"weights version {header[0].item()} arrived damaged: checksum {checksum(flat)} "
-                           f"!= {header[1].item()}")
-    return int(header[0]), int(header[1])
+    version, sent = header.tolist()
+    if not sending and checksum(flat) != sent:
+        raise RuntimeError(f"weights version {version} arrived damaged: checksum {checksum(flat)} != {sent}")
+    return version, sent
 
 
 def load_flat(sampler: Sampler, flat: torch.Tensor, names: list[str]) -> None:

@@ -82,14 +82,19 @@ def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_k
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
     r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [budgets[i] for i in mine],
                                            temperature, seed, [first_key + i for i in mine])
-    rewards = torch.tensor(scores, dtype=torch.float32)
-    if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
-        rewards = (rewards >= 1.0).float()
+    rewards = scores_to_rewards(cfg, scores)
     batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
                   [len(prompt_ids[p]) for p in r.prompt_index],
                   torch.tensor([first_key + mine[p] for p in r.prompt_index]),
                   rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {})
     return batch, failed
+
+
+def scores_to_rewards(cfg: Config, scores: list[float]) -> torch.Tensor:
+    rewards = torch.tensor(scores, dtype=torch.float32)
+    if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
+        rewards = (rewards >= 1.0).float()
+    return rewards
 
 
 def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,

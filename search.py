@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import explore
 from cluster import Roles, broadcast_weights, checksum, load_flat, pack_weights, weight_names
-from collect import encode_prompts, generate_and_score
+from collect import encode_prompts, generate_and_score, scores_to_rewards
 from trainer import response_logprobs
 
 if TYPE_CHECKING:
@@ -62,11 +62,11 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
                                      cfg.temperature, dtype)[0].cpu().split([len(t) for t in r.tokens])
     ints = torch.zeros(P * n, INTS + width, dtype=torch.long)
     floats = torch.zeros(P * n, FLOATS + width, dtype=torch.float32)
-    for row, (p, tokens, logp, entropy, score, ref_t) in enumerate(zip(r.prompt_index, r.tokens, r.logprobs,
-                                                                       r.entropies, scores, ref_logp)):
-        reward = float(score >= 1.0) if cfg.binary_reward else float(score)
+    for row, (p, tokens, logp, entropy, reward, ref_t) in enumerate(zip(r.prompt_index, r.tokens, r.logprobs,
+                                                                        r.entropies, scores_to_rewards(cfg, scores),
+                                                                        ref_logp)):
         ints[row, :INTS + len(tokens)] = torch.tensor([picked[p], version, round_, len(tokens), *tokens])
-        floats[row, :FLOATS] = torch.tensor([reward, ref_t.sum().item(), logp.float().sum().item(),
+        floats[row, :FLOATS] = torch.tensor([reward.item(), ref_t.sum().item(), logp.float().sum().item(),
                                              entropy.float().sum().item()])
         floats[row, FLOATS:FLOATS + len(tokens)] = logp.float()
     stats = torch.tensor([time.time() - t0, waited, failed, sum(len(t) for t in r.tokens)], dtype=torch.float64)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 import explore
 import loss
 import reward
-from cluster import check_world_size, make_roles, my_share, pick_dtype, setup_process, shard, sync_sampler
+from cluster import (check_world_size, make_roles, my_share, pick_dtype, searcher_count, setup_process, shard,
+                     sync_sampler)
 from collect import Explore, encode_prompts, evaluate, sample_step
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from rollout import ModelConfig, Sampler, check_request
@@ -317,8 +318,7 @@ def main_async(cfg: Config, rank, world, device, lm, tokenizer, train_task, eval
     buffer, the trainer draws each step's batch from it. At sync w (every sync_every steps) the trainer's
     weights (version = its steps so far) go to the searchers, and round w comes back, sampled with the
     weights of sync w - 1 (round 0: the initial ones); a checkpoint is taken at a sync."""
-    if cfg.searchers == -1:
-        cfg = dataclasses.replace(cfg, searchers=max(world - 1, 1))
+    cfg = dataclasses.replace(cfg, searchers=searcher_count(cfg.searchers, world))
     roles = make_roles(cfg.searchers, rank, world)
     k, K, B = cfg.sync_every, cfg.rollouts_per_prompt, cfg.prompts_per_step
     n_syncs = math.ceil(cfg.steps / k)
@@ -382,17 +382,20 @@ def main_async(cfg: Config, rank, world, device, lm, tokenizer, train_task, eval
             batch = replay_batch(cfg, slots, start, stop, prompt_ids, tokenizer, train_task)
             beta = loss.tb_beta(step, cfg.tb_beta_start, cfg.tb_beta_end, cfg.tb_beta_steps) if cfg.loss == "tb" else 0
             stats = train_on_batch(cfg, model, None, optimizer, batch, cfg.temperature, dtype, beta, roles.trainers)
-            age = {fresh: [step - r["version"] for _, f, rs in slots if f == fresh for r in rs] for fresh in (1, 0)}
-            got = {fresh: [r["reward"] for _, f, rs in slots if f == fresh for r in rs] for fresh in (1, 0)}
-            mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-            drawn = [r for *_, rs in slots for r in rs]
-            row = {"step": step, "reward": mean(got[1] + got[0]), "reward_fresh": mean(got[1]),
-                   "pass_rate": mean([r["reward"] >= cfg.success for r in drawn]),
-                   "entropy": sum(r["entropy"] for r in drawn) / sum(len(r["tokens"]) for r in drawn),
-                   "response_len": mean([len(r["tokens"]) for r in drawn]),
-                   "reward_replay": mean(got[0]), "staleness_mean": mean(age[1] + age[0]),
-                   "staleness_max": max(age[1] + age[0]), "staleness_fresh": mean(age[1]),
-                   "staleness_replay": mean(age[0]), "fresh_frac": len(age[1]) / (B * K), "buffer": buffer.size(),
+            drawn = [(fresh, r) for _, fresh, rs in slots for r in rs]
+
+            def mean(value, which=(True, False)):  # over the drawn responses, fresh ones, replayed ones
+                xs = [value(r) for fresh, r in drawn if fresh in which]
+                return sum(xs) / len(xs) if xs else float("nan")
+            age, reward_of = (lambda r: step - r["version"]), (lambda r: r["reward"])
+            row = {"step": step, "reward": mean(reward_of), "reward_fresh": mean(reward_of, [True]),
+                   "reward_replay": mean(reward_of, [False]),
+                   "pass_rate": mean(lambda r: r["reward"] >= cfg.success),
+                   "entropy": sum(r["entropy"] for _, r in drawn) / sum(len(r["tokens"]) for _, r in drawn),
+                   "response_len": mean(lambda r: len(r["tokens"])), "staleness_mean": mean(age),
+                   "staleness_max": max(age(r) for _, r in drawn), "staleness_fresh": mean(age, [True]),
+                   "staleness_replay": mean(age, [False]), "fresh_frac": sum(f for f, _ in drawn) / (B * K),
+                   "buffer": buffer.size(),
                    "prompts_held": len(buffer.items), **buffer.removed, "sync": w, **sent,
                    "trainer_waited": searchers.waited, "broadcast_s": searchers.broadcast["seconds"],
                    "broadcast_bytes": searchers.broadcast["bytes"], "weights_checksum": searchers.broadcast["checksum"],
