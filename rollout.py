@@ -119,38 +119,68 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def key_slots(b: "DecodeBatch", block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pool slots of every row's keys, its prompt's and then its own, [R, K], and which are real. The
-    rest repeat the slot of the row's fed token, which this step writes, so nothing unwritten is read.
-    Rows outside every group (padding) have no prompt keys."""
-    rows, grouped = len(b.tokens), int(b.group_count.sum())  # grouped rows come first
-    group = torch.repeat_interleave(torch.arange(len(b.group_count), device=b.tokens.device),
-                                    b.group_count.long(), output_size=grouped)
-    prompt_len = b.prompt_len.new_zeros(rows)
-    prompt_len[:grouped] = b.prompt_len[group]
-    prompt_blocks = b.prompt_blocks.new_zeros(rows, b.prompt_blocks.shape[1])
-    prompt_blocks[:grouped] = b.prompt_blocks[group]
+@dataclass
+class KeyPlan:
+    """Where a CPU decode step's keys lie in the pool, computed once for all layers (key_plan)."""
+    row_of: torch.Tensor        # [G, W] the rows of each group (W = its largest), R where a group has fewer
+    prompt_slots: torch.Tensor  # [G, P] pool slots of each group's prompt keys
+    prompt_valid: torch.Tensor  # [G, P]
+    own_slots: torch.Tensor     # [R, T] pool slots of each row's own keys
+    own_valid: torch.Tensor     # [R, T]
+    grouped: int                # rows in some group; they come first, the rest (padding) see no prompt
+
+
+def key_plan(b: "DecodeBatch", block_size: int) -> KeyPlan:
+    """Slots beyond a prompt's or a row's length repeat a slot that is written (the prompt's first; the
+    row's fed token, which this step writes), so nothing unwritten (maybe NaN) is ever read."""
+    rows, grouped, dev = len(b.tokens), int(b.group_count.sum()), b.tokens.device
 
     def slots(table, length):
-        t = torch.arange(int(length.max()), device=table.device)
-        return table[:, t // block_size].long() * block_size + t % block_size, t < length[:, None]
+        t = torch.arange(int(length.max()), device=dev)
+        valid = t < length[:, None]
+        return table[:, t // block_size].long() * block_size + t % block_size, valid
 
-    (prompt, prompt_valid), (own, own_valid) = slots(prompt_blocks, prompt_len), slots(b.block_table, b.seq_len)
-    valid = torch.cat([prompt_valid, own_valid], 1)
-    return torch.where(valid, torch.cat([prompt, own], 1), b.write_slots[:, None]), valid
+    prompt, prompt_valid = slots(b.prompt_blocks, b.prompt_len)
+    own, own_valid = slots(b.block_table, b.seq_len)
+    place = torch.arange(int(b.group_count.max()), device=dev)
+    row_of = torch.where(place < b.group_count[:, None], b.group_start[:, None].long() + place, rows)
+    return KeyPlan(row_of, torch.where(prompt_valid, prompt, prompt[:, :1]), prompt_valid,
+                   torch.where(own_valid, own, b.write_slots[:, None]), own_valid, grouped)
 
 
-def gathered_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-                       valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Decode attention without Triton: each row's keys gathered from the pool by key_slots, then softmax
-    attention, [R, heads, d]. On a CPU the prompt KV costs little to read per row, and one gather per layer
-    beats the kernels' torch twins (prefix + paged decode + merge), whose indexing outweighs the attention."""
+def cpu_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KeyPlan,
+                  scale: float) -> torch.Tensor:
+    """Decode attention without Triton, [R, heads, d]: the rows of a group attend to their prompt's keys
+    in one matrix product (the keys read once per group, not once per rollout), each row to its own
+    keys gathered by slot, and the two parts merge by their log-sum-exps (kernels/attention.py's rule).
+    Keys are gathered head-major ([.., kv_heads, keys, d]) so every product runs without a copy."""
     rows, heads, d = q.shape
-    kv_heads = k_pool.shape[2]
-    k, v = (pool.view(-1, kv_heads, d)[slots].float() for pool in (k_pool, v_pool))  # [R, K, kv_heads, d]
-    scores = torch.einsum("rgqd,rkgd->rgqk", q.float().view(rows, kv_heads, heads // kv_heads, d), k) * scale
-    p = scores.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
-    return torch.einsum("rgqk,rkgd->rgqd", p, v).reshape(rows, heads, d).to(q.dtype)
+    kv = k_pool.shape[-2]
+    rep, (groups, width) = heads // kv, plan.row_of.shape
+    heads_of = torch.arange(kv, device=q.device)[:, None]
+
+    def gather(pool, slots):  # [N, keys] -> [N, kv, keys, d] float32
+        return pool.view(-1, d)[slots[:, None] * kv + heads_of].float()
+
+    def attend(qh, k, v, valid):  # qh [N, kv, M, d]; valid [N, keys] -> o [N, kv, M, d], lse [N, kv, M]
+        scores = (qh @ k.transpose(-1, -2) * scale).masked_fill(~valid[:, None, None], float("-inf"))
+        lse = scores.logsumexp(-1, keepdim=True)
+        return (scores - lse).exp() @ v, lse[..., 0]
+
+    qf = torch.cat([q.float(), q.new_zeros(1, heads, d, dtype=torch.float32)])  # row R: no row
+    qg = qf[plan.row_of].view(groups, width, kv, rep, d).transpose(1, 2).reshape(groups, kv, width * rep, d)
+    o1, lse1 = attend(qg, gather(k_pool, plan.prompt_slots), gather(v_pool, plan.prompt_slots), plan.prompt_valid)
+    o1 = o1.view(groups, kv, width, rep, d).transpose(1, 2).reshape(groups * width, heads, d)
+    lse1 = lse1.view(groups, kv, width, rep).transpose(1, 2).reshape(groups * width, heads)
+    prompt_o = q.new_zeros(rows + 1, heads, d, dtype=torch.float32)
+    prompt_lse = torch.full((rows + 1, heads), float("-inf"), device=q.device)
+    prompt_o[plan.row_of.flatten()], prompt_lse[plan.row_of.flatten()] = o1, lse1
+    o2, lse2 = attend(q.float().view(rows, kv, rep, d), gather(k_pool, plan.own_slots),
+                      gather(v_pool, plan.own_slots), plan.own_valid)
+    lse2 = lse2.view(rows, heads, 1)
+    lse = torch.logaddexp(prompt_lse[:rows, :, None], lse2)
+    return (prompt_o[:rows] * (prompt_lse[:rows, :, None] - lse).exp()
+            + o2.view(rows, heads, d) * (lse2 - lse).exp()).to(q.dtype)
 
 
 class BlockPool:
@@ -221,7 +251,7 @@ class Sampler:
         self.k_pool = self.v_pool = None  # allocated by generate(), freed by release_kv()
         self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * dtype.itemsize
         # Triton kernels on CUDA, plain torch elsewhere (DESIGN.md, Kernels): there the KV write and sampling
-        # twins, and attention over each row's gathered keys (gathered_attention)
+        # twins, and cpu_attention
         self.use_triton = self.device.type == "cuda" if use_triton is None else use_triton
         prefix = "" if self.use_triton else "reference_"
         self.write_kv = getattr(attention, prefix + "write_kv")
@@ -335,13 +365,13 @@ class Sampler:
 
     def _decode(self, b: DecodeBatch, temperature: float, top_p: float):
         scale = self.cfg.head_dim ** -0.5
-        slots, valid = (None, None) if self.use_triton else key_slots(b, self.block_size)  # once for all layers
+        plan = None if self.use_triton else key_plan(b, self.block_size)  # once for all layers
 
         def attend(layer, q, k, v):
             kp, vp = self.k_pool[layer], self.v_pool[layer]
             self.write_kv(kp, vp, k, v, b.write_slots)
             if not self.use_triton:
-                return gathered_attention(q, kp, vp, slots, valid, scale)
+                return cpu_attention(q, kp, vp, plan, scale)
             o1, lse1 = attention.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len,
                                                   b.prompt_blocks, scale, b.max_count)
             o2, lse2 = attention.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)

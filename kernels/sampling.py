@@ -58,10 +58,10 @@ def gumbel_argmax(z: torch.Tensor, keys: torch.Tensor, rows_per_chunk: int = 16)
 def reference_sample(logits: torch.Tensor, keys: torch.Tensor,
                      temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, V] (float32 or bf16), keys [B] int64 holding uint32 -> (tokens, logprob, entropy)."""
-    z = logits.float() / (temperature if temperature > 0 else 1.0)
+    z = logits.float() if temperature in (0, 1) else logits.float() / temperature
     logp = z.log_softmax(-1)
     tokens = gumbel_argmax(z, keys) if temperature > 0 else z.argmax(-1)
-    entropy = torch.special.entr(logp.exp()).sum(-1)
+    entropy = -(logp.exp() * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)  # 0 log 0 = 0 (top_p's -inf)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0], entropy
 
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels import attention
 from kernels.logprob import logprob, reference_logprob
 from kernels.sampling import hash32, reference_sample, sample
-from rollout import ModelConfig, Sampler, gathered_attention, key_slots
+from rollout import ModelConfig, Sampler, cpu_attention, key_plan
 
 DEVICE = os.environ.get("FANOUT_TEST_DEVICE", "cpu")
 
@@ -197,20 +197,27 @@ def test_shared_prefix_plus_own_attention_equals_dense(kernels, num_splits, dtyp
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES)
-def test_gathered_attention_equals_dense(dtype, head_dim, rep):
-    """The sampler's torch path: each row's prompt and own keys gathered by slot, plain attention."""
+def test_cpu_attention_equals_dense(dtype, head_dim, rep):
+    """The sampler's torch path: a group's rows against its prompt's keys in one product, each row
+    against its own keys gathered by slot, merged; padding rows (in no group) see only their own keys."""
     c = make_case(dtype, head_dim, rep, seed=5)
-    fed = c.seq_len.long() - 1  # the token a decode step feeds: its slot is always written
-    b = SimpleNamespace(tokens=c.seq_len, group_start=c.group_start, group_count=c.group_count,
-                        prompt_len=c.prompt_len, prompt_blocks=c.prompt_blocks, block_table=c.block_table,
-                        seq_len=c.seq_len, write_slots=c.block_table[torch.arange(len(fed)), fed // BLOCK_SIZE].long()
-                        * BLOCK_SIZE + fed % BLOCK_SIZE)
-    slots, valid = key_slots(b, BLOCK_SIZE)
-    assert valid.sum(1).tolist() == (c.prompt_len.repeat_interleave(c.group_count) + c.seq_len).tolist()
-    o = gathered_attention(c.q, c.k_pool, c.v_pool, slots, valid, c.scale)
+    # one padding row after the grouped ones: its single own key is the first rollout's first token
+    seq_len, table = torch.cat([c.seq_len, c.seq_len.new_ones(1)]), torch.cat([c.block_table, c.block_table[:1]])
+    fed = seq_len.long() - 1  # the token a decode step feeds: its slot is always written
+    write_slots = table[torch.arange(len(fed)), fed // BLOCK_SIZE].long() * BLOCK_SIZE + fed % BLOCK_SIZE
+    b = SimpleNamespace(tokens=seq_len, group_start=c.group_start, group_count=c.group_count,
+                        prompt_len=c.prompt_len, prompt_blocks=c.prompt_blocks, block_table=table,
+                        seq_len=seq_len, write_slots=write_slots)
+    plan = key_plan(b, BLOCK_SIZE)
+    assert plan.prompt_valid.sum(1).tolist() == c.prompt_len.tolist()
+    assert plan.own_valid.sum(1).tolist() == seq_len.tolist()
+    q = torch.cat([c.q, torch.randn_like(c.q[:1])])
+    o = cpu_attention(q, c.k_pool, c.v_pool, plan, c.scale)
     assert o.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # the bf16 output's rounding
-    torch.testing.assert_close(o.float(), dense_attention(c), atol=tol, rtol=tol)
+    torch.testing.assert_close(o[:-1].float(), dense_attention(c), atol=tol, rtol=tol)
+    torch.testing.assert_close(o[-1].float(), c.values[len(PROMPT_LENS)][0].float().repeat_interleave(c.rep, 0),
+                               atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES + [(torch.float32, 48, 3)])
