@@ -27,7 +27,7 @@ cmd="${1:-demo}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo) setup; exec .venv/bin/python train.py demo "$@" ;;
-  test) setup; exec .venv/bin/python -m pytest -q test_all.py "$@" ;;
+  test) setup; exec .venv/bin/python -m pytest -q --durations=15 test_all.py "$@" ;;
   bench) setup; exec .venv/bin/python bench.py "${@:-sampler}" ;;
   gpu-check)
     # deterministic mode (the tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
