@@ -1,11 +1,12 @@
-"""The trainer's packed micro-batches (trainer.py): packed rows against one padded row per unit,
-and sequences kept apart inside a row. Run by test_all.py."""
+"""The trainer's packed micro-batches and its passes (trainer.py): packed rows against one padded row per unit,
+sequences kept apart inside a row, and the passes a step runs for each configuration. Run by test_all.py."""
 
 import math
 
 import pytest
 import torch
 
+import train
 import trainer
 from kernels.test_kernels import random_prompts, tiny_model
 
@@ -77,3 +78,67 @@ def test_no_token_attends_across_a_sequence_boundary(share):
     starts = [0, *torch.tensor([len(s) - p for s, p in zip(seqs, prompt_lens)]).cumsum(0).tolist()]
     moved = [not torch.equal(before[a:b], after[a:b]) for a, b in zip(starts, starts[1:])]
     assert moved == [j == i for j in range(len(seqs))]
+
+
+def count_passes(policy) -> list:
+    calls = []
+    policy.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref=None, beta=0.0):
+    """One train_on_batch, plain SGD with rate 1 (the weights move by the gradient); reward 1 for the first response
+    of each group, so every response has an advantage."""
+    rewards = torch.tensor([float(g not in group[:i].tolist()) for i, g in enumerate(group.tolist())])
+    batch = trainer.Batch(seqs, prompt_lens, group, rewards, sampler_logp, [torch.zeros_like(x) for x in sampler_logp],
+                          torch.ones(len(seqs), dtype=torch.bool), {})
+    return trainer.train_on_batch(cfg, policy, ref, torch.optim.SGD(policy.parameters(), lr=1.0), batch, 1.0,
+                                  torch.float32, beta)
+
+
+def test_tis_takes_pi_old_from_the_update_pass():
+    """PPO with TIS, one update on fresh samples: pi_old is the weights of the update itself, so the step runs one
+    pass a micro-batch (it ran two: a no-grad pass for pi_old first) and TIS weighs each token by exactly
+    pi_trainer / pi_sampler; --kl-in-reward still needs pi_old before the update."""
+    seqs, prompt_lens, group = mixed_groups(seed=7)
+    policy = trainer.Policy(tiny_model("llama", seed=4))
+    with torch.no_grad():
+        logp = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32)[0]
+    sampler_logp = [x - 0.25 for x in logp.split([len(s) - p for s, p in zip(seqs, prompt_lens)])]  # weight e^0.25
+    budget = 120
+    n_micro = len(trainer.plan(seqs, prompt_lens, budget, True))
+    assert n_micro >= 2
+    calls = count_passes(policy)
+    cfg = train.Config(tis_cap=2.0, max_tokens_per_microbatch=budget)
+    stats = one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp)
+    assert len(calls) == n_micro and stats["clip_frac"] == 0
+    assert math.isclose(stats["tis_weight"], math.exp(0.25), rel_tol=1e-5)
+    calls.clear()
+    cfg = train.Config(tis_cap=2.0, kl_coef=0.1, kl_in_reward=True, updates_per_step=2, max_tokens_per_microbatch=budget)
+    ref = trainer.Policy(tiny_model("llama", seed=4))
+    one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref)
+    assert len(calls) == n_micro * 3  # pi_old before the updates, then one pass for each of the two updates
+
+
+def test_tb_takes_log_z_from_the_update_pass_when_groups_are_whole():
+    """TB with each group whole in a micro-batch: log Z from the update pass (one pass fewer); the same loss,
+    log Z spread and weights as with groups split over micro-batches, where a no-grad pass computes log Z."""
+    seqs, prompt_lens, group = mixed_groups(seed=9, rollouts=3)
+    zeros = [torch.zeros(len(s) - p) for s, p in zip(seqs, prompt_lens)]
+    results = []
+    for budget in (4096, 40):  # 40 tokens: groups split
+        policy, ref = trainer.Policy(tiny_model("qwen2", seed=8)), trainer.Policy(tiny_model("qwen2", seed=9))
+        calls = count_passes(policy)
+        cfg = train.Config(loss="tb", max_tokens_per_microbatch=budget)
+        stats = one_step(cfg, policy, seqs, prompt_lens, group, zeros, ref, beta=0.05)
+        plans = trainer.plan(seqs, prompt_lens, budget, True, whole_groups=True)
+        assert len(calls) == len(plans) * (1 if budget > 1000 else 2)
+        results.append((stats, [p.detach().clone() for p in policy.parameters()]))
+    (whole, weights), (split, weights_split) = results
+    for key in ("loss", "kl", "grad_norm"):
+        assert math.isclose(whole[key], split[key], rel_tol=1e-5), (key, whole[key], split[key])
+    # log Z is about r / beta = 20 here, float32 to 2e-6; its spread (0.47) comes from E[z^2] - E[z]^2
+    assert math.isclose(whole["log_z_std"], split["log_z_std"], abs_tol=1e-4)
+    for a, b in zip(weights, weights_split):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+

@@ -246,8 +246,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
     # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
     share = next(model.parameters()).device.type == "cpu"
-    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, pack=cfg.pack,
-                 among=active)
+    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, whole_groups=tb,
+                 pack=cfg.pack, among=active)
     # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
     plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
@@ -265,9 +265,22 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
                 out[i] = part
         return out
 
-    with torch.no_grad():  # pi_old (trainer side) and pi_ref, fixed for this batch
-        need_old = cfg.updates_per_step > 1 or cfg.tis_cap > 0 or cfg.kl_in_reward or tb
-        old = [logprobs(model, k)[0] for k in range(len(batches))] if need_old else None
+    # The passes over the micro-batches, and the configurations that need each:
+    # - the update pass, with gradients: every update;
+    # - pi_ref, no grad, once: a reference model (--kl-coef > 0, or synchronous TB);
+    # - pi_old, no grad, once: only --kl-in-reward, whose rewards (so advantages) need the KL before any update.
+    #   Otherwise pi_old is the weights of the first update, and that update's pass gives its values (detached)
+    #   to TIS and to the ratio of later updates (--updates-per-step > 1); async PPO takes the sampler's;
+    # - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
+    #   else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass.
+    spans = {}
+    for k, b in enumerate(batches):
+        for i in b:
+            spans.setdefault(int(batch.group[i]), set()).add(k)
+    log_z_pass = tb and all_max(any(len(ks) > 1 for ks in spans.values()), group) > 0  # every rank, or none
+    old_pass = cfg.kl_in_reward and ref_model is not None
+    with torch.no_grad():
+        old = [logprobs(model, k)[0] for k in range(len(batches))] if old_pass else None
         ref = [logprobs(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
     if old is None and cfg.searchers:  # async PPO: the sampler's logprobs, from stale weights, are pi_old
         old = [torch.cat([batch.sampler_logp[i].float() for i in b] + [torch.zeros(0)]) for b in batches]
@@ -281,6 +294,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
                                                         for i in range(n)]).cpu()
         adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
+    old = old if old is not None else [None] * len(batches)  # filled by the first update's pass
     rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
     n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips),
                                                          group=group))
@@ -289,18 +303,18 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     scale = group_size(group)  # FSDP averages gradients over the trainer ranks: undo it
     entropy_sum = forwarded = 0.0  # the trainer's entropy over the tokens it ran forward
     z_moments = [0, 0.0, 0.0]  # count, sum and sum of squares of each response's log Z (TB)
+    add_moments = lambda z: [m + x for m, x in zip(z_moments, (len(z), z.sum().item(), (z ** 2).sum().item()))]
     per_token_mean = 1 / max(n_tokens, 1) / cfg.updates_per_step  # turns a token sum into its share of a logged mean
     for update in range(cfg.updates_per_step):
-        if tb:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
+        if log_z_pass:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
             with torch.no_grad():
-                cur = old if update == 0 else [logprobs(model, k)[0] for k in range(len(batches))]
+                cur = old if update == 0 and old_pass else [logprobs(model, k)[0] for k in range(len(batches))]
             seq = per_response(cur)
             idx = sorted(seq)
             z = loss.tb_log_z(torch.stack([seq[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
                               ref_seq[idx], rewards[idx], batch.group[idx], beta)
             log_z = dict(zip(idx, z.tolist()))
-            z_moments = [m + x for m, x in zip(z_moments, (len(z) if idx else 0, z.sum().item() if idx else 0.0,
-                                                            (z ** 2).sum().item() if idx else 0.0))]
+            z_moments = add_moments(z[:len(idx)])
         for k, b in enumerate(batches):
             logp, entropy = logprobs(model, k)
 
@@ -312,15 +326,20 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
             dev = logp.device
             if tb:
                 seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
-                seq_ref = ref_seq[b].to(dev)
-                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), batch.group[b].to(dev), beta,
-                                    torch.tensor([log_z.get(i, 0.0) for i in b], device=dev))
+                seq_ref, group_b = ref_seq[b].to(dev), batch.group[b].to(dev)
+                if log_z_pass:
+                    z = torch.tensor([log_z.get(i, 0.0) for i in b], device=dev)
+                else:  # whole groups: log Z from this pass, detached
+                    z = loss.tb_log_z(seq_logp.detach(), seq_ref, rewards[b].to(dev), group_b, beta)
+                    z_moments = add_moments(z)
+                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), group_b, beta, z)
                 micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
                 stats["kl"] += ((seq_logp.detach() - seq_ref) * batch.rl[b].to(dev)).sum().item() * per_token_mean
             else:
                 sampler_logp = tokens([batch.sampler_logp[i].float() for i in b]) if cfg.tis_cap > 0 else None
-                per_token, logged = ppo_token_loss(cfg, logp, entropy, None if old is None else old[k],
-                                                   None if ref is None else ref[k],
+                if old[k] is None:  # the first update: pi_old is these weights
+                    old[k] = logp.detach()
+                per_token, logged = ppo_token_loss(cfg, logp, entropy, old[k], None if ref is None else ref[k],
                                                    tokens([adv[i].expand(resp_len[i]) for i in b]), sampler_logp)
                 micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, n_tokens, n_seqs, cfg.max_new_tokens)
                 for name, value in logged.items():
@@ -354,8 +373,7 @@ def ppo_token_loss(cfg: Config, logp, entropy, old, ref, adv, sampler_logp) -> t
     """Per-token loss of the PPO family (ALGORITHMS.md 0): clip-higher, dual clip, TIS weight, KL in the
     loss, entropy bonus, each as configured; and the per-token values to log (clipped, TIS weight, KL)."""
     weight = loss.tis_weight(old, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
-    per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old, adv, cfg.eps_low,
-                                          cfg.eps_high, cfg.dual_clip, weight)
+    per_token, clipped = loss.policy_loss(logp, old, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip, weight)
     logged = {"clip_frac": clipped, **({"tis_weight": weight} if weight is not None else {})}
     if ref is not None and not cfg.kl_in_reward:
         kl = loss.kl(logp, ref, cfg.kl_kind)
