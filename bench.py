@@ -228,7 +228,32 @@ def train_flops(cfg, sequences, prompt_lens) -> float:
     return 6 * body * tokens + 6 * vocab * d * responses + attention
 
 
+def long_tailed_batch(args, vocab: int) -> trainer.Batch:
+    """args.prompts x args.group_size responses, each group sharing a prompt. Lengths are lognormal, seeded (0):
+    prompts median --prompt-len, sigma 0.5, from 8 to 4 x median; responses median --response-len, sigma 1 (the
+    long tail of RL responses: the longest of 64 is about 10 x the median), from 1 to --response-max tokens."""
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda median, sigma, low, high: int(min(high, max(low, median * torch.empty(()).log_normal_(
+        0, sigma, generator=gen).item())))
+    sequences, prompt_lens = [], []
+    for _ in range(args.prompts):
+        prompt_len = draw(args.prompt_len, 0.5, 8, 4 * args.prompt_len)
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+        for _ in range(args.group_size):
+            response_len = draw(args.response_len, 1.0, 1, args.response_max)
+            sequences.append(prompt + torch.randint(0, vocab, (response_len,), generator=gen).tolist())
+            prompt_lens.append(prompt_len)
+    n = len(sequences)
+    # two right and two wrong answers in every four of a group: every response has an advantage
+    group, rewards = torch.arange(n) // args.group_size, (torch.arange(n) % 2).float()
+    per_token = [torch.zeros(len(s) - p) for s, p in zip(sequences, prompt_lens)]  # sampler values: unused here
+    return trainer.Batch(sequences, prompt_lens, group, rewards, per_token, per_token, torch.ones(n, dtype=torch.bool),
+                         {})
+
+
 def bench_trainer(args) -> dict:
+    """One RL update (trainer.train_on_batch) on a long-tailed length mix, packed and padded (--no-pack) micro-
+    batches in turn on the same model, interleaved so that both see the same machine."""
     train = import_train()
     device = torch.device(args.device)
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
@@ -247,30 +272,35 @@ def bench_trainer(args) -> dict:
     model = trainer.Policy(lm)
     if device.type == "cuda":
         cluster.shard(model, device, dtype)
-    cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
-    gen = torch.Generator().manual_seed(0)
-    length = args.prompt_len + args.response_len
-    sequences = [torch.randint(0, hf_config.vocab_size, (length,), generator=gen).tolist()
-                 for _ in range(args.sequences)]
-    prompt_lens = [args.prompt_len] * args.sequences
-    # groups of 4 responses, two right and two wrong each, so that every response has an advantage
-    group, rewards = torch.arange(args.sequences) // 4, (torch.arange(args.sequences) % 2).float()
-    per_token = [torch.zeros(args.response_len)] * args.sequences  # sampler logprobs and entropies: unused here
-    batch = trainer.Batch(sequences, prompt_lens, group, rewards, per_token, per_token,
-                        torch.ones(args.sequences, dtype=torch.bool), {})
-    step = lambda: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
-    step()  # warm-up: allocator, Triton compilation, optimizer state
-    _, seconds = timed(lambda: [step() for _ in range(args.repeats)], args.device)
-    seconds /= args.repeats
-    flops = train_flops(hf_config, sequences, prompt_lens)
+    batch = long_tailed_batch(args, hf_config.vocab_size)
+    tokens, flops = sum(map(len, batch.sequences)), train_flops(hf_config, batch.sequences, batch.prompt_lens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, "
-                      f"{args.sequences} x ({args.prompt_len} + {args.response_len}) tokens, one update, "
-                      f"{chosen['dtype']}", **chosen, "device": name, "seconds_per_step": seconds, "tokens_per_s": args.sequences * length / seconds,
-              "tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak if peak else None,
-              "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    share = device.type == "cpu"  # what train_on_batch does on this device
+    result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, {args.prompts} "
+                      f"prompts x {args.group_size} responses, long-tailed lengths ({tokens} tokens), one update, "
+                      f"{chosen['dtype']}, micro-batches of {args.tokens_per_microbatch} tokens", **chosen,
+              "device": name, "lengths": {k: getattr(args, k) for k in ("prompt_len", "response_len", "response_max")},
+              "tokens": tokens, "shared_prompts": share}
+    steps = {}
+    for layout in ("packed", "padded"):
+        cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
+        steps[layout] = lambda cfg=cfg: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
+        plans = trainer.plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share and cfg.pack,
+                             pack=cfg.pack)
+        result[layout] = {"microbatches": len(plans), "model_tokens": sum(  # real tokens and padding
+            trainer.lay_out(batch.sequences, batch.prompt_lens, rows, False)[0].numel() for rows in plans)}
+        steps[layout]()  # warm-up: allocator, Triton compilation, optimizer state
+    seconds = dict.fromkeys(steps, 0.0)
+    for _ in range(args.repeats):
+        for layout, step in steps.items():
+            seconds[layout] += timed(step, args.device)[1] / args.repeats
+    for layout, s in seconds.items():
+        result[layout].update(seconds_per_step=s, tokens_per_s=tokens / s, tflops_per_s=flops / s / 1e12,
+                              mfu=flops / s / 1e12 / peak if peak else None)
+    result.update(speedup=seconds["padded"] / seconds["packed"],
+                  peak_memory_GiB=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
     print(result)
     return result
 
@@ -344,18 +374,23 @@ def main():
     parser.add_argument("--kv-budget-tokens", type=int, default=1 << 21)
     parser.add_argument("--max-slots", type=int, default=2048)
     trainer_args = parser.add_argument_group("trainer")
-    trainer_args.add_argument("--sequences", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
-    trainer_args.add_argument("--prompt-len", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
-    trainer_args.add_argument("--response-len", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
-    trainer_args.add_argument("--tokens-per-microbatch", type=int, default=16384)
+    trainer_args.add_argument("--prompts", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
+    trainer_args.add_argument("--group-size", type=int, default=8, help="responses per prompt")
+    trainer_args.add_argument("--prompt-len", type=int, default=None, help="median; default 256 on CUDA, 64 on CPU")
+    trainer_args.add_argument("--response-len", type=int, default=None, help="median; default 512 on CUDA, 64 on CPU")
+    trainer_args.add_argument("--response-max", type=int, default=None, help="default 8192 on CUDA, 1024 on CPU")
+    trainer_args.add_argument("--tokens-per-microbatch", type=int, default=None, help="default 16384 on CUDA, 4096 "
+                              "on CPU (train.py's demo)")
     trainer_args.add_argument("--activation-checkpointing", action="store_true")
     trainer_args.add_argument("--repeats", type=int, default=3)
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
     args = parser.parse_args()
     gpu = args.device == "cuda"
-    args.sequences = args.sequences or (16 if gpu else 8)
+    args.prompts = args.prompts or (16 if gpu else 4)
     args.prompt_len = args.prompt_len or (256 if gpu else 64)
-    args.response_len = args.response_len or (1024 if gpu else 128)
+    args.response_len = args.response_len or (512 if gpu else 64)
+    args.response_max = args.response_max or (8192 if gpu else 1024)
+    args.tokens_per_microbatch = args.tokens_per_microbatch or (16384 if gpu else 4096)
     torch.manual_seed(0)
     if args.what == "trainer":
         result = bench_trainer(args)

@@ -871,12 +871,14 @@ def test_learning_rate_schedules():
 def test_bench_trainer_runs_a_training_step(tmp_path):
     """bench.py trainer drives trainer.train_on_batch; a tiny case keeps the two in step."""
     out = tmp_path / "trainer.json"
-    run = subprocess.run([sys.executable, "bench.py", "trainer", "--sequences", "4", "--prompt-len", "8",
-                          "--response-len", "8", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=HANG_GUARD)
+    run = subprocess.run([sys.executable, "bench.py", "trainer", "--prompts", "2", "--group-size", "4", "--prompt-len",
+                          "8", "--response-len", "8", "--response-max", "32", "--repeats", "1", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0 and result["mfu"] is None  # no CPU peak
+    for layout in ("packed", "padded"):  # no CPU peak: no MFU
+        assert result[layout]["tokens_per_s"] > 0 and result[layout]["tflops_per_s"] > 0 and result[layout]["mfu"] is None
+    assert result["packed"]["model_tokens"] < result["padded"]["model_tokens"] and result["speedup"] > 0
 
 
 # ---- the line budget ----

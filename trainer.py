@@ -245,8 +245,9 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     active = [i for i in range(n) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
     # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
     # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
-    share = next(model.parameters()).device.type == "cpu"
-    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, whole_groups=tb,
+    # --no-pack: one response a row, as before packing.
+    share = cfg.pack and next(model.parameters()).device.type == "cpu"
+    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, whole_groups=tb and cfg.pack,
                  pack=cfg.pack, among=active)
     # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
