@@ -68,7 +68,11 @@ def load_model(cfg: Config, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # float32 master weights
+    # Packed rows (lay_out) keep sequences apart by their restarting positions alone: sdpa builds a mask from them,
+    # flash-attn (used when installed, never required; not yet run here) takes them as its varlen boundaries.
+    attention = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # float32 master weights
+                                                 attn_implementation=attention).to(device)
     return model, tokenizer
 
 
