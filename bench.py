@@ -17,15 +17,21 @@ machine's own python runs it (`./run.sh gpu-check`).
 import argparse
 import json
 import os
+import re
 import resource
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 import types
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save_file
 
 import cluster
 import trainer
@@ -349,6 +355,120 @@ def bench_logprob(args) -> dict:
     return result
 
 
+# ---- ./run.sh gpu-check: every GPU path in one short call ----
+
+def random_model(folder: Path, device=None, hf_config=None) -> Path:
+    """A model folder of Qwen2.5-1.5B's shape (or hf_config's) with a real tokenizer, SmolLM2's (its 49k ids are
+    a part of the model's vocabulary; the others decode to nothing): config and tokenizer, the tokenizer copied
+    from the embedded model unless the folder has one; with `device`, random bf16 weights made there (3 GB for
+    1.5B parameters: made where they are used, never carried)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "tokenizer.json").is_file():
+        source = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(source / name, folder)
+    hf_config = hf_config or qwen25_15b_config()
+    hf_config.save_pretrained(folder)
+    if device is not None:
+        save_file(random_weights(hf_config, device), folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def run_stage(command: list[str], env: dict, seconds: float, log: Path) -> int | None:
+    """The command's exit status, None past `seconds` (its whole process group killed: torchrun's workers too)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def gpu_check(args) -> dict:
+    """Each stage in its own process under a time cap (under 8 minutes in all), PASS or FAIL and its figure printed,
+    a failure never stopping the next; one JSON summary. --dry-run prints each stage's command and builds the
+    model folder's config and tokenizer (what a GPU session carries: README, On GPUs)."""
+    here, py = Path(args.dir), sys.executable
+    model, grpo = random_model(here / "model"), here / "grpo"
+    if not args.dry_run and (here / "site.tar.gz").is_file() and not (here / "site").is_dir():
+        with tarfile.open(here / "site.tar.gz") as archive:
+            archive.extractall(here, filter="data")
+    load = lambda what: json.loads((here / f"bench_{what}.json").read_text())
+    bench = lambda what, *more: [py, "bench.py", what, "--device", "cuda", *more, "--out",
+                                 str(here / f"bench_{what}.json")]
+    mfu = lambda r: f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
+
+    def trained(log: str) -> str:  # raises when the run ended well but missed a part
+        steps = [r for r in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+        saved, graphs = sorted((grpo / "checkpoints").glob("step_*")), "CUDA graph capture failed" not in log
+        figure = "; ".join([f"step {r['step']}: {r['t_step']:.1f} s ({r['t_gen']:.1f} s sampling), loss "
+                            f"{r['loss']:.4f}" for r in steps] +
+                           [f"checkpoint {saved[-1].name if saved else 'missing'}",
+                            f"CUDA graphs {'replayed' if graphs else 'fell back'}"])
+        if len(steps) != 2 or not saved or not graphs:
+            raise RuntimeError(figure)
+        return figure
+
+    def trainer_figure(_) -> str:
+        r = load("trainer")
+        return (f"packed {r['packed']['tokens_per_s']:.0f} tokens/s{mfu(r['packed'])}, padded "
+                f"{r['padded']['tokens_per_s']:.0f}{mfu(r['padded'])}: {r['speedup']:.2f}x")
+
+    def sampler_figure(_) -> str:
+        r = load("sampler")
+        return "; ".join([f"P={x['prompt_len']} N={x['n']}: {x['tokens_per_s']:.0f} tokens/s, roofline "
+                          f"{x['roofline']:.0%}" for x in r["runs"]] +
+                         [f"shared prefix {r['prefix_attention']['speedup']:.1f}x unshared"])
+
+    stages = [  # (name, seconds at most, command, environment, figure: its log -> a line)
+        # deterministic mode (the kernel tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
+        ("kernels", 100, [py, "-m", "pytest", "-q", "kernels/test_kernels.py"],
+         dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8"),
+         lambda log: log.strip().splitlines()[-1]),
+        ("model", 25, [py, "-c", f'import bench, pathlib; bench.random_model(pathlib.Path("{model}"), "cuda")'],
+         {}, lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
+        ("train", 170, [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py", "grpo", "--model",
+                        str(model), "--steps", "2", "--save-every", "2", "--prompts-per-step", "4",
+                        "--rollouts-per-prompt", "8", "--max-new-tokens", "128", "--task-size", "100",
+                        "--eval-prompts", "8", "--eval-samples", "1", "--out-dir", str(grpo)],
+         {"PYTHONPATH": str(here / "site")}, trained),
+        ("bench trainer", 70, bench("trainer", "--repeats", "2"), {}, trainer_figure),
+        ("bench logprob", 40, bench("logprob"), {}, lambda _: "peak {peak_MiB_chunked:.0f} MiB chunked, "
+         "{peak_MiB_full_logits:.0f} MiB full logits".format(**load("logprob"))),
+        ("bench sampler", 60, bench("sampler", "--prompt-lens", "1024", "--rollouts", "16", "512", "--total", "512",
+                                    "--new-tokens", "256"), {}, sampler_figure)]
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": args.dry_run, "stages": []}
+    for name, seconds, command, env, figure in stages:
+        if args.dry_run:
+            print(f"[dry-run] {name} (at most {seconds} s):", shlex.join([f"{k}={v}" for k, v in env.items()] +
+                                                                         command))
+            summary["stages"].append({"stage": name, "command": command, "env": env, "seconds_cap": seconds})
+            continue
+        start, log_file = time.time(), here / f"{name.replace(' ', '_')}.log"
+        rc = run_stage(command, env, seconds, log_file)
+        log = log_file.read_text()
+        try:
+            if rc != 0:
+                raise RuntimeError(f"timed out after {seconds} s" if rc is None else f"exit {rc}")
+            passed, result = True, figure(log)
+        except Exception as e:  # any failure, or a figure the stage did not leave, fails the stage, not the check
+            lines = [line for line in log.splitlines() if line.strip()] or ["no output"]
+            errors = [line for line in lines if re.search(r"\w(Error|Exception):", line)]  # a worker's, not torchrun's
+            passed, result = False, " | ".join(dict.fromkeys([str(e)] + errors[:1] + lines[-1:]))
+        summary["stages"].append({"stage": name, "passed": passed, "seconds": round(time.time() - start, 1),
+                                  "figure": result})
+        print(f"{'PASS' if passed else 'FAIL'} {name} ({summary['stages'][-1]['seconds']} s): {result}", flush=True)
+    if not args.dry_run:
+        summary.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+                       passed=sum(s["passed"] for s in summary["stages"]), of=len(stages))
+    (here / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"summary: {here / 'summary.json'}")
+    return summary
+
+
 def print_table(result: dict) -> None:
     print(result["case"])
     pairs = [("fanout", result["fanout"]), ("hf generate", result["hf_generate"])] if "fanout" in result else \
@@ -362,7 +482,7 @@ def print_table(result: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "trainer", "logprob"])
+    parser.add_argument("what", choices=["sampler", "trainer", "logprob", "gpu-check"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
@@ -384,6 +504,10 @@ def main():
     trainer_args.add_argument("--activation-checkpointing", action="store_true")
     trainer_args.add_argument("--repeats", type=int, default=3)
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
+    check_args = parser.add_argument_group("gpu-check")
+    check_args.add_argument("--dir", default="runs/gpu-check", help="the model folder, logs and summary.json")
+    check_args.add_argument("--dry-run", action="store_true", help="print each stage's command, build the model "
+                            "folder's config and tokenizer, run nothing")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.prompts = args.prompts or (16 if gpu else 4)
@@ -392,6 +516,8 @@ def main():
     args.response_max = args.response_max or (8192 if gpu else 1024)
     args.tokens_per_microbatch = args.tokens_per_microbatch or (16384 if gpu else 4096)
     torch.manual_seed(0)
+    if args.what == "gpu-check":
+        return gpu_check(args)
     if args.what == "trainer":
         result = bench_trainer(args)
     elif args.what == "logprob":

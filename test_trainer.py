@@ -1,14 +1,24 @@
 """The trainer's packed micro-batches and its passes (trainer.py): packed rows against one padded row per unit,
-sequences kept apart inside a row, and the passes a step runs for each configuration. Run by test_all.py."""
+sequences kept apart inside a row, the passes a step runs for each configuration; ./run.sh gpu-check's dry run.
+Run by test_all.py."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
+import bench
 import train
 import trainer
-from kernels.test_kernels import random_prompts, tiny_model
+from kernels.test_kernels import random_prompts, tiny_config, tiny_model
+
+ROOT = Path(__file__).parent
 
 
 def mixed_groups(seed: int, rollouts: int = 3):
@@ -48,7 +58,8 @@ def test_packed_rows_match_padded_rows(kind):
     and with TB's whole groups."""
     seqs, prompt_lens, _ = mixed_groups(seed=1)
     model = tiny_model(kind, seed=3)
-    padded = logprobs_and_grads(model, seqs, prompt_lens, False, trainer.plan(seqs, prompt_lens, 200, False, pack=False))
+    padded = logprobs_and_grads(model, seqs, prompt_lens, False,
+                                trainer.plan(seqs, prompt_lens, 200, False, pack=False))
     for share, whole in ((False, False), (False, True), (True, False)):
         plans = trainer.plan(seqs, prompt_lens, 200, share, whole_groups=whole)
         assert max(len(row) for rows in plans for row in rows) >= 2  # rows do hold several pieces
@@ -114,7 +125,8 @@ def test_tis_takes_pi_old_from_the_update_pass():
     assert len(calls) == n_micro and stats["clip_frac"] == 0
     assert math.isclose(stats["tis_weight"], math.exp(0.25), rel_tol=1e-5)
     calls.clear()
-    cfg = train.Config(tis_cap=2.0, kl_coef=0.1, kl_in_reward=True, updates_per_step=2, max_tokens_per_microbatch=budget)
+    cfg = train.Config(tis_cap=2.0, kl_coef=0.1, kl_in_reward=True, updates_per_step=2,
+                       max_tokens_per_microbatch=budget)
     ref = trainer.Policy(tiny_model("llama", seed=4))
     one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref)
     assert len(calls) == n_micro * 3  # pi_old before the updates, then one pass for each of the two updates
@@ -142,3 +154,29 @@ def test_tb_takes_log_z_from_the_update_pass_when_groups_are_whole():
     for a, b in zip(weights, weights_split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
+
+def test_gpu_check_dry_run_prints_every_stage_and_builds_the_model_folder(tmp_path):
+    """./run.sh gpu-check --dry-run on a CPU: each stage's command, a summary, and the model folder a GPU session
+    carries (a Qwen2.5-1.5B-shaped config, SmolLM2's tokenizer); the GPU stage that adds random weights, here for a
+    tiny shape on the CPU, writes a folder transformers loads."""
+    run = subprocess.run(["./run.sh", "gpu-check", "--dry-run", "--dir", str(tmp_path)], cwd=ROOT, text=True,
+                         capture_output=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    stages = [line.split(" (")[0].removeprefix("[dry-run] ") for line in run.stdout.splitlines()
+              if line.startswith("[dry-run]")]
+    assert stages == ["kernels", "model", "train", "bench trainer", "bench logprob", "bench sampler"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["dry_run"] and sum(s["seconds_cap"] for s in summary["stages"]) <= 8 * 60
+    command = next(s["command"] for s in summary["stages"] if s["stage"] == "train")
+    assert command[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py"]
+    cfg = train.parse_config(command[6:])  # the training stage's flags make a valid grpo config
+    assert (cfg.model, cfg.steps, cfg.save_every) == (str(tmp_path / "model"), 2, 2)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "model")
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (28, 1536, 151936)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert tokenizer.eos_token_id is not None and len(tokenizer) <= config.vocab_size
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1 ="}], add_generation_prompt=True)
+    bench.random_model(tmp_path / "tiny", "cpu", tiny_config("qwen2"))
+    lm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.bfloat16)
+    weights = bench.random_weights(tiny_config("qwen2"), "cpu")
+    assert all(torch.equal(p, weights[name]) for name, p in lm.state_dict().items() if name in weights)
