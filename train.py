@@ -107,6 +107,7 @@ class Config:
     warmup_steps: int = 0                  # linear warm-up over this many RL steps
     updates_per_step: int = 1              # optimizer steps per rollout batch
     max_tokens_per_microbatch: int = 4096  # token budget of one forward/backward
+    pack: bool = True                      # rows of several sequences, on a CPU a prompt once a group (--no-pack: one)
     activation_checkpointing: bool = False # recompute each layer in the backward: less memory, ~1/3 more compute
     seed: int = 0                          # seeds data order, sampling and initialisation
     # evaluation and output

@@ -7,6 +7,7 @@ rollouts (DESIGN.md data flow, steps 6 and 7).
 
 from __future__ import annotations  # Config and friends are named in hints only: no import cycle
 
+import bisect
 import dataclasses
 import importlib.util
 import math
@@ -67,7 +68,11 @@ def load_model(cfg: Config, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # float32 master weights
+    # Packed rows (lay_out) keep sequences apart by their restarting positions alone: sdpa builds a mask from them,
+    # flash-attn (used when installed, never required; not yet run here) takes them as its varlen boundaries.
+    attention = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # float32 master weights
+                                                 attn_implementation=attention).to(device)
     return model, tokenizer
 
 
@@ -105,66 +110,102 @@ class Policy(torch.nn.Module):
 
 # ---- the trainer's side of the loss ----
 
-def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False):
-    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), in the
-    order of `sequences`. share_prompts: responses to the same prompt share one row, the prompt run once."""
+def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False,
+                      rows=None):
+    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), for the
+    responses in `rows`, one micro-batch of `plan` (default: all of them in one), in the order of `sequences`.
+    share_prompts: the rows were planned with shared prompts."""
     device = next(policy.parameters()).device
-    rows, where = pack_rows(sequences, prompt_lens, share_prompts)
-    padded = lambda part, fill: torch.nn.utils.rnn.pad_sequence([torch.tensor(row[part]) for row in rows],
-                                                                batch_first=True, padding_value=fill)
-    ids, positions, segment = padded(0, 0), padded(1, 0), padded(2, -1)  # segment -1: padding
-    width = ids.shape[1]
-    if share_prompts:  # a token sees the prompt and its own response, causally (4D masks reach sdpa as they are)
-        seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-        mask = seen & (segment[:, None, :] >= 0) & torch.ones(width, width, dtype=torch.bool).tril()
-        # a padding position sees itself: no query row sees nothing (a softmax over no keys)
-        mask = (mask | torch.eye(width, dtype=torch.bool))[:, None]
-    else:
-        mask = (segment >= 0).long()
-    index = torch.tensor([rc for response in where for rc in response]).reshape(-1, 2)
+    rows = rows if rows is not None else plan(sequences, prompt_lens, math.inf, share_prompts)[0]
+    ids, positions, mask, where = lay_out(sequences, prompt_lens, rows, share_prompts)
+    order = sorted(where)
+    index = torch.tensor([rc for i in order for rc in where[i]]).reshape(-1, 2)
     row, col = index[:, 0].to(device), index[:, 1].to(device)
-    targets = torch.tensor([t for s, p in zip(sequences, prompt_lens) for t in s[p:]], device=device)
+    targets = torch.tensor([t for i in order for t in sequences[i][prompt_lens[i]:]], device=device)
     low_precision = autocast_dtype != torch.float32
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=low_precision):
         # On CPU the LM-head products run in the autocast dtype too, as a plain lm_head call would (speed).
-        return policy(ids.to(device), mask.to(device), positions.to(device), row, col, targets,
-                      temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
+        return policy(ids.to(device), None if mask is None else mask.to(device), positions.to(device), row, col,
+                      targets, temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
 
 
-def pack_rows(sequences, prompt_lens, share_prompts: bool):
-    """Model input rows for the response tokens of `sequences`: per row (tokens, positions, segment: 0 for the
-    prompt, k for its k-th response), each row one prompt and then the responses that continue it (with
-    share_prompts all of them, else one); a response sits at the positions it has after the prompt alone,
-    and its last token, which predicts nothing, is left out. Per response: the (row, column) of the token
-    that predicts each of its tokens, the prompt's last for the first."""
-    rows, row_of, where = [], {}, []
-    for i, (s, p) in enumerate(zip(sequences, prompt_lens)):
-        key = tuple(s[:p]) if share_prompts else i
-        if key not in row_of:
-            row_of[key] = len(rows)
-            rows.append((list(s[:p]), list(range(p)), [0] * p, [0]))  # the last: responses in the row so far
-        r = row_of[key]
-        tokens, positions, segment, count = rows[r]
-        count[0] += 1
-        start, response = len(tokens), s[p:]
-        tokens += response[:-1]
-        positions += range(p, p + len(response) - 1)
-        segment += [count[0]] * (len(response) - 1)
-        where.append([(r, c) for c in [p - 1, *range(start, start + len(response) - 1)]])
-    return rows, where
+def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_groups: bool = False,
+         pack: bool = True, among=None) -> list[list[list[list[int]]]]:
+    """Micro-batches of `sequences`' responses, each a list of rows, each row a list of pieces: the responses
+    (indices) that follow one copy of their prompt, all of them that fit the budget with share_prompts, else
+    one. A unit, laid out whole in one row, is a piece, or with whole_groups all the pieces of one prompt (a
+    group: TB's log Z needs it whole in one micro-batch); a unit over the budget is split. A response's last
+    token predicts nothing and is left out. among: the responses to plan (default: all)."""
+    units, sizes, open_unit = [], [], {}  # open_unit: key -> the unit still taking responses
+    for i in range(len(sequences)) if among is None else among:
+        s, p = sequences[i], prompt_lens[i]
+        key = tuple(s[:p]) if share_prompts or whole_groups else i
+        u = open_unit.get(key)
+        extra = len(s) - 1 - (p if share_prompts else 0)  # the tokens response i adds to a unit with its prompt
+        if u is None or sizes[u] + extra > budget:
+            u = open_unit[key] = len(units)
+            units.append([])
+            sizes.append(p if share_prompts else 0)
+        if share_prompts and units[u]:
+            units[u][0].append(i)
+        else:
+            units[u].append([i])
+        sizes[u] += extra
+    return [[[piece for u in row for piece in units[u]] for row in rows] for rows in microbatches(sizes, budget, pack)]
 
 
-def microbatches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Greedy packing of sequence indices so that rows x longest stays within the token budget."""
-    batches, current, longest = [], [], 0
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        longest_if = max(longest, lengths[i])
-        if current and longest_if * (len(current) + 1) > budget:
-            batches.append(current)
-            current, longest_if = [], lengths[i]
-        current.append(i)
-        longest = longest_if
-    return batches + ([current] if current else [])
+def microbatches(sizes: list[int], budget: float, pack: bool = True) -> list[list[list[int]]]:
+    """Micro-batches of rows of unit indices (units of `sizes` tokens): rows x width <= budget, the width being
+    the micro-batch's largest unit, since attention under a mask costs width^2 per row whatever the mask hides.
+    Each row takes the largest units left that fit; pack=False: one unit per row, padded (the layout before
+    packing, bench.py's baseline)."""
+    left = sorted(range(len(sizes)), key=lambda u: sizes[u])
+    batches = []
+    while left:
+        width, rows = sizes[left[-1]], []
+        while left and (len(rows) + 1) * width <= max(budget, width):
+            row, free = [], width
+            while (k := bisect.bisect_right(left, free, key=sizes.__getitem__)) and (pack or not row):
+                row.append(left.pop(k - 1))
+                free -= sizes[row[-1]]
+            rows.append(row)
+        batches.append(rows)
+    return batches
+
+
+def lay_out(sequences, prompt_lens, rows, share_prompts: bool):
+    """Model inputs for one micro-batch of `plan`: token ids and positions, rows padded to the longest, the
+    attention mask; and per response the (row, column) of each token that predicts one of its tokens, the
+    prompt's last for the first. Every piece starts at position 0, so without shared prompts the positions
+    alone keep the pieces apart (the mask is None: transformers starts a new sequence wherever they restart,
+    in its sdpa, flex and flash-attn varlen paths); a shared prompt's responses each continue from its end,
+    which only a 4D mask can say: a token sees its prompt and its own response, causally."""
+    where, rows_out = {}, []
+    for r, row in enumerate(rows):
+        ids, pos, piece_of, part_of = [], [], [], []
+        for k, piece in enumerate(row):
+            p = prompt_lens[piece[0]]
+            prompt_end = len(ids) + p - 1
+            ids += sequences[piece[0]][:p]
+            pos += range(p)
+            piece_of += [k] * p
+            part_of += [0] * p
+            for j, i in enumerate(piece, 1):
+                n = len(sequences[i]) - p - 1
+                where[i] = [(r, prompt_end), *((r, c) for c in range(len(ids), len(ids) + n))]
+                ids += sequences[i][p:p + n]
+                pos += range(p, p + n)
+                piece_of += [k] * n
+                part_of += [j] * n
+        rows_out.append((ids, pos, piece_of, part_of))
+    width = max(len(ids) for ids, *_ in rows_out)
+    pad = lambda k, fill: torch.tensor([x[k] + fill(width - len(x[k])) for x in rows_out])
+    ids, positions = pad(0, lambda n: [0] * n), pad(1, lambda n: list(range(n)))  # padding: a sequence of its own
+    if not share_prompts:
+        return ids, positions, None, where
+    piece, part = pad(2, lambda n: [-1] * n), pad(3, lambda n: [0] * n)
+    mask = (piece[:, :, None] == piece[:, None, :]) & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None]))
+    return ids, positions, (mask & torch.ones(width, width, dtype=torch.bool).tril())[:, None], where
 
 
 @dataclass
@@ -206,21 +247,21 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     # still count in the global token count).
     every = tb or cfg.kl_coef > 0 or cfg.entropy_coef > 0
     active = [i for i in range(n) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
-    batches = [[active[j] for j in b] for b in microbatches([len(batch.sequences[i]) for i in active],
-                                                             cfg.max_tokens_per_microbatch)]
+    # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
+    # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
+    # --no-pack: one response a row, as before packing.
+    share = cfg.pack and next(model.parameters()).device.type == "cpu"
+    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, whole_groups=tb and cfg.pack,
+                 pack=cfg.pack, among=active)
     # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
-    batches += [[] for _ in range(all_max(len(batches), group) - len(batches))]
+    plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
+    batches = [sorted(i for row in rows for piece in row for i in piece) for rows in plans]  # the output order
 
-    # Shared-prompt rows (each prompt once for all its responses) suit a CPU, where training is compute-bound,
-    # but not a GPU (their dense 4D mask keeps sdpa off its flash kernels).
-    share = next(model.parameters()).device.type == "cpu"
-
-    def logprobs(m, b):
-        if not b:  # an empty micro-batch: one dummy token
+    def logprobs(m, k):
+        if not batches[k]:  # an empty micro-batch: one dummy token
             return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
-        return response_logprobs(m, [batch.sequences[i] for i in b], [batch.prompt_lens[i] for i in b], temperature,
-                                 autocast_dtype, share)
+        return response_logprobs(m, batch.sequences, batch.prompt_lens, temperature, autocast_dtype, share, plans[k])
 
     def per_response(values: list[torch.Tensor]) -> dict:  # micro-batch token values -> {response: tokens}
         out = {}
@@ -229,10 +270,23 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
                 out[i] = part
         return out
 
-    with torch.no_grad():  # pi_old (trainer side) and pi_ref, fixed for this batch
-        need_old = cfg.updates_per_step > 1 or cfg.tis_cap > 0 or cfg.kl_in_reward or tb
-        old = [logprobs(model, b)[0] for b in batches] if need_old else None
-        ref = [logprobs(ref_model, b)[0] for b in batches] if ref_model is not None else None
+    # The passes over the micro-batches, and the configurations that need each:
+    # - the update pass, with gradients: every update;
+    # - pi_ref, no grad, once: a reference model (--kl-coef > 0, or synchronous TB);
+    # - pi_old, no grad, once: only --kl-in-reward, whose rewards (so advantages) need the KL before any update.
+    #   Otherwise pi_old is the weights of the first update, and that update's pass gives its values (detached)
+    #   to TIS and to the ratio of later updates (--updates-per-step > 1); async PPO takes the sampler's;
+    # - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
+    #   else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass.
+    spans = {}
+    for k, b in enumerate(batches):
+        for i in b:
+            spans.setdefault(int(batch.group[i]), set()).add(k)
+    log_z_pass = tb and all_max(any(len(ks) > 1 for ks in spans.values()), group) > 0  # every rank, or none
+    old_pass = cfg.kl_in_reward and ref_model is not None
+    with torch.no_grad():
+        old = [logprobs(model, k)[0] for k in range(len(batches))] if old_pass else None
+        ref = [logprobs(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
     if old is None and cfg.searchers:  # async PPO: the sampler's logprobs, from stale weights, are pi_old
         old = [torch.cat([batch.sampler_logp[i].float() for i in b] + [torch.zeros(0)]) for b in batches]
     rewards = batch.rewards
@@ -245,6 +299,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
                                                         for i in range(n)]).cpu()
         adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
+    old = old if old is not None else [None] * len(batches)  # filled by the first update's pass
     rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
     n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips),
                                                          group=group))
@@ -253,20 +308,20 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     scale = group_size(group)  # FSDP averages gradients over the trainer ranks: undo it
     entropy_sum = forwarded = 0.0  # the trainer's entropy over the tokens it ran forward
     z_moments = [0, 0.0, 0.0]  # count, sum and sum of squares of each response's log Z (TB)
+    add_moments = lambda z: [m + x for m, x in zip(z_moments, (len(z), z.sum().item(), (z ** 2).sum().item()))]
     per_token_mean = 1 / max(n_tokens, 1) / cfg.updates_per_step  # turns a token sum into its share of a logged mean
     for update in range(cfg.updates_per_step):
-        if tb:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
+        if log_z_pass:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
             with torch.no_grad():
-                cur = old if update == 0 else [logprobs(model, b)[0] for b in batches]
+                cur = old if update == 0 and old_pass else [logprobs(model, k)[0] for k in range(len(batches))]
             seq = per_response(cur)
             idx = sorted(seq)
             z = loss.tb_log_z(torch.stack([seq[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
                               ref_seq[idx], rewards[idx], batch.group[idx], beta)
             log_z = dict(zip(idx, z.tolist()))
-            z_moments = [m + x for m, x in zip(z_moments, (len(z) if idx else 0, z.sum().item() if idx else 0.0,
-                                                            (z ** 2).sum().item() if idx else 0.0))]
+            z_moments = add_moments(z[:len(idx)])
         for k, b in enumerate(batches):
-            logp, entropy = logprobs(model, b)
+            logp, entropy = logprobs(model, k)
 
             def tokens(parts: list, dtype=torch.float32):  # per-response pieces of micro-batch b, concatenated
                 return torch.cat(parts + [torch.zeros(0, dtype=dtype)]).to(logp.device)
@@ -276,15 +331,20 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
             dev = logp.device
             if tb:
                 seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
-                seq_ref = ref_seq[b].to(dev)
-                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), batch.group[b].to(dev), beta,
-                                    torch.tensor([log_z.get(i, 0.0) for i in b], device=dev))
+                seq_ref, group_b = ref_seq[b].to(dev), batch.group[b].to(dev)
+                if log_z_pass:
+                    z = torch.tensor([log_z.get(i, 0.0) for i in b], device=dev)
+                else:  # whole groups: log Z from this pass, detached
+                    z = loss.tb_log_z(seq_logp.detach(), seq_ref, rewards[b].to(dev), group_b, beta)
+                    z_moments = add_moments(z)
+                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), group_b, beta, z)
                 micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
                 stats["kl"] += ((seq_logp.detach() - seq_ref) * batch.rl[b].to(dev)).sum().item() * per_token_mean
             else:
                 sampler_logp = tokens([batch.sampler_logp[i].float() for i in b]) if cfg.tis_cap > 0 else None
-                per_token, logged = ppo_token_loss(cfg, logp, entropy, None if old is None else old[k],
-                                                   None if ref is None else ref[k],
+                if old[k] is None:  # the first update: pi_old is these weights
+                    old[k] = logp.detach()
+                per_token, logged = ppo_token_loss(cfg, logp, entropy, old[k], None if ref is None else ref[k],
                                                    tokens([adv[i].expand(resp_len[i]) for i in b]), sampler_logp)
                 micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, n_tokens, n_seqs, cfg.max_new_tokens)
                 for name, value in logged.items():
@@ -318,8 +378,7 @@ def ppo_token_loss(cfg: Config, logp, entropy, old, ref, adv, sampler_logp) -> t
     """Per-token loss of the PPO family (ALGORITHMS.md 0): clip-higher, dual clip, TIS weight, KL in the
     loss, entropy bonus, each as configured; and the per-token values to log (clipped, TIS weight, KL)."""
     weight = loss.tis_weight(old, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
-    per_token, clipped = loss.policy_loss(logp, logp.detach() if old is None else old, adv, cfg.eps_low,
-                                          cfg.eps_high, cfg.dual_clip, weight)
+    per_token, clipped = loss.policy_loss(logp, old, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip, weight)
     logged = {"clip_frac": clipped, **({"tis_weight": weight} if weight is not None else {})}
     if ref is not None and not cfg.kl_in_reward:
         kl = loss.kl(logp, ref, cfg.kl_kind)
