@@ -110,8 +110,8 @@ def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int
     for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         picked, budgets = state.next_prompts()
         all_budgets += budgets
-        batch, failed, timeouts = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
-                                     cfg.seed * 1_000_003 + step, rank, world)
+        batch, failed, timeouts = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B,
+                                               temperature, cfg.seed * 1_000_003 + step, rank, world)
         per_prompt = [[] for _ in picked]
         for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
             per_prompt[key - round_ * B].append(r)

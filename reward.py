@@ -280,14 +280,12 @@ def run_program(program: str, tests: str, setup: str = "", entry_point: str | No
             except subprocess.TimeoutExpired:  # the sandbox itself stalled (a starved machine): end its group
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            size = out.seek(0, os.SEEK_END)
             out.seek(0)
-            head = out.read(OUTPUT_BYTES)
-            out.seek(max(0, size - len(token) - 2))
-            passed = proc.returncode == 0 and out.read() == f"\n{token}\n".encode()
+            output = out.read()  # at most the file-size limit
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return Run(passed, proc.returncode in (124, -signal.SIGKILL), head.decode(errors="replace").replace(token, ""))
+    return Run(proc.returncode == 0 and output.endswith(f"\n{token}\n".encode()), proc.returncode in (124, -9),
+               output[:OUTPUT_BYTES].decode(errors="replace").replace(token, ""))
 
 
 def _framed(obj) -> bytes:  # marshal, not json: the sandbox then starts without json's imports (a third of it)

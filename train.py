@@ -52,8 +52,7 @@ class Config:
     task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...] or a .jsonl
     task_size: int = 2000                  # items generated (rg) or read at most (jsonl), before the held-out split
     prompt_template: str = "{question}\nStart your reply with 'Answer:'."  # wraps each question (chat template applied after)
-    score_timeout: float = 5.0             # seconds per verifier call, and each program's wall-clock and CPU limit;
-                                           # a hang, crash or program out of time scores 0 and is counted
+    score_timeout: float = 5.0             # seconds per verifier call or program (wall and CPU); past it: 0, counted
     score_workers: int = 0                 # scoring processes per rank (0 = the CPUs, shared by this machine's ranks)
     sandbox_memory_mb: int = 1024          # address space of each sandboxed program (code tasks)
     binary_reward: bool = False            # reward 1 if the verifier's score is >= 1 else 0 (drops partial credit)
@@ -218,10 +217,10 @@ PRESETS = {
     # E3's controller (a few % of tau a step) can follow
     "e3-cpu": ("E3 scaled down to this CPU: 64 training prompts, so budgets spread after epochs 1 and 2", Config(
         **{**E3, **DEMO, "lr": 2e-6}, task_size=80, eval_prompts=16, steps=24, out_dir="runs/e3-cpu")),
-    "humaneval-cpu": ("GRPO on HumanEval at the CPU scale: programs run against the tests in the sandbox; 148 "
-                      "problems trained on, 16 held out", Config(
-        task="humaneval", prompt_template="{question}", prompts_per_step=4, rollouts_per_prompt=8,
-        max_new_tokens=256, lr=2e-5, steps=8, eval_prompts=16, eval_samples=4, out_dir="runs/humaneval-cpu")),
+    "humaneval-cpu": ("GRPO on HumanEval at the CPU scale: programs run against the tests in the sandbox; 156 "
+                      "problems trained on, 8 held out", Config(
+        task="humaneval", prompt_template="{question}", prompts_per_step=2, rollouts_per_prompt=8,
+        max_new_tokens=192, lr=2e-5, steps=6, eval_prompts=8, eval_samples=2, out_dir="runs/humaneval-cpu")),
 }
 
 
