@@ -388,7 +388,9 @@ def _sandbox() -> None:
         for shared in ("/tmp", "/var/tmp", "/dev/shm"):  # writable by anyone: this sandbox gets empty ones
             if os.path.isdir(shared):
                 mount("tmpfs", shared, "tmpfs", NOSUID | NODEV, f"mode=1777,size={4 * limits['file_mb']}m")
-    os.makedirs(folder, mode=0o700, exist_ok=True)  # in the private /tmp when there is one
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if "mount" in spaces:  # its own writable folder, in memory and bounded, wherever the worker's TMPDIR is
+        mount("tmpfs", folder, "tmpfs", NOSUID | NODEV, f"mode=700,size={4 * limits['file_mb']}m")
     if root:
         os.chown(folder, uid, uid)
     child = os.fork()

@@ -235,6 +235,8 @@ def main(cfg: Config):
     try:  # the task first: it is cheap and the likeliest thing to be mistyped
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
         train_task, eval_task = reward.split_task(task, cfg.eval_prompts, cfg.seed)
+        if rank == 0 and "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
+            print(f"code sandbox on this machine: {reward.check_sandbox()}")
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
     lm, tokenizer = load_model(cfg, device)
