@@ -132,7 +132,7 @@ def test_code_task_run_logs_rewards_failures_and_timeouts(tmp_path, monkeypatch)
                                                                                 "~/.cache/fanout"))
     save_tiny_model(tmp_path / "model", "llama", tokenizer, seed=0)
     train.main(train.Config(model=str(tmp_path / "model"), task=str(path), prompt_template="{question}", steps=1,
-                            prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=4, eval_prompts=2,
+                            prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=4, eval_prompts=1,
                             eval_samples=1, score_timeout=1.0, out_dir=str(tmp_path / "out"), lr=1e-3))
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps, evals = [r for r in rows if "step" in r], [r for r in rows if "eval" in r]
@@ -282,20 +282,20 @@ def test_network_is_off_where_the_os_allows():
 
 
 def test_hostile_battery_in_one_scoring_call():
-    """Every hostile program in one score() call beside right answers: the right ones still score 1, only the
-    programs out of time count as timeouts, no verifier fails, and the pool's workers all survive (one program
-    tries to kill its parent, and every process it may signal)."""
+    """The programs that would harm the machine, in one score() call beside right answers: the right ones still
+    score 1, only the programs out of time count as timeouts, no verifier fails, and the pool's workers all
+    survive (one program tries to kill its parent, and every process it may signal)."""
     task = reward.Task("code.jsonl", [])
     killer = "import os\nfor target in (os.getppid(), 1, -1):\n    try:\n        os.kill(target, 9)\n" \
              "    except OSError:\n        pass\n" + RIGHT
-    programs = [program for program, _, _ in HOSTILE.values()] + [killer]
-    tests = [tests for _, tests, _ in HOSTILE.values()] + [TESTS]
-    items = [{"question": "Write f.", "tests": t} for t in tests for _ in range(2)]
+    harmful = ("infinite loop", "fork bomb", "allocates 50 GB", "writes a 10 GB file", "100 MB of output")
+    programs = [HOSTILE[name][0] for name in harmful] + [killer]
+    items = [{"question": "Write f.", "tests": TESTS}] * (2 * len(programs))
     responses = [text for p in programs for text in (fenced(p), fenced(RIGHT))]
     reward.score(task, items[:2], responses[:2], timeout=2.0)  # the pool is up before its workers are counted
     workers = [w.pid for pool in reward._pools.values() for w in pool._pool]
     rewards, failures, timeouts = reward.score(task, items, responses, timeout=2.0)
-    assert rewards[1::2] == [1.0] * len(programs) and rewards[0:-2:2] == [0.0] * len(HOSTILE)
-    assert failures == 0 and 2 <= timeouts <= 3  # the infinite loop and the fork bomb; deep recursion, maybe
+    assert rewards[1::2] == [1.0] * len(programs) and rewards[0:-2:2] == [0.0] * len(harmful)
+    assert failures == 0 and timeouts == 2  # the infinite loop and the fork bomb
     assert [w.pid for pool in reward._pools.values() for w in pool._pool] == workers
     assert not sandbox_processes()
