@@ -285,7 +285,7 @@ def run_program(program: str, tests: str, setup: str = "", entry_point: str | No
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return Run(proc.returncode == 0 and output.endswith(f"\n{token}\n".encode()), proc.returncode in (124, -9),
-               output[:OUTPUT_BYTES].decode(errors="replace").replace(token, ""))
+               output[:OUTPUT_BYTES].decode(errors="replace").replace(f"\n{token}\n", ""))
 
 
 def _framed(obj) -> bytes:  # marshal, not json: the sandbox then starts without json's imports (a third of it)
@@ -359,11 +359,17 @@ def _sandbox() -> None:
     orders = read_framed(0)
     limits, folder, root = orders["limits"], orders["folder"], os.geteuid() == 0
     uid = 1_000_000_000 + os.getpid()  # no account has it: no files, no other processes, its own process count
+    flags = {"mount": 0x20000, "network": 0x40000000, "pid": 0x20000000, "ipc": 0x8000000}
     if root:
-        spaces = {name for name, flag in (("mount", 0x20000), ("network", 0x40000000), ("pid", 0x20000000),
-                                          ("ipc", 0x8000000)) if libc.unshare(flag) == 0}
-    else:  # an ordinary user can still take the network away, in a user namespace
-        spaces = {"network"} if libc.unshare(0x10000000 | 0x40000000) == 0 else set()
+        spaces = {name for name, flag in flags.items() if libc.unshare(flag) == 0}
+    elif libc.unshare(0x10000000 | sum(flags.values())) == 0:  # an ordinary user: all four, in a user namespace
+        for name, line in (("setgroups", "deny"), ("uid_map", f"{os.getuid()} {os.getuid()} 1"),
+                           ("gid_map", f"{os.getgid()} {os.getgid()} 1")):  # the same user and group inside
+            with open(f"/proc/self/{name}", "w") as file:
+                file.write(line)
+        spaces = set(flags)
+    else:
+        spaces = set()
     if "mount" in spaces:
         mount("none", "/", "", REC | PRIVATE)  # nothing mounted below leaks out of this namespace
         with open("/proc/self/mountinfo") as mounts:  # every mount read-only, folders anyone may write included
