@@ -9,9 +9,11 @@ trainer's step throughput and MFU; the fused log-prob kernel's memory against ma
                                             # (CPU: SmolLM2-135M; GPU: Qwen2.5-1.5B shape, FSDP2 on one rank)
     python bench.py logprob [--device cuda] # peak memory of response logprobs + entropies, forward and
                                             # backward, 8192 tokens x 49,152 vocabulary x 576: chunked vs full
+    python bench.py reward [--workers N]    # HumanEval's 164 canonical solutions run in the sandbox, as a run
+                                            # scores them: programs/s with N scoring workers (default: the CPUs)
 
-It prints a table and writes JSON (--out). Imports only torch, triton and transformers, so a GPU
-machine's own python runs it (`./run.sh gpu-check`).
+It prints a table and writes JSON (--out). Imports only torch, triton and transformers (the reward case
+also fanout's verifiers), so a GPU machine's own python runs it (`./run.sh gpu-check`).
 """
 
 import argparse
@@ -469,6 +471,27 @@ def gpu_check(args) -> dict:
     return summary
 
 
+# ---- reward ----
+
+def bench_reward(args) -> dict:
+    """Scoring throughput: HumanEval's canonical solutions through reward.score, each in its own sandbox."""
+    import reward  # its verifiers' packages: fanout's requirements, not a bare GPU machine's
+    task = reward.load_task("humaneval", size=0, seed=0)
+    responses = [f"```python\n{item['solution']}```" for item in task.items]
+    workers = args.workers or reward.default_workers()
+    seconds = []
+    for _ in range(args.repeats + 1):  # the first round starts the pool and warms the caches: not counted
+        start = time.perf_counter()
+        rewards, failures, timeouts = reward.score(task, task.items, responses, workers=workers)
+        seconds.append(time.perf_counter() - start)
+        assert sum(rewards) == len(responses) and failures == timeouts == 0, "a canonical solution failed"
+    result = {"case": f"{len(responses)} HumanEval canonical solutions, each in a sandbox", "workers": workers,
+              "cpus": len(os.sched_getaffinity(0)), "seconds": seconds[1:],
+              "programs_per_s": len(responses) / min(seconds[1:]), "sandbox": reward.check_sandbox()}
+    print(result)
+    return result
+
+
 def print_table(result: dict) -> None:
     print(result["case"])
     pairs = [("fanout", result["fanout"]), ("hf generate", result["hf_generate"])] if "fanout" in result else \
@@ -482,7 +505,7 @@ def print_table(result: dict) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "trainer", "logprob", "gpu-check"])
+    parser.add_argument("what", choices=["sampler", "trainer", "logprob", "reward", "gpu-check"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
@@ -502,8 +525,9 @@ def main():
     trainer_args.add_argument("--tokens-per-microbatch", type=int, default=None, help="default 16384 on CUDA, 4096 "
                               "on CPU (train.py's demo)")
     trainer_args.add_argument("--activation-checkpointing", action="store_true")
-    trainer_args.add_argument("--repeats", type=int, default=3)
+    trainer_args.add_argument("--repeats", type=int, default=3, help="trainer and reward cases")
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
+    parser.add_argument("--workers", type=int, default=0, help="reward case: scoring processes (0 = the CPUs)")
     check_args = parser.add_argument_group("gpu-check")
     check_args.add_argument("--dir", default="runs/gpu-check", help="the model folder, logs and summary.json")
     check_args.add_argument("--dry-run", action="store_true", help="print each stage's command, build the model "
@@ -522,6 +546,8 @@ def main():
         result = bench_trainer(args)
     elif args.what == "logprob":
         result = bench_logprob(args)
+    elif args.what == "reward":
+        result = bench_reward(args)
     else:
         with torch.no_grad():
             result = bench_cpu(args) if args.device == "cpu" else bench_gpu(args)

@@ -74,20 +74,21 @@ def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int
 
 
 def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_key: int, temperature: float,
-                 seed: int, rank: int, world: int) -> tuple[Batch, int]:
+                 seed: int, rank: int, world: int) -> tuple[Batch, int, int]:
     """This rank's share of one round of prompts (balanced by budget), sampled and scored; prompt i of the
     round is keyed first_key + i, so the tokens do not depend on the number of ranks."""
     mine = split_by_budget(budgets, world)[rank]
     items = [task.items[picked[i]] for i in mine]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [budgets[i] for i in mine],
-                                           temperature, seed, [first_key + i for i in mine])
+    r, scores, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids,
+                                                     [budgets[i] for i in mine], temperature, seed,
+                                                     [first_key + i for i in mine])
     rewards = scores_to_rewards(cfg, scores)
     batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
                   [len(prompt_ids[p]) for p in r.prompt_index],
                   torch.tensor([first_key + mine[p] for p in r.prompt_index]),
                   rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {})
-    return batch, failed
+    return batch, failed, timeouts
 
 
 def scores_to_rewards(cfg: Config, scores: list[float]) -> torch.Tensor:
@@ -104,13 +105,13 @@ def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int
     prompts_per_step informative groups are held or max_gen_rounds is reached (ALGORITHMS.md 0);
     all-right groups stay for the echo term only (ALGORITHMS.md 4)."""
     B, parts, held, all_budgets = cfg.prompts_per_step, [], 0, []
-    sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "groups", "informative",
-                          "kept", "all_right", "all_wrong"), 0.0)
+    sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "timeouts", "groups",
+                          "informative", "kept", "all_right", "all_wrong"), 0.0)
     for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         picked, budgets = state.next_prompts()
         all_budgets += budgets
-        batch, failed = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
-                                     cfg.seed * 1_000_003 + step, rank, world)
+        batch, failed, timeouts = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B,
+                                               temperature, cfg.seed * 1_000_003 + step, rank, world)
         per_prompt = [[] for _ in picked]
         for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
             per_prompt[key - round_ * B].append(r)
@@ -131,7 +132,7 @@ def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int
         for name, value in (("responses", len(batch.rewards)), ("reward", batch.rewards.sum().item()),
                             ("passed", (batch.rewards >= cfg.success).sum().item()),
                             ("tokens", sum(len(e) for e in batch.entropies)), ("entropy", entropy),
-                            ("failures", failed), ("groups", len(keys)), ("kept", len(kept)),
+                            ("failures", failed), ("timeouts", timeouts), ("groups", len(keys)), ("kept", len(kept)),
                             ("informative", sum(informative[first[g]].item() for g in keys)),
                             ("all_right", sum(all_right[first[g]].item() for g in keys)),
                             ("all_wrong", sum(all_wrong[first[g]].item() for g in keys))):
@@ -149,7 +150,8 @@ def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int
     row = {"reward": totals["reward"] / totals["responses"], "pass_rate": totals["passed"] / totals["responses"],
            "entropy": totals["entropy"] / max(totals["tokens"], 1),
            "response_len": totals["tokens"] / totals["responses"],
-           "verifier_failures": int(totals["failures"]), "groups_sampled": int(totals["groups"]),
+           "verifier_failures": int(totals["failures"]), "timeouts": int(totals["timeouts"]),
+           "groups_sampled": int(totals["groups"]),
            "degenerate_frac": 1 - totals["informative"] / totals["groups"],
            "all_right_frac": totals["all_right"] / totals["groups"],
            "all_wrong_frac": totals["all_wrong"] / totals["groups"],
@@ -172,12 +174,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
                        prompt_keys: list[int]):
     """n[i] rollouts of each prompt (items[i], encoded as prompt_ids[i]) and every response's verifier
-    score: (rollouts, scores, verifier failures)."""
+    score: (rollouts, scores, verifier failures, programs out of time)."""
     r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
                          prompt_keys=prompt_keys)
     texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
-    scores, failed = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout)
-    return r, scores, failed
+    scores, failed, timeouts = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout,
+                                            cfg.score_workers, memory_mb=cfg.sandbox_memory_mb)
+    return r, scores, failed, timeouts
 
 
 def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1, group=None) -> dict:
@@ -189,13 +192,15 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
     n = cfg.eval_samples
     sums = []
     for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
-        r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompts, [samples] * len(prompts),
-                                               temperature, seed, list(range(start, stop)))
+        r, scores, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompts,
+                                                         [samples] * len(prompts), temperature, seed,
+                                                         list(range(start, stop)))
         correct = [0] * len(prompts)
         for p, s in zip(r.prompt_index, scores):
             correct[p] += s >= 1.0
-        sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed]
-    right, pass_n, failed, greedy_right, _, greedy_failed = all_sum(*sums, group=group)
+        sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed, timeouts]
+    right, pass_n, failed, timeouts, greedy_right, _, greedy_failed, greedy_timeouts = all_sum(*sums, group=group)
     total = len(task.items)
     return {"pass@1": right / (total * n), f"pass@{n}": pass_n / total, "greedy_acc": greedy_right / total,
-            "eval_samples": total * n, "verifier_failures": int(failed + greedy_failed)}
+            "eval_samples": total * n, "verifier_failures": int(failed + greedy_failed),
+            "timeouts": int(timeouts + greedy_timeouts)}

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from train import Config
 
 INTS, FLOATS = 4, 4  # per response: prompt, version, round, length | reward, ref and sampler logprobs, entropy
-STATS = ("seconds", "waited", "failures", "tokens")  # per searcher and round
+STATS = ("seconds", "waited", "failures", "timeouts", "tokens")  # per searcher and round
 
 
 def samples_per_prompt(cfg: Config) -> int:
@@ -52,9 +52,9 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
     picked = round_prompts(cfg, len(task.items), round_, searcher)
     items = [task.items[i] for i in picked]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r, scores, failed = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P, cfg.temperature,
-                                           cfg.seed * 1_000_003 + 500_009 + round_,
-                                           [searcher * P + i for i in range(P)])
+    r, scores, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P,
+                                                     cfg.temperature, cfg.seed * 1_000_003 + 500_009 + round_,
+                                                     [searcher * P + i for i in range(P)])
     sampler.release_kv()
     sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
     with torch.no_grad():
@@ -69,7 +69,8 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
         floats[row, :FLOATS] = torch.tensor([reward.item(), ref_t.sum().item(), logp.float().sum().item(),
                                              entropy.float().sum().item()])
         floats[row, FLOATS:FLOATS + len(tokens)] = logp.float()
-    stats = torch.tensor([time.time() - t0, waited, failed, sum(len(t) for t in r.tokens)], dtype=torch.float64)
+    stats = torch.tensor([time.time() - t0, waited, failed, timeouts, sum(len(t) for t in r.tokens)],
+                         dtype=torch.float64)
     return [ints, floats, stats]
 
 

@@ -32,6 +32,7 @@ from kernels.test_kernels import *  # noqa: F401,F403 (the kernel tests run here
 from kernels.test_kernels import random_prompts, tiny_config, tiny_model
 from test_explore import *  # noqa: F401,F403 (explore.py's functions against ALGORITHMS.md 0, 3)
 from test_loss import *  # noqa: F401,F403 (loss.py's functions against ALGORITHMS.md 0, 2, 4)
+from test_reward import *  # noqa: F401,F403 (code tasks, the sandbox and its hostile programs)
 from test_simulate import *  # noqa: F401,F403 (simulate.py and the mass-balance check)
 from test_trainer import *  # noqa: F401,F403 (trainer.py's packed micro-batches and the passes of a step)
 from rollout import ModelConfig, Sampler, nucleus, sample_keys
@@ -280,11 +281,11 @@ def test_rg_scoring_right_wrong_and_partial_credit():
     task = reward.Task(SMALL_ARITHMETIC, items)
     right = [f"so the result is \\boxed{{{it['answer']}}}" for it in items]
     wrong = [f"Answer: {int(it['answer']) + 1}" for it in items]  # gold is never a substring of gold+1
-    rewards, failures = reward.score(task, items + items, right + wrong)
-    assert rewards == [1.0] * 10 + [0.0] * 10 and failures == 0
+    rewards, failures, timeouts = reward.score(task, items + items, right + wrong)
+    assert rewards == [1.0] * 10 + [0.0] * 10 and failures == timeouts == 0
     # reasoning-gym's default score_answer gives len(gold)/len(answer) when the gold is a substring
     gold = items[0]["answer"]
-    rewards, _ = reward.score(task, items[:1], [f"Answer: {gold}0"])
+    rewards, _, _ = reward.score(task, items[:1], [f"Answer: {gold}0"])
     assert rewards[0] == pytest.approx(len(gold) / (len(gold) + 1))
 
 
@@ -300,7 +301,7 @@ def test_jsonl_task_scored_by_math_verify(tmp_path):
     responses = ["\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}", "Answer: 42", "answer: 41", "Answer: 0.5",
                  "\\boxed{\\frac{2}{4}}", "I do not know", "Answer: 1",
                  "Answer: 1024"]  # read bare, math-verify would take the gold "2^{10}" for 2
-    rewards, failures = reward.score(task, items, responses)
+    rewards, failures, _ = reward.score(task, items, responses)
     assert rewards == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
     assert failures == 1  # the unparseable gold answer is a counted failure, not a silent zero
     assert len(reward.load_task(task.spec, size=2, seed=0).items) == 2
@@ -365,8 +366,8 @@ def test_empty_rg_task():
 
 def test_raising_verifier_scores_zero_and_is_counted():
     task = reward.Task("rg:chain_sum", [{"question": str(i), "answer": "1"} for i in range(3)])
-    rewards, failures = reward.score(task, task.items, ["Answer: 1", "no answer at all", "\\boxed{1}"],
-                                     verifier=_raising_verifier)
+    rewards, failures, _ = reward.score(task, task.items, ["Answer: 1", "no answer at all", "\\boxed{1}"],
+                                        verifier=_raising_verifier)
     assert rewards == [0.0, 0.0, 0.0]
     assert failures == 2  # the response without an answer never reaches the verifier
 
@@ -375,11 +376,11 @@ def test_hanging_verifier_times_out_and_later_calls_work():
     task = reward.Task("rg:chain_sum", [{"question": str(i), "answer": "1"} for i in range(5)])
     responses = ["Answer: 1", "Answer: hang", "Answer: 2", "Answer: hang", "Answer: 3"]
     start = time.time()
-    rewards, failures = reward.score(task, task.items, responses, timeout=3.0, verifier=_hanging_verifier)
-    assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0] and failures == 2
+    rewards, failures, timeouts = reward.score(task, task.items, responses, timeout=3.0, verifier=_hanging_verifier)
+    assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0] and failures == 2 and timeouts == 0  # a verifier's hang: a failure
     assert time.time() - start < 30  # each hang sleeps 60 s: both were cut short
-    rewards, failures = reward.score(task, task.items[:2], ["Answer: 1", "Answer: 2"], timeout=3.0,
-                                     verifier=_hanging_verifier)
+    rewards, failures, _ = reward.score(task, task.items[:2], ["Answer: 1", "Answer: 2"], timeout=3.0,
+                                        verifier=_hanging_verifier)
     assert rewards == [1.0, 1.0] and failures == 0
 
 

@@ -52,7 +52,9 @@ class Config:
     task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...] or a .jsonl
     task_size: int = 2000                  # items generated (rg) or read at most (jsonl), before the held-out split
     prompt_template: str = "{question}\nStart your reply with 'Answer:'."  # wraps each question (chat template applied after)
-    score_timeout: float = 5.0             # seconds per verifier call; a hang or crash scores 0 and is counted
+    score_timeout: float = 5.0             # seconds per verifier call or program (wall and CPU); past it: 0, counted
+    score_workers: int = 0                 # scoring processes per rank (0 = the CPUs, shared by this machine's ranks)
+    sandbox_memory_mb: int = 1024          # address space of each sandboxed program (code tasks)
     binary_reward: bool = False            # reward 1 if the verifier's score is >= 1 else 0 (drops partial credit)
     # rollouts
     prompts_per_step: int = 8              # prompts (groups) per step
@@ -135,6 +137,9 @@ class Config:
             (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
              "response ever succeeds and EchoRL has nothing to learn from; use 1"),
             (self.max_gen_rounds >= 1, f"--max-gen-rounds {self.max_gen_rounds} must be at least 1"),
+            (self.score_timeout > 0 and self.sandbox_memory_mb > 0 and self.score_workers >= 0, f"--score-timeout "
+             f"{self.score_timeout} and --sandbox-memory-mb {self.sandbox_memory_mb} must be above 0, --score-workers "
+             f"{self.score_workers} at least 0 (the CPU count)"),
             (self.rollouts_per_prompt >= 1 and self.prompts_per_step >= 1, f"--prompts-per-step "
              f"{self.prompts_per_step} and --rollouts-per-prompt {self.rollouts_per_prompt} must be at least 1")]
         if self.searchers:
@@ -213,6 +218,10 @@ PRESETS = {
     # E3's controller (a few % of tau a step) can follow
     "e3-cpu": ("E3 scaled down to this CPU: 64 training prompts, so budgets spread after epochs 1 and 2", Config(
         **{**E3, **DEMO, "lr": 2e-6}, task_size=80, eval_prompts=16, steps=24, out_dir="runs/e3-cpu")),
+    "humaneval-cpu": ("GRPO on HumanEval at the CPU scale: programs run against the tests in the sandbox; 156 "
+                      "problems trained on, 8 held out", Config(
+        task="humaneval", prompt_template="{question}", prompts_per_step=2, rollouts_per_prompt=8,
+        max_new_tokens=192, lr=2e-5, steps=6, eval_prompts=8, eval_samples=2, out_dir="runs/humaneval-cpu")),
 }
 
 
@@ -227,6 +236,8 @@ def main(cfg: Config):
     try:  # the task first: it is cheap and the likeliest thing to be mistyped
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
         train_task, eval_task = reward.split_task(task, cfg.eval_prompts, cfg.seed)
+        if rank == 0 and "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
+            print(f"code sandbox on this machine: {reward.check_sandbox()}")
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
     lm, tokenizer = load_model(cfg, device)
@@ -366,9 +377,9 @@ def main_async(cfg: Config, rank, world, device, lm, tokenizer, train_task, eval
             due = searchers.sync(w, w * k)
         if due is not None:
             buffer.add([r for ints, floats, _ in due for r in to_responses(ints, floats)])
-            seconds, waited, failures, tokens = (sum(x) for x in zip(*(stats.tolist() for *_, stats in due)))
+            seconds, waited, failures, timeouts, tokens = (sum(x) for x in zip(*(s.tolist() for *_, s in due)))
             sent = {"rollouts_per_s": len(due) * len(due[0][0]) / seconds, "tokens_per_s": tokens / seconds,
-                    "verifier_failures": int(failures), "searcher_waited": waited / len(due)}
+                    "verifier_failures": int(failures), "timeouts": int(timeouts), "searcher_waited": waited / len(due)}
         if cfg.save_every and w > w0 and (w * k) // cfg.save_every > (w * k - k) // cfg.save_every:
             save_checkpoint(cfg, model, optimizer, None, w * k - 1, roles.rank,
                             {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
