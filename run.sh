@@ -59,6 +59,10 @@ case "$cmd" in
       prepare_gpu_check runs/gpu-check
       exec .venv/bin/python bench.py gpu-check --dry-run --dir runs/gpu-check
     fi
+    # the packages --prepare packed, for the training stage's PYTHONPATH
+    if [ -f runs/gpu-check/site.tar.gz ] && [ ! -d runs/gpu-check/site ]; then
+      tar -xzf runs/gpu-check/site.tar.gz -C runs/gpu-check
+    fi
     exec "${PYTHON:-python3}" bench.py gpu-check "$@" ;;
   -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;
   *) echo "unknown command '$cmd'; use ./run.sh [demo|test|bench|gpu-check] [flags]" >&2; exit 2 ;;

@@ -182,28 +182,22 @@ def lay_out(sequences, prompt_lens, rows, share_prompts: bool):
     which only a 4D mask can say: a token sees its prompt and its own response, causally."""
     where, rows_out = {}, []
     for r, row in enumerate(rows):
-        ids, pos, piece_of, part_of = [], [], [], []
+        cells = []  # (token, position, piece, part: 0 for the prompt, j for the piece's j-th response) per column
         for k, piece in enumerate(row):
             p = prompt_lens[piece[0]]
-            prompt_end = len(ids) + p - 1
-            ids += sequences[piece[0]][:p]
-            pos += range(p)
-            piece_of += [k] * p
-            part_of += [0] * p
+            prompt_end = len(cells) + p - 1
+            cells += [(t, c, k, 0) for c, t in enumerate(sequences[piece[0]][:p])]
             for j, i in enumerate(piece, 1):
-                n = len(sequences[i]) - p - 1
-                where[i] = [(r, prompt_end), *((r, c) for c in range(len(ids), len(ids) + n))]
-                ids += sequences[i][p:p + n]
-                pos += range(p, p + n)
-                piece_of += [k] * n
-                part_of += [j] * n
-        rows_out.append((ids, pos, piece_of, part_of))
-    width = max(len(ids) for ids, *_ in rows_out)
-    pad = lambda k, fill: torch.tensor([x[k] + fill(width - len(x[k])) for x in rows_out])
-    ids, positions = pad(0, lambda n: [0] * n), pad(1, lambda n: list(range(n)))  # padding: a sequence of its own
+                response = sequences[i][p:-1]
+                where[i] = [(r, prompt_end)] + [(r, len(cells) + c) for c in range(len(response))]
+                cells += [(t, p + c, k, j) for c, t in enumerate(response)]
+        rows_out.append(cells)
+    width = max(map(len, rows_out))
+    # padding: a piece (-1) of its own, positions from 0
+    ids, positions, piece, part = torch.tensor([cells + [(0, c, -1, 0) for c in range(width - len(cells))]
+                                                for cells in rows_out]).unbind(-1)
     if not share_prompts:
         return ids, positions, None, where
-    piece, part = pad(2, lambda n: [-1] * n), pad(3, lambda n: [0] * n)
     mask = (piece[:, :, None] == piece[:, None, :]) & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None]))
     return ids, positions, (mask & torch.ones(width, width, dtype=torch.bool).tril())[:, None], where
 
@@ -278,11 +272,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     #   to TIS and to the ratio of later updates (--updates-per-step > 1); async PPO takes the sampler's;
     # - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
     #   else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass.
-    spans = {}
-    for k, b in enumerate(batches):
-        for i in b:
-            spans.setdefault(int(batch.group[i]), set()).add(k)
-    log_z_pass = tb and all_max(any(len(ks) > 1 for ks in spans.values()), group) > 0  # every rank, or none
+    groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
+    log_z_pass = tb and all_max(sum(map(len, groups)) > len(set().union(*groups)), group) > 0  # every rank, or none
     old_pass = cfg.kl_in_reward and ref_model is not None
     with torch.no_grad():
         old = [logprobs(model, k)[0] for k in range(len(batches))] if old_pass else None
