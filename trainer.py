@@ -273,7 +273,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     # - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
     #   else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass.
     groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
-    log_z_pass = tb and all_max(sum(map(len, groups)) > len(set().union(*groups)), group) > 0  # every rank, or none
+    log_z_pass = tb and all_max(int(sum(map(len, groups)) > len(set().union(*groups))), group) > 0  # all ranks or none
     old_pass = cfg.kl_in_reward and ref_model is not None
     with torch.no_grad():
         old = [logprobs(model, k)[0] for k in range(len(batches))] if old_pass else None
