@@ -294,7 +294,7 @@ def bench_trainer(args) -> dict:
         cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
         steps[layout] = lambda cfg=cfg: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
         plans = trainer.plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share and cfg.pack,
-                             pack=cfg.pack)
+                             pack=cfg.pack, row_tokens=trainer.CPU_ROW_TOKENS)
         result[layout] = {"microbatches": len(plans), "model_tokens": sum(  # real tokens and padding
             trainer.lay_out(batch.sequences, batch.prompt_lens, rows, False)[0].numel() for rows in plans)}
         steps[layout]()  # warm-up: allocator, Triton compilation, optimizer state

@@ -60,14 +60,26 @@ def test_packed_rows_match_padded_rows(kind):
     model = tiny_model(kind, seed=3)
     padded = logprobs_and_grads(model, seqs, prompt_lens, False,
                                 trainer.plan(seqs, prompt_lens, 200, False, pack=False))
-    for share, whole in ((False, False), (False, True), (True, False)):
-        plans = trainer.plan(seqs, prompt_lens, 200, share, whole_groups=whole)
+    for share, whole, cap in ((False, False, math.inf), (False, True, math.inf), (True, False, math.inf), (True, False, 40)):
+        plans = trainer.plan(seqs, prompt_lens, 200, share, whole_groups=whole, row_tokens=cap)
         assert max(len(row) for rows in plans for row in rows) >= 2  # rows do hold several pieces
         logp, entropy, grads = logprobs_and_grads(model, seqs, prompt_lens, share, plans)
         torch.testing.assert_close(logp, padded[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(entropy, padded[1], atol=1e-5, rtol=0)
         for a, b in zip(grads, padded[2]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_rows_end_at_row_tokens_unless_groups_stay_whole():
+    """row_tokens bounds a shared prompt's row (a longer single response stands alone); TB's whole groups ignore it."""
+    seqs, prompt_lens, group = mixed_groups(seed=1, rollouts=6)
+    width = lambda plans: max(len(trainer.lay_out(seqs, prompt_lens, rows, True)[0][0]) for rows in plans)
+    longest = max(len(s) - 1 for s in seqs)
+    assert width(trainer.plan(seqs, prompt_lens, 400, True)) > 60
+    assert width(trainer.plan(seqs, prompt_lens, 400, True, row_tokens=60)) <= max(60, longest)
+    for rows in trainer.plan(seqs, prompt_lens, 400, True, whole_groups=True, row_tokens=60):
+        ids = {i for row in rows for piece in row for i in piece}
+        assert all(set((group == group[i]).nonzero().flatten().tolist()) <= ids for i in ids)  # groups whole
 
 
 @pytest.mark.parametrize("share", [False, True])

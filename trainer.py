@@ -129,20 +129,28 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
                       targets, temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
 
 
+# The widest shared-prompt row on a CPU, where sdpa computes the whole width^2 under a mask. On bench.py
+# trainer's long-tailed mix (SmolLM2-135M, bf16, 2 cores) rows of 512 took 16.8-18.9 s a step, of 384 17.1-19.1,
+# of 768 19.1-20.3, of 1024 17.8-22.6, and the whole groups (rows of 1200) 22.9 s.
+CPU_ROW_TOKENS = 512
+
+
 def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_groups: bool = False,
-         pack: bool = True, among=None) -> list[list[list[list[int]]]]:
+         pack: bool = True, among=None, row_tokens: float = math.inf) -> list[list[list[list[int]]]]:
     """Micro-batches of `sequences`' responses, each a list of rows, each row a list of pieces: the responses
     (indices) that follow one copy of their prompt, all of them that fit the budget with share_prompts, else
     one. A unit, laid out whole in one row, is a piece, or with whole_groups all the pieces of one prompt (a
     group: TB's log Z needs it whole in one micro-batch); a unit over the budget is split. A response's last
-    token predicts nothing and is left out. among: the responses to plan (default: all)."""
+    token predicts nothing and is left out. among: the responses to plan (default: all). row_tokens: where a
+    shared prompt's unit ends unless whole_groups (its row's width: attention under a mask costs width^2)."""
+    cap = budget if whole_groups else min(budget, row_tokens)
     units, sizes, open_unit = [], [], {}  # open_unit: key -> the unit still taking responses
     for i in range(len(sequences)) if among is None else among:
         s, p = sequences[i], prompt_lens[i]
         key = tuple(s[:p]) if share_prompts or whole_groups else i
         u = open_unit.get(key)
         extra = len(s) - 1 - (p if share_prompts else 0)  # the tokens response i adds to a unit with its prompt
-        if u is None or sizes[u] + extra > budget:
+        if u is None or sizes[u] + extra > cap:
             u = open_unit[key] = len(units)
             units.append([])
             sizes.append(p if share_prompts else 0)
@@ -244,9 +252,10 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
     # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
     # --no-pack: one response a row, as before packing.
+    # Their rows end at CPU_ROW_TOKENS: the CPU's sdpa computes the whole width^2 under a mask.
     share = cfg.pack and next(model.parameters()).device.type == "cpu"
     plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, whole_groups=tb and cfg.pack,
-                 pack=cfg.pack, among=active)
+                 pack=cfg.pack, among=active, row_tokens=CPU_ROW_TOKENS)
     # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
     # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
     plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
