@@ -109,10 +109,10 @@ def count_passes(policy) -> list:
     return calls
 
 
-def one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref=None, beta=0.0):
+def one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref=None, beta=0.0, flat=()):
     """One train_on_batch, plain SGD with rate 1 (the weights move by the gradient); reward 1 for the first response
-    of each group, so every response has an advantage."""
-    rewards = torch.tensor([float(g not in group[:i].tolist()) for i, g in enumerate(group.tolist())])
+    of each group, so every response has an advantage, except in the groups `flat` (reward 0 for all)."""
+    rewards = torch.tensor([float(g not in group[:i].tolist() and g not in flat) for i, g in enumerate(group.tolist())])
     batch = trainer.Batch(seqs, prompt_lens, group, rewards, sampler_logp, [torch.zeros_like(x) for x in sampler_logp],
                           torch.ones(len(seqs), dtype=torch.bool), {})
     return trainer.train_on_batch(cfg, policy, ref, torch.optim.SGD(policy.parameters(), lr=1.0), batch, 1.0,
@@ -135,6 +135,10 @@ def test_tis_takes_pi_old_from_the_update_pass():
     cfg = train.Config(tis_cap=2.0, max_tokens_per_microbatch=budget)
     stats = one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp)
     assert len(calls) == n_micro and stats["clip_frac"] == 0
+    assert math.isclose(stats["tis_weight"], math.exp(0.25), rel_tol=1e-5)
+    # groups without advantage run no pass; the logged weight is the mean over the tokens that did (it read 0 for them)
+    stats = one_step(train.Config(tis_cap=2.0, max_tokens_per_microbatch=budget), trainer.Policy(tiny_model(
+        "llama", seed=4)), seqs, prompt_lens, group, sampler_logp, flat=(0, 1, 2))
     assert math.isclose(stats["tis_weight"], math.exp(0.25), rel_tol=1e-5)
     calls.clear()
     cfg = train.Config(tis_cap=2.0, kl_coef=0.1, kl_in_reward=True, updates_per_step=2,
