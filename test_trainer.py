@@ -60,7 +60,8 @@ def test_packed_rows_match_padded_rows(kind):
     model = tiny_model(kind, seed=3)
     padded = logprobs_and_grads(model, seqs, prompt_lens, False,
                                 trainer.plan(seqs, prompt_lens, 200, False, pack=False))
-    for share, whole, cap in ((False, False, math.inf), (False, True, math.inf), (True, False, math.inf), (True, False, 40)):
+    for share, whole, cap in ((False, False, math.inf), (False, True, math.inf), (True, False, math.inf),
+                              (True, False, 40)):
         plans = trainer.plan(seqs, prompt_lens, 200, share, whole_groups=whole, row_tokens=cap)
         assert max(len(row) for rows in plans for row in rows) >= 2  # rows do hold several pieces
         logp, entropy, grads = logprobs_and_grads(model, seqs, prompt_lens, share, plans)
