@@ -532,6 +532,7 @@ def test_missing_model_path_is_one_sentence(tmp_path):
     (dict(loss="dpo"), "--loss dpo is unknown"),
     (dict(aggregate="sum"), "--aggregate sum is unknown"),
     (dict(eps_low=0.3, eps_high=0.2), "--eps-high 0.2 is below --eps-low 0.3"),
+    (dict(adam_eps=0.0), "--adam-eps 0.0 must be positive"),
     (dict(dual_clip=0.5), "--dual-clip must be 0"),
     (dict(loss="tb", tb_beta_start=-0.01), "--tb-beta-start -0.01 and --tb-beta-end 0.004 must be > 0"),
     (dict(echo_coef=1e-3, success=2.0), "--success 2.0: rewards are at most 1"),
@@ -694,13 +695,16 @@ def test_objective_and_explore_options_run(tmp_path, smollm2, flags, expect):
 def test_two_ranks_train_like_one(tmp_path):
     """torchrun with 2 gloo ranks (FSDP2, prompts split across ranks) and with 1 rank, same global
     batch and seed: the same rollouts, rewards and losses, and the same updated weights (exported
-    at the end), within float32 tolerance."""
+    at the end), every weight within float32 tolerance. With AdamW's default eps (1e-8) a weight whose gradient sits
+    at float noise moves by about lr x sign(noise), so the layouts (rows per rank, threads, a sum over ranks) would
+    set hundreds of weights apart by a fraction of lr (seen: 724 of 135M on a 2-core Xeon with AMX); --adam-eps 1e-5
+    makes such a weight move by lr x g / eps, still lr for the 3/4 of the weights whose gradients are real."""
     args = ["demo", "--steps", "2", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
             "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5",
             # the cross-rank paths too: dynamic sampling's rounds and trimming, E3 budgets (8 training prompts,
             # so step 1 starts epoch 2), TIS, echo clips
             "--task-size", "12", "--dynamic-sampling", "--max-gen-rounds", "2", "--budget-min", "6", "--budget-max",
-            "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any"]
+            "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any", "--adam-eps", "1e-5"]
     runs, weights = [], []
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
@@ -722,18 +726,13 @@ def test_two_ranks_train_like_one(tmp_path):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
     initial = load_file(trainer.resolve_model(trainer.EMBEDDED_MODEL, train.Config().cache_dir) / "model.safetensors")
     assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 100
-    assert any(not torch.equal(weights[0][k], initial[k]) for k in weights[0])  # the runs did train
-    # AdamW moves a weight by about lr x sign(g) wherever |g| is tiny, so where a gradient sits at the float noise
-    # of the two layouts (other rows per rank, a sum over ranks) its sign can flip and that weight differ by up to
-    # 2 lr a step. Allow that for a handful of the 135M weights (seen: 4 embedding entries, 7e-6) and nothing more.
-    lr, steps = 1e-5, 2
-    flipped = 0
+    moved = apart = 0
     for name in weights[0]:
         a, b = weights[0][name], weights[1][name]
-        apart = ~torch.isclose(a, b, rtol=1e-5, atol=1e-7)
-        flipped += int(apart.sum())
-        assert ((a - b)[apart].abs() <= 2 * lr * steps).all(), name
-    assert flipped <= 100, f"{flipped} weights differ between 1 and 2 ranks"
+        moved += int((~torch.isclose(a, initial[name].float(), rtol=1e-5, atol=1e-7)).sum())
+        apart += int((~torch.isclose(a, b, rtol=1e-5, atol=1e-7)).sum())
+    assert moved > sum(w.numel() for w in initial.values()) / 2  # the runs did train, most weights by about lr
+    assert apart == 0, f"{apart} weights differ between 1 and 2 ranks"
 
 
 def test_prompts_split_over_ranks_by_budget():

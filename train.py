@@ -104,6 +104,7 @@ class Config:
     steps: int = 20                        # RL steps (each: sample, score, update)
     lr: float = 1e-6                       # AdamW learning rate
     weight_decay: float = 0.0              # AdamW weight decay
+    adam_eps: float = 1e-8                 # AdamW epsilon: a gradient well under it moves its weight by ~lr x g / eps
     grad_clip: float = 1.0                 # max gradient norm (0 = off)
     lr_schedule: str = "constant"          # constant | warmup | cosine (warmup and cosine use warmup_steps)
     warmup_steps: int = 0                  # linear warm-up over this many RL steps
@@ -130,6 +131,7 @@ class Config:
             one_of("echo-mode", self.echo_mode, loss.ECHO_MODES), one_of("dtype", self.dtype, ("auto", "bfloat16", "float32")),
             one_of("wandb", self.wandb, ("disabled", "offline", "online")),
             one_of("lr-schedule", self.lr_schedule, ("constant", "warmup", "cosine")),
+            (self.adam_eps > 0, f"--adam-eps {self.adam_eps} must be positive (AdamW divides by sqrt(v) + eps)"),
             (self.eps_high >= self.eps_low,
              f"--eps-high {self.eps_high} is below --eps-low {self.eps_low}; clip-higher needs eps_high >= eps_low"),
             (self.tb_beta_start > 0 and self.tb_beta_end > 0, f"--tb-beta-start {self.tb_beta_start} and "
@@ -261,7 +263,7 @@ def main(cfg: Config):
         for m in (model, ref_model):
             if m is not None:
                 shard(m, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     state = Explore(cfg, len(train_task.items), lm.config.vocab_size)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
     start_step = 0
@@ -346,7 +348,7 @@ def main_async(cfg: Config, rank, world, device, lm, tokenizer, train_task, eval
     model = Policy(lm)
     if dist.is_initialized():
         shard(model, device, dtype, roles.trainers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     buffer = explore.ReplayBuffer(cfg.replay_capacity, cfg.max_staleness)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
     start_step, sent = 0, {}  # sent: the last round's searcher figures
