@@ -121,66 +121,64 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KeyPlan:
-    """Where a CPU decode step's keys lie in the pool, computed once for all layers (key_plan)."""
-    row_of: torch.Tensor        # [G, W] the rows of each group (W = its largest), R where a group has fewer
-    prompt_slots: torch.Tensor  # [G, P] pool slots of each group's prompt keys
-    prompt_valid: torch.Tensor  # [G, P]
-    own_slots: torch.Tensor     # [R, T] pool slots of each row's own keys
-    own_valid: torch.Tensor     # [R, T]
-    grouped: int                # rows in some group; they come first, the rest (padding) see no prompt
+    """Which pool blocks a CPU decode step's keys lie in, computed once for all layers (key_plan)."""
+    row_of: torch.Tensor         # [G, W] the rows of each group (W = its largest), R where a group has fewer
+    prompt_blocks: torch.Tensor  # [G, Pb] each group's prompt blocks
+    prompt_mask: torch.Tensor    # [G, 1, 1, Pb x block_size] 0 on a prompt key, -inf past the prompt
+    own_blocks: torch.Tensor     # [R, Tb] each row's own blocks
+    own_mask: torch.Tensor       # [R, 1, 1, Tb x block_size]
 
 
 def key_plan(b: "DecodeBatch", block_size: int) -> KeyPlan:
-    """Slots beyond a prompt's or a row's length repeat a slot that is written (the prompt's first; the
-    row's fed token, which this step writes), so nothing unwritten (maybe NaN) is ever read."""
-    rows, grouped, dev = len(b.tokens), int(b.group_count.sum()), b.tokens.device
+    """Whole blocks are read and the slots past a length masked. A table's columns past a sequence's last
+    block repeat its first (the rest may be garbage), and the sampler zeroes a block as it hands it out
+    (Sampler.clear_blocks), so a slot never written holds 0, never a NaN that would survive its zero weight."""
+    rows, dev = len(b.tokens), b.tokens.device
 
-    def slots(table, length):
-        t = torch.arange(int(length.max()), device=dev)
-        valid = t < length[:, None]
-        return table[:, t // block_size].long() * block_size + t % block_size, valid
+    def blocks(table, length):
+        n = -(-int(length.max()) // block_size)
+        used = torch.arange(n, device=dev) < -(-length[:, None] // block_size)
+        valid = torch.arange(n * block_size, device=dev) < length[:, None]
+        mask = torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))
+        return torch.where(used, table[:, :n], table[:, :1]).long(), mask[:, None, None]
 
-    prompt, prompt_valid = slots(b.prompt_blocks, b.prompt_len)
-    own, own_valid = slots(b.block_table, b.seq_len)
     place = torch.arange(int(b.group_count.max()), device=dev)
     row_of = torch.where(place < b.group_count[:, None], b.group_start[:, None].long() + place, rows)
-    return KeyPlan(row_of, torch.where(prompt_valid, prompt, prompt[:, :1]), prompt_valid,
-                   torch.where(own_valid, own, b.write_slots[:, None]), own_valid, grouped)
+    return KeyPlan(row_of, *blocks(b.prompt_blocks, b.prompt_len), *blocks(b.block_table, b.seq_len))
 
 
 def cpu_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KeyPlan,
                   scale: float) -> torch.Tensor:
     """Decode attention without Triton, [R, heads, d]: the rows of a group attend to their prompt's keys
-    in one matrix product (the keys read once per group, not once per rollout), each row to its own
-    keys gathered by slot, and the two parts merge by their log-sum-exps (kernels/attention.py's rule).
-    Keys are gathered head-major ([.., kv_heads, keys, d]) so every product runs without a copy."""
+    in one call (the keys read once per group, not once per rollout), each row to its own keys, and the
+    two parts merge by their log-sum-exps (kernels/attention.py's rule). torch's CPU flash attention runs
+    both parts in float32 and returns the log-sum-exp; keys are gathered a block at a time and read in place
+    head-major through strides."""
     rows, heads, d = q.shape
     kv = k_pool.shape[-2]
     rep, (groups, width) = heads // kv, plan.row_of.shape
-    heads_of = torch.arange(kv, device=q.device)[:, None]
 
-    def gather(pool, slots):  # [N, keys] -> [N, kv, keys, d] float32
-        return pool.view(-1, d)[slots[:, None] * kv + heads_of].float()
+    def gather(pool, blocks):  # [N, blocks] -> [N, kv, blocks x block_size, d] float32, a strided view
+        return pool[blocks].float().flatten(1, 2).transpose(1, 2)
 
-    def attend(qh, k, v, valid):  # qh [N, kv, M, d]; valid [N, keys] -> o [N, kv, M, d], lse [N, kv, M]
-        scores = (qh @ k.transpose(-1, -2) * scale).masked_fill(~valid[:, None, None], float("-inf"))
-        lse = scores.logsumexp(-1, keepdim=True)
-        return (scores - lse).exp() @ v, lse[..., 0]
+    def attend(qh, blocks, mask):  # qh [N, kv, M, d] -> o [N, kv, M, d], lse [N, kv, M]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh, gather(k_pool, blocks), gather(v_pool, blocks), 0.0, False,
+            attn_mask=mask.expand(-1, -1, qh.shape[2], -1), scale=scale)
 
     qf = torch.cat([q.float(), q.new_zeros(1, heads, d, dtype=torch.float32)])  # row R: no row
     qg = qf[plan.row_of].view(groups, width, kv, rep, d).transpose(1, 2).reshape(groups, kv, width * rep, d)
-    o1, lse1 = attend(qg, gather(k_pool, plan.prompt_slots), gather(v_pool, plan.prompt_slots), plan.prompt_valid)
-    o1 = o1.view(groups, kv, width, rep, d).transpose(1, 2).reshape(groups * width, heads, d)
-    lse1 = lse1.view(groups, kv, width, rep).transpose(1, 2).reshape(groups * width, heads)
+    o1, lse1 = attend(qg, plan.prompt_blocks, plan.prompt_mask)
+    o1 = o1.reshape(groups, kv, width, rep, d).transpose(1, 2).reshape(groups * width, heads, d)
+    lse1 = lse1.reshape(groups, kv, width, rep).transpose(1, 2).reshape(groups * width, heads)
     prompt_o = q.new_zeros(rows + 1, heads, d, dtype=torch.float32)
     prompt_lse = torch.full((rows + 1, heads), float("-inf"), device=q.device)
     prompt_o[plan.row_of.flatten()], prompt_lse[plan.row_of.flatten()] = o1, lse1
-    o2, lse2 = attend(q.float().view(rows, kv, rep, d), gather(k_pool, plan.own_slots),
-                      gather(v_pool, plan.own_slots), plan.own_valid)
-    lse2 = lse2.view(rows, heads, 1)
+    o2, lse2 = attend(q.float().view(rows, kv, rep, d), plan.own_blocks, plan.own_mask)
+    lse2 = lse2.reshape(rows, heads, 1)
     lse = torch.logaddexp(prompt_lse[:rows, :, None], lse2)
     return (prompt_o[:rows] * (prompt_lse[:rows, :, None] - lse).exp()
-            + o2.view(rows, heads, d) * (lse2 - lse).exp()).to(q.dtype)
+            + o2.reshape(rows, heads, d) * (lse2 - lse).exp()).to(q.dtype)
 
 
 class BlockPool:
@@ -433,6 +431,7 @@ class Sampler:
         if self.k_pool is None:
             self.k_pool = torch.empty(self.kv_shape, device=self.device, dtype=self.dtype)
             self.v_pool = torch.empty(self.kv_shape, device=self.device, dtype=self.dtype)
+            self.clear_blocks([self.scratch_block])
         keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
         with torch.no_grad():
             run = _Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, keys)
@@ -443,6 +442,15 @@ class Sampler:
         return Rollouts(prompt_index=[p for p, _ in keys], sample_index=[s for _, s in keys],
                         tokens=[results[k][0] for k in keys], logprobs=[results[k][1] for k in keys],
                         entropies=[results[k][2] for k in keys], finish_reason=[results[k][3] for k in keys])
+
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero blocks as they are handed out, on the torch path: cpu_attention reads whole blocks and masks the
+        slots past a length, and a slot never written must hold 0, not a NaN that survives its zero weight.
+        (The Triton kernels read only written slots; zeroing the whole pool would touch all of its memory.)"""
+        if not self.use_triton and blocks:
+            index = torch.tensor(blocks, device=self.device)
+            self.k_pool[:, index] = 0
+            self.v_pool[:, index] = 0
 
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -531,6 +539,7 @@ class _Generation:
             free_blocks -= need
             prompt = self.pending.popleft()
             prompt.blocks = self.pool.alloc(need - 1)
+            self.s.clear_blocks(prompt.blocks[-1:])  # the others are written whole
             batch.append(prompt)
         if batch:
             logits = self.s.prefill([p.tokens for p in batch], [p.blocks for p in batch])
@@ -554,6 +563,7 @@ class _Generation:
                 rollout.blocks.append(block)
             i += 1
         if writes:
+            self.s.clear_blocks([block for _, _, block in writes])
             slot, index, block = torch.tensor(writes, device=self.s.device).T
             self.slot_blocks[slot, index] = block.to(torch.int32)
 
