@@ -147,13 +147,24 @@ def key_plan(b: "DecodeBatch", block_size: int) -> KeyPlan:
     return KeyPlan(row_of, *blocks(b.prompt_blocks, b.prompt_len), *blocks(b.block_table, b.seq_len))
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     flash: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T x scale + mask) v and its log-sum-exp, q [N, H, M, d], k and v [N, H, keys, d] (any strides):
+    torch's CPU flash attention on a CPU (flash=None), plain products elsewhere (the reference path on a GPU)."""
+    if q.device.type == "cpu" if flash is None else flash:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask.expand(-1, -1, q.shape[2], -1), scale=scale)
+    scores = q @ k.transpose(-1, -2) * scale + mask
+    lse = scores.logsumexp(-1, keepdim=True)
+    return (scores - lse).exp() @ v, lse[..., 0]
+
+
 def cpu_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: KeyPlan,
                   scale: float) -> torch.Tensor:
     """Decode attention without Triton, [R, heads, d]: the rows of a group attend to their prompt's keys
     in one call (the keys read once per group, not once per rollout), each row to its own keys, and the
-    two parts merge by their log-sum-exps (kernels/attention.py's rule). torch's CPU flash attention runs
-    both parts in float32 and returns the log-sum-exp; keys are gathered a block at a time and read in place
-    head-major through strides."""
+    two parts merge by their log-sum-exps (kernels/attention.py's rule). Both parts run in float32, keys
+    gathered a block at a time and read in place head-major through strides (masked_attention)."""
     rows, heads, d = q.shape
     kv = k_pool.shape[-2]
     rep, (groups, width) = heads // kv, plan.row_of.shape
@@ -162,9 +173,7 @@ def cpu_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, p
         return pool[blocks].float().flatten(1, 2).transpose(1, 2)
 
     def attend(qh, blocks, mask):  # qh [N, kv, M, d] -> o [N, kv, M, d], lse [N, kv, M]
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, gather(k_pool, blocks), gather(v_pool, blocks), 0.0, False,
-            attn_mask=mask.expand(-1, -1, qh.shape[2], -1), scale=scale)
+        return masked_attention(qh, gather(k_pool, blocks), gather(v_pool, blocks), mask, scale)
 
     qf = torch.cat([q.float(), q.new_zeros(1, heads, d, dtype=torch.float32)])  # row R: no row
     qg = qf[plan.row_of].view(groups, width, kv, rep, d).transpose(1, 2).reshape(groups, kv, width * rep, d)

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels import attention
 from kernels.logprob import logprob, reference_logprob
 from kernels.sampling import hash32, reference_sample, sample
-from rollout import ModelConfig, Sampler, cpu_attention, key_plan
+from rollout import ModelConfig, Sampler, cpu_attention, key_plan, masked_attention
 
 DEVICE = os.environ.get("FANOUT_TEST_DEVICE", "cpu")
 
@@ -220,6 +220,21 @@ def test_cpu_attention_equals_dense(dtype, head_dim, rep):
     torch.testing.assert_close(o[:-1].float(), dense_attention(c), atol=tol, rtol=tol)
     torch.testing.assert_close(o[-1].float(), c.values[len(PROMPT_LENS)][0].float().repeat_interleave(c.rep, 0),
                                atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_masked_attention_paths_agree(flash):
+    """torch's CPU flash attention (the sampler's CPU path) and the plain products (its path on a GPU) both
+    give softmax attention with an additive mask and its log-sum-exp, on strided keys."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 3, 4, 32, generator=g)
+    k, v = (torch.randn(5, 40, 3, 32, generator=g).transpose(1, 2) for _ in range(2))  # [N, heads, keys, d], strided
+    valid = torch.arange(40) < torch.randint(1, 41, (5,), generator=g)[:, None]
+    mask = torch.zeros(5, 1, 1, 40).masked_fill(~valid[:, None, None], float("-inf"))
+    o, lse = masked_attention(q, k, v, mask, 0.2, flash=flash)
+    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~valid[:, None, None], float("-inf"))
+    torch.testing.assert_close(o, scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES + [(torch.float32, 48, 3)])
