@@ -183,7 +183,7 @@ def cpu_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, p
     prompt_o = q.new_zeros(rows + 1, heads, d, dtype=torch.float32)
     prompt_lse = torch.full((rows + 1, heads), float("-inf"), device=q.device)
     prompt_o[plan.row_of.flatten()], prompt_lse[plan.row_of.flatten()] = o1, lse1
-    o2, lse2 = attend(q.float().view(rows, kv, rep, d), plan.own_blocks, plan.own_mask)
+    o2, lse2 = attend(qf[:rows].view(rows, kv, rep, d), plan.own_blocks, plan.own_mask)
     lse2 = lse2.reshape(rows, heads, 1)
     lse = torch.logaddexp(prompt_lse[:rows, :, None], lse2)
     return (prompt_o[:rows] * (prompt_lse[:rows, :, None] - lse).exp()
