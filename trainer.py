@@ -370,7 +370,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     totals = all_sum(*(stats[k] for k in summed), entropy_sum, forwarded, *z_moments, group=group)
     z_n, z_sum, z_squares = totals[-3:]  # log Z's spread over every response of the batch, all ranks and updates
     stats.update(zip(summed, totals), trainer_entropy=totals[-5] / max(totals[-4], 1),
-                 tis_weight=totals[3] / max(totals[-4], 1),
+                 tis_weight=totals[summed.index("tis_weight")] / max(totals[-4], 1),
                  log_z_std=math.sqrt(max(z_squares / max(z_n, 1) - (z_sum / max(z_n, 1)) ** 2, 0.0)))
     off = {"kl": (ref is None and not tb) or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
            "echo_loss": not cfg.echo_coef,
