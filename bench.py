@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -34,9 +33,11 @@ import transformers
 from safetensors.torch import save_file
 
 import cluster
+import config
 import trainer
+from forward import ModelConfig
 from kernels import attention
-from rollout import ModelConfig, Sampler
+from rollout import Sampler
 
 
 def sync(device: str) -> None:
@@ -97,7 +98,7 @@ def cpu_dtype(args, hf_config) -> tuple[torch.dtype, dict]:
 
 
 def bench_cpu(args) -> dict:
-    path = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
+    path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dtype, chosen = cpu_dtype(args, model.config)
@@ -212,18 +213,6 @@ def bench_gpu(args) -> dict:
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
 
 
-def import_train():
-    """train.py (for its Config), on a machine with only torch, triton and transformers: the trainer step
-    needs neither the CLI (tyro) nor the verifiers (reward.py: reasoning-gym, math-verify): stand-ins."""
-    for name in ("tyro", "reward"):
-        try:
-            __import__(name)
-        except ImportError:
-            sys.modules[name] = types.ModuleType(name)
-    import train
-    return train
-
-
 def train_flops(cfg, sequences, prompt_lens) -> float:
     """Model FLOPs of one forward + backward (PaLM's 6N + attention), the LM head on response tokens only."""
     d, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
@@ -260,7 +249,6 @@ def long_tailed_batch(args, vocab: int) -> trainer.Batch:
 def bench_trainer(args) -> dict:
     """One RL update (trainer.train_on_batch) on a long-tailed length mix, packed and padded (--no-pack) micro-
     batches in turn on the same model, interleaved so that both see the same machine."""
-    train = import_train()
     device = torch.device(args.device)
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", RANK="0", WORLD_SIZE="1")
@@ -269,7 +257,7 @@ def bench_trainer(args) -> dict:
         lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(device)
         chosen = {"dtype": "bfloat16"}
     else:
-        path = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
+        path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
         lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         hf_config = lm.config
         dtype, chosen = cpu_dtype(args, hf_config)
@@ -277,7 +265,7 @@ def bench_trainer(args) -> dict:
         trainer.checkpoint_layers(lm)
     model = trainer.Policy(lm)
     if device.type == "cuda":
-        cluster.shard(model, device, dtype)
+        cluster.shard(model, lm.model.layers, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     batch = long_tailed_batch(args, hf_config.vocab_size)
     tokens, flops = sum(map(len, batch.sequences)), train_flops(hf_config, batch.sequences, batch.prompt_lens)
@@ -291,7 +279,7 @@ def bench_trainer(args) -> dict:
               "tokens": tokens, "shared_prompts": share}
     steps = {}
     for layout in ("packed", "padded"):
-        cfg = train.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
+        cfg = config.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
         steps[layout] = lambda cfg=cfg: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
         plans = trainer.plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share and cfg.pack,
                              pack=cfg.pack, row_tokens=trainer.CPU_ROW_TOKENS)
@@ -363,7 +351,7 @@ def random_model(folder: Path, device=None, hf_config=None) -> Path:
     with `device`, random bf16 weights made there (3 GB for 1.5B parameters: never carried)."""
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "tokenizer.json").is_file():
-        source = trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout")
+        source = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(source / name, folder)
     hf_config = hf_config or qwen25_15b_config()

@@ -1,9 +1,7 @@
 """fanout's processes: torchrun set-up, the compute dtype and threads of a CPU, collectives over ranks,
-FSDP2 sharding, and the hand-off of the trainer's weights to the sampler. The one place that knows
-about torch.distributed's process groups.
+FSDP2 sharding, TBA's roles and its flat bf16 weight broadcast. The one place that knows about
+torch.distributed's process groups; it moves tensors and modules, whatever model they belong to.
 """
-
-from __future__ import annotations  # Config and friends are named in hints only: no import cycle
 
 import hashlib
 import json
@@ -13,7 +11,6 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,10 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-if TYPE_CHECKING:
-    from train import Config
-    from trainer import Policy
-    from rollout import Sampler
+from config import Config
 
 
 # ---- process setup ----
@@ -200,27 +194,18 @@ def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-# ---- FSDP2 and the weight hand-off ----
+# ---- FSDP2 ----
 
-def shard(model: Policy, device, dtype, group=None) -> None:
-    """FSDP2 over `group`'s ranks (None: all): every decoder layer, then the root. On GPU, bf16 parameters
-    with float32 gradient reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
+def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
+    """FSDP2 over `group`'s ranks (None: all): each of `layers` (the decoder layers), then the root. On GPU, bf16
+    parameters with float32 gradient reduction; on CPU the float32 weights stay and autocast does the bf16
+    compute."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
     mesh = DeviceMesh.from_group(group, device.type) if group is not None else None
-    for layer in model.lm.model.layers:
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-
-
-def sync_sampler(sampler: Sampler, model) -> None:
-    """Hand the trainer's weights to the sampler tensor by tensor: each shard is cast to the
-    sampler's dtype, gathered, and copied into the sampler's buffer on the device (no files, no CPU)."""
-    with torch.no_grad():
-        for name, t in model.lm.state_dict().items():
-            if name in sampler.weights:
-                t = t.to(sampler.dtype)
-                sampler.weights[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 # ---- TBA: roles and the weight broadcast (DESIGN.md async mode) ----
@@ -237,9 +222,10 @@ class Roles:
 
 
 def make_roles(searchers: int, rank: int, world: int) -> Roles:
-    """Every rank creates the same groups in the same order (torch.distributed requires it)."""
-    if world == 1:
-        return Roles(False, 1)
+    """Every rank creates the same groups in the same order (torch.distributed requires it). A synchronous run:
+    every rank trains, in the default group."""
+    if world == 1 or not searchers:
+        return Roles(False, world, rank=rank)
     n_trainers = world - searchers
     trainers = dist.new_group(list(range(n_trainers)))
     handoff = dist.new_group([0, *range(n_trainers, world)])
@@ -250,10 +236,9 @@ def make_roles(searchers: int, rank: int, world: int) -> Roles:
 BUCKET = 1 << 25  # elements per broadcast: 64 MiB of bf16
 
 
-def weight_names(lm, sampler: Sampler) -> list[str]:
-    """The sampler's tensors in the fixed order of the broadcast (by name); a tied LM head goes once."""
-    tied = sampler.weights.get("lm_head.weight") is sampler.weights.get("model.embed_tokens.weight")
-    return sorted(name for name in lm.state_dict() if name in sampler.weights and not (tied and name == "lm_head.weight"))
+def weight_names(lm, weights: dict) -> list[str]:
+    """The names of the model's tensors that `weights` (a sampler's) holds, in the fixed order of the broadcast."""
+    return sorted(name for name in lm.state_dict() if name in weights)
 
 
 def pack_weights(lm, names: list[str]) -> torch.Tensor:
@@ -286,11 +271,11 @@ def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int
     return version, sent
 
 
-def load_flat(sampler: Sampler, flat: torch.Tensor, names: list[str]) -> None:
-    """Copy a packed flat of weights into the sampler's buffers."""
+def load_flat(weights: dict, flat: torch.Tensor, names: list[str]) -> None:
+    """Copy a packed flat of weights into `weights`' tensors (a sampler's), in place."""
     offset = 0
     with torch.no_grad():
         for name in names:
-            w = sampler.weights[name]
+            w = weights[name]
             w.copy_(flat[offset:offset + w.numel()].view(w.shape))
             offset += w.numel()

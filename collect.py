@@ -2,10 +2,7 @@
 and scored on this rank, the step's sampling metrics over all ranks; and held-out evaluation.
 """
 
-from __future__ import annotations  # Config and friends are named in hints only: no import cycle
-
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,10 +10,8 @@ import explore
 import loss
 import reward
 from cluster import all_gather, all_sum, my_share, split_by_budget
+from config import Config
 from trainer import Batch
-
-if TYPE_CHECKING:
-    from train import Config
 
 
 # ---- what to sample (explore.py) and sampling one step ----
@@ -196,8 +191,8 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
                                                          [samples] * len(prompts), temperature, seed,
                                                          list(range(start, stop)))
         correct = [0] * len(prompts)
-        for p, s in zip(r.prompt_index, scores):
-            correct[p] += s >= 1.0
+        for p, passed in zip(r.prompt_index, (scores_to_rewards(cfg, scores) >= cfg.success).tolist()):
+            correct[p] += passed
         sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed, timeouts]
     right, pass_n, failed, timeouts, greedy_right, _, greedy_failed, greedy_timeouts = all_sum(*sums, group=group)
     total = len(task.items)

@@ -97,28 +97,16 @@ class Difficulty:
             setattr(self, name, value.clone())
 
 
-def _check_budget(G: int, G_min: int, G_max: int) -> None:
-    if G_min < 1:
-        raise ValueError(f"--budget-min {G_min} must be at least 1 rollout per prompt")
-    if G_min > G_max:
-        raise ValueError(f"--budget-min {G_min} is above --budget-max {G_max}; pass a min <= max")
-    if not G_min <= G <= G_max:
-        raise ValueError(f"--rollouts-per-prompt {G} is outside --budget-min {G_min} .. --budget-max "
-                         f"{G_max}, so a batch cannot keep B * {G} rollouts; widen the bounds")
-
-
 def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int]:
     """(G_min, G_max) for `epoch` (0 = the first): G..G at first, then 2 wider on each side per
-    epoch until n_low..n_high, so budgets only spread once ranks exist."""
-    _check_budget(G, n_low, n_high)
+    epoch until n_low..n_high, so budgets only spread once ranks exist (config.py checks n_low <= G <= n_high)."""
     return max(n_low, G - 2 * epoch), min(n_high, G + 2 * epoch)
 
 
 def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, G_max: int) -> list[int]:
     """E3's rollouts for each prompt of a batch with difficulty ranks `ranks` (k_i in [0, 1), higher =
     harder), exactly as the released code's get_rollout_n_per_prompt (ALGORITHMS.md 3) but for the cap in
-    step 2; the total stays B*G and every budget stays within [G_min, G_max]."""
-    _check_budget(G, G_min, G_max)
+    step 2; the total stays B*G and every budget stays within [G_min, G_max] (1 <= G_min <= G <= G_max)."""
     k = np.asarray([float(x) for x in ranks], dtype=np.float64)
     if not len(k):
         return []
@@ -145,10 +133,6 @@ class TemperatureController:
 
     def __init__(self, tau0: float, vocab_size: int, total_steps: int, tau_min: float = 0.5,
                  tau_max: float = 2.0, eta: float = 0.9, anneal_last: float = 0.4):
-        if not 0 < tau_min <= tau_max:
-            raise ValueError(f"--tau-min {tau_min} and --tau-max {tau_max} must satisfy 0 < min <= max")
-        if not tau_min <= tau0 <= tau_max:
-            raise ValueError(f"--temperature {tau0} is outside --tau-min {tau_min} .. --tau-max {tau_max}")
         self.tau, self.h0 = tau0, None
         self.tau_min, self.tau_max, self.eta = tau_min, tau_max, eta
         # annealing starts at t_a = T - int(0.4 T), a whole step, as the released scheduler computes it

@@ -5,15 +5,10 @@ Shapes: per-response tensors are [R] (R responses, `group` holds each one's prom
 per-token tensors are [N] over the concatenated response tokens of a micro-batch, and `seq_ids` [N]
 says which sequence of the micro-batch each token belongs to. Functions that end in a division by a
 global count (tokens, sequences, clips over all micro-batches and ranks) are built so that summing
-their micro-batch values gives the global value. Bad config values raise ValueError naming the flag.
+their micro-batch values gives the global value. The options they take are checked once, in config.py.
 """
 
 import torch
-
-ADVANTAGE_KINDS = ("grpo", "drgrpo", "rloo", "reinforce++")
-KL_KINDS = ("k1", "k2", "k3")
-AGGREGATE_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-ECHO_MODES = ("all", "any")
 
 
 # ---- base family (ALGORITHMS.md 0) ----
@@ -55,10 +50,9 @@ def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", b
         return centred
     if kind == "rloo":  # r - (sum - r)/(G-1) = G/(G-1) (r - mean); a group of one has no baseline: 0
         return torch.where(count > 1, centred * count / (count - 1).clamp(min=1), torch.zeros_like(centred))
-    if kind == "reinforce++":
-        m, s = batch_stats if batch_stats is not None else (centred.mean(), centred.std(unbiased=False))
-        return (centred - m) / (s + eps)
-    raise ValueError(f"--adv '{kind}' is an unknown advantage kind; use one of {', '.join(ADVANTAGE_KINDS)}")
+    assert kind == "reinforce++", kind
+    m, s = batch_stats if batch_stats is not None else (centred.mean(), centred.std(unbiased=False))
+    return (centred - m) / (s + eps)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.2,
@@ -70,12 +64,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, e
     dual_clip c > 1 (0 = off): for A < 0, l_t = min(l_t, c |A|), so a huge ratio on a bad token cannot
     blow up the loss. tis_weight: per-token truncated-IS weight (see `tis_weight`), multiplied in
     detached. The mask counts tokens whose gradient either clip removed."""
-    if not 0 <= eps_low < 1:
-        raise ValueError(f"--eps-low must be in [0, 1) (got {eps_low}): the lower ratio bound is 1 - eps_low")
-    if eps_high < eps_low:
-        raise ValueError(f"--eps-high ({eps_high}) must be >= --eps-low ({eps_low}): clip-higher widens the top")
-    if dual_clip != 0 and dual_clip <= 1:
-        raise ValueError(f"--dual-clip must be 0 (off) or > 1 (got {dual_clip})")
     ratio = (logp - old_logp).exp()
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
@@ -93,8 +81,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, e
 def tis_weight(trainer_old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
     """Truncated importance weight min(pi_old_trainer / pi_sampler, C) per token (ALGORITHMS.md 0): the
     sampler's kernels and precision differ from the trainer's, so its samples are slightly off-policy."""
-    if cap <= 0:
-        raise ValueError(f"--tis-cap must be > 0 (got {cap})")
     return (trainer_old_logp - sampler_logp).exp().clamp(max=cap).detach()
 
 
@@ -105,15 +91,10 @@ def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
 
 
 def kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimators on d = log pi - log pi_ref."""
+    """Per-token KL(pi || pi_ref) estimators on d = log pi - log pi_ref: k1 = d, k2 = d^2 / 2, and k3 (low
+    variance, non-negative)."""
     d = logp - ref_logp
-    if kind == "k1":
-        return d
-    if kind == "k2":
-        return d ** 2 / 2
-    if kind == "k3":  # low variance, non-negative
-        return torch.exp(-d) - 1 + d
-    raise ValueError(f"--kl-kind '{kind}' is an unknown KL kind; use one of {', '.join(KL_KINDS)}")
+    return {"k1": lambda: d, "k2": lambda: d ** 2 / 2, "k3": lambda: torch.exp(-d) - 1 + d}[kind]()
 
 
 def token_mean(token_loss: torch.Tensor, global_tokens: int) -> torch.Tensor:
@@ -140,19 +121,14 @@ def aggregate(token_loss: torch.Tensor, seq_ids: torch.Tensor, mode: str, global
         return token_mean(token_loss, global_tokens)
     if mode == "seq-mean-token-mean":
         return seq_token_means(token_loss, seq_ids).sum() / max(global_seqs, 1)
-    if mode == "seq-mean-token-sum-norm":
-        if norm_len is None or norm_len <= 0:
-            raise ValueError(f"--aggregate seq-mean-token-sum-norm needs norm_len > 0 (got {norm_len})")
-        return token_loss.sum() / norm_len / max(global_seqs, 1)
-    raise ValueError(f"--aggregate '{mode}' is unknown; use one of {', '.join(AGGREGATE_MODES)}")
+    assert mode == "seq-mean-token-sum-norm", mode
+    return token_loss.sum() / norm_len / max(global_seqs, 1)
 
 
 # ---- trajectory balance (ALGORITHMS.md 2) ----
 
 def _tb_s(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
     """s = log pi(y|x) - log pi_ref(y|x) - r / beta, on sequence log-probs (sums over response tokens)."""
-    if not beta > 0:
-        raise ValueError(f"--tb-beta must be > 0 (got {beta}): trajectory balance divides rewards by it")
     return seq_logp - seq_ref_logp - rewards / beta
 
 
@@ -177,8 +153,6 @@ def tb_loss(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.T
 def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> float:
     """beta: linear from beta_start to beta_end over beta_steps steps, then constant (GSM8K: 0.014 -> 0.004
     over 500)."""
-    if not (beta_start > 0 and beta_end > 0):
-        raise ValueError(f"--tb-beta-start and --tb-beta-end must be > 0 (got {beta_start}, {beta_end})")
     if step >= beta_steps:
         return beta_end
     return beta_start + (beta_end - beta_start) * step / beta_steps
@@ -212,8 +186,6 @@ def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: 
     response, the step of highest mean sampler entropy (ties: the first), and the clip is its response's
     prefix through that step. mode "all" selects groups where every response succeeded (reward >= success),
     whose advantages are all 0; "any" selects groups with at least one success."""
-    if mode not in ECHO_MODES:
-        raise ValueError(f"--echo-mode '{mode}' is unknown; use one of {', '.join(ECHO_MODES)}")
     ok, groups = (rewards >= success).tolist(), group.tolist()
     failed = {g for g, o in zip(groups, ok) if not o}
     best = {}  # group id -> (step entropy, response index, clip length)

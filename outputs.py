@@ -2,13 +2,10 @@
 transformers-loadable export of the trained model (README, Outputs).
 """
 
-from __future__ import annotations  # Config and friends are named in hints only: no import cycle
-
 import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -18,10 +15,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 from torch.distributed.tensor import DTensor
 
 from cluster import barrier
-
-if TYPE_CHECKING:
-    from train import Config
-    from trainer import Policy
+from config import Config
 
 
 # ---- metrics ----
@@ -140,7 +134,7 @@ def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=No
     return trainer["step"] + 1, trainer["explore"]
 
 
-def export_hf(cfg: Config, model: Policy, tokenizer, rank: int) -> None:
+def export_hf(cfg: Config, model, tokenizer, rank: int) -> None:
     """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads."""
     full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.lm.state_dict().items()}
     if model.lm.config.tie_word_embeddings:  # gathered, the tied head is a separate copy: save it once, as HF does

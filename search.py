@@ -2,14 +2,11 @@
 of prompts, dealt by a seeded rule; it samples each ceil(oversample x K) times with the weights of the
 last sync, scores the responses and computes their sequence logprobs under the frozen initial model (so
 the trainer holds no reference model). A round travels as three fixed-shape tensors; `serve` is a
-searcher rank's whole life, and `Virtual` plays the searchers inside a one-process run.
+searcher rank's whole life, `Searchers` the trainer's side, which plays them itself in a one-process run.
 """
-
-from __future__ import annotations  # Config and friends are named in hints only: no import cycle
 
 import math
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -17,13 +14,16 @@ import torch.distributed as dist
 import explore
 from cluster import Roles, broadcast_weights, checksum, load_flat, pack_weights, weight_names
 from collect import encode_prompts, generate_and_score, scores_to_rewards
+from config import Config
 from trainer import response_logprobs
-
-if TYPE_CHECKING:
-    from train import Config
 
 INTS, FLOATS = 4, 4  # per response: prompt, version, round, length | reward, ref and sampler logprobs, entropy
 STATS = ("seconds", "waited", "failures", "timeouts", "tokens")  # per searcher and round
+
+
+def sync_count(cfg: Config) -> int:
+    """The syncs of a run: one every sync_every trainer steps, the first before step 0."""
+    return math.ceil(cfg.steps / cfg.sync_every)
 
 
 def samples_per_prompt(cfg: Config) -> int:
@@ -107,26 +107,26 @@ def gather_round(cfg: Config, mine: list[torch.Tensor] | None, roles: Roles) -> 
     return [list(x) for x in zip(*out)] if rank0 else None
 
 
-def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, n_syncs: int, dtype) -> None:
+def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -> None:
     """A searcher rank's life: take the weights at the opening (a fresh run then samples round 0 with them),
     then sample round w + 1 with the weights of sync w and hand it over at sync w + 1."""
-    names = weight_names(lm, sampler)
+    names = weight_names(lm, sampler.weights)
     flat = torch.empty(sum(sampler.weights[n].numel() for n in names), dtype=torch.bfloat16)
     opening = torch.zeros(1, dtype=torch.long)
     dist.broadcast(opening, 0, roles.handoff)  # the first sync: 0, or the resumed one
     first = int(opening.item())
     version, _ = broadcast_weights(flat, 0, roles.handoff)
-    load_flat(sampler, flat, names)
+    load_flat(sampler.weights, flat, names)
     if first == 0:
         gather_round(cfg, search(cfg, sampler, ref, tokenizer, task, 0, roles.rank, version, dtype), roles)
     waited = 0.0
-    for w in range(first + 1, n_syncs):
+    for w in range(first + 1, sync_count(cfg)):
         mine = search(cfg, sampler, ref, tokenizer, task, w, roles.rank, version, dtype, waited)
         t0 = time.time()
         gather_round(cfg, mine, roles)
         version, _ = broadcast_weights(flat, 0, roles.handoff)
         waited = time.time() - t0
-        load_flat(sampler, flat, names)
+        load_flat(sampler.weights, flat, names)
 
 
 class Searchers:
@@ -136,10 +136,10 @@ class Searchers:
     Remote searchers are ranks; virtual ones run in this process, one after another, on its sampler, so both
     produce the same rounds."""
 
-    def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, n_syncs: int, dtype):
+    def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, dtype):
         self.cfg, self.roles, self.sampler, self.ref, self.lm = cfg, roles, sampler, ref, lm
-        self.tokenizer, self.task, self.n_syncs, self.dtype = tokenizer, task, n_syncs, dtype
-        self.names, self.pending = weight_names(lm, sampler), None
+        self.tokenizer, self.task, self.n_syncs, self.dtype = tokenizer, task, sync_count(cfg), dtype
+        self.names, self.pending = weight_names(lm, sampler.weights), None
         self.virtual = roles.handoff is None
         self.broadcast = {"seconds": 0.0, "bytes": 0, "checksum": 0}
         self.waited = 0.0  # seconds the trainer waited for the last round
@@ -175,7 +175,7 @@ class Searchers:
         flat = self._send(version)
         if not self.virtual:
             return self._receive() if w0 == 0 else None
-        load_flat(self.sampler, flat, self.names)
+        load_flat(self.sampler.weights, flat, self.names)
         due = self._search_all(0, version) if w0 == 0 else None
         self.pending = self._search_all(w0 + 1, version) if w0 + 1 < self.n_syncs else None
         return due
@@ -186,6 +186,6 @@ class Searchers:
             self._send(version)
             return due
         due = self.pending
-        load_flat(self.sampler, self._send(version), self.names)
+        load_flat(self.sampler.weights, self._send(version), self.names)
         self.pending = self._search_all(w + 1, version) if w + 1 < self.n_syncs else None
         return due

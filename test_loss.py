@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
+import config
 import loss
+
 
 def mixed_groups(seed: int, sizes=(1, 2, 5, 8)):
     """Groups of the given sizes with non-contiguous ids, responses shuffled so a group is not contiguous."""
@@ -24,12 +26,13 @@ def members(group: torch.Tensor, i: int) -> list[int]:
 
 # ---- base family (ALGORITHMS.md 0) ----
 
+
 def test_group_stats_and_advantages_match_loops():
     for seed in range(4):
         group, g = mixed_groups(seed)
         r = torch.rand(len(group), generator=g, dtype=torch.float64)
         mean, std, count = loss.group_stats(r, group)
-        adv = {k: loss.advantages(r, group, k) for k in loss.ADVANTAGE_KINDS}
+        adv = {k: loss.advantages(r, group, k) for k in config.ADVANTAGE_KINDS}
         centred = []
         for i in range(len(r)):
             vals = [r[j].item() for j in members(group, i)]
@@ -111,7 +114,7 @@ def test_tis_weight_and_entropy_bonus():
 def test_kl_estimators_match_formulas():
     torch.manual_seed(3)
     logp, ref = torch.randn(60), torch.randn(60)
-    for kind in loss.KL_KINDS:
+    for kind in config.KL_KINDS:
         got = loss.kl(logp, ref, kind)
         for i in range(60):
             d = logp[i].item() - ref[i].item()
@@ -142,12 +145,13 @@ def test_aggregate_sums_over_microbatches_to_the_global_value():
             "seq-mean-token-mean": sum(sum(s.tolist()) / len(s) for s in seqs if len(s)) / n_seq,
             "seq-mean-token-sum-norm": sum(sum(s.tolist()) / 16 for s in seqs) / n_seq,
         }
-        for mode in loss.AGGREGATE_MODES:
+        for mode in config.AGGREGATE_MODES:
             got = sum(loss.aggregate(t, ids, mode, n_tok, n_seq, norm_len=16).item() for t, ids in micro)
             assert got == pytest.approx(want[mode], rel=1e-10), mode
 
 
 # ---- trajectory balance (ALGORITHMS.md 2) ----
+
 
 def tb_inputs(seed: int):
     group, g = mixed_groups(seed, sizes=(3, 1, 4, 2))
@@ -289,7 +293,7 @@ def brute_force_echo_clip(tokens, ent, rewards, group, success, mode):
 
 def test_echo_clip_matches_brute_force_on_random_groups():
     g = torch.Generator().manual_seed(5)
-    for mode in loss.ECHO_MODES:
+    for mode in config.ECHO_MODES:
         for _ in range(20):
             group, _ = mixed_groups(int(torch.randint(0, 1000, (1,), generator=g)), sizes=(1, 3, 4))
             rewards = (torch.rand(len(group), generator=g) < 0.8).float()
@@ -319,7 +323,7 @@ def test_step_token_ids_on_the_real_tokenizer():
     from transformers import AutoTokenizer
 
     import trainer  # the embedded model's folder (converted from its GGUF on first use)
-    tok = AutoTokenizer.from_pretrained(trainer.resolve_model(trainer.EMBEDDED_MODEL, "~/.cache/fanout"))
+    tok = AutoTokenizer.from_pretrained(trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout"))
     newline, blank = loss.step_token_ids(tok)
     nl, = tok.encode("\n")
     letter, = tok.encode("a")
@@ -344,26 +348,3 @@ def test_echo_loss_sums_over_microbatches_to_the_mean_clip_nll():
     out = loss.echo_loss(x, torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), 0)
     out.backward()
     assert out.item() == 0 and torch.equal(x.grad, torch.zeros(4))
-
-
-# ---- bad config values (each message names its flag) ----
-
-@pytest.mark.parametrize("call, flag", [
-    (lambda: loss.advantages(torch.ones(2), torch.zeros(2, dtype=torch.long), "ppo"), "--adv"),
-    (lambda: loss.kl(torch.ones(2), torch.ones(2), "k4"), "--kl-kind"),
-    (lambda: loss.policy_loss(torch.ones(2), torch.ones(2), torch.ones(2), 0.3, 0.2), "--eps-high"),
-    (lambda: loss.policy_loss(torch.ones(2), torch.ones(2), torch.ones(2), 1.0, 1.2), "--eps-low"),
-    (lambda: loss.policy_loss(torch.ones(2), torch.ones(2), torch.ones(2), dual_clip=0.5), "--dual-clip"),
-    (lambda: loss.tis_weight(torch.ones(2), torch.ones(2), cap=0.0), "--tis-cap"),
-    (lambda: loss.aggregate(torch.ones(2), torch.zeros(2, dtype=torch.long), "sum", 2, 1), "--aggregate"),
-    (lambda: loss.aggregate(torch.ones(2), torch.zeros(2, dtype=torch.long), "seq-mean-token-sum-norm", 2, 1),
-     "--aggregate"),
-    (lambda: loss.tb_loss(*[torch.ones(2)] * 3, torch.zeros(2, dtype=torch.long), 0.0), "--tb-beta"),
-    (lambda: loss.tb_log_z(*[torch.ones(2)] * 3, torch.zeros(2, dtype=torch.long), -1.0), "--tb-beta"),
-    (lambda: loss.tb_beta(0, 0.0, 0.004, 500), "--tb-beta-start"),
-    (lambda: loss.echo_clip([[1, 2]], [[0.1, 0.2]], torch.ones(1), torch.zeros(1), NEWLINE, BLANK, mode="some"),
-     "--echo-mode"),
-])
-def test_bad_config_values_raise_a_value_error_naming_the_flag(call, flag):
-    with pytest.raises(ValueError, match=flag):
-        call()

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 import reward
+import config
 import train
+
 
 ROOT = Path(__file__).parent
 TESTS = "assert f(2) == 4\nassert f(3) == 6\n"  # the task of most hostile programs below: f doubles
@@ -40,6 +42,7 @@ def sandbox_processes() -> list[int]:
 
 
 # ---- programs out of responses, code tasks ----
+
 
 @pytest.mark.parametrize("text, expected", [
     ("```python\nx = 1\n```", "x = 1\n"),
@@ -114,7 +117,7 @@ def test_sandbox_limits_must_be_positive():
     with pytest.raises(ValueError, match="sandbox limit memory_mb=-5 must be above 0"):
         reward.score(reward.Task("x.jsonl", []), [], [], memory_mb=-5)
     with pytest.raises(ValueError, match="--score-timeout 0 and --sandbox-memory-mb 1024 must be above 0"):
-        train.Config(score_timeout=0)
+        config.Config(score_timeout=0)
 
 
 def test_code_task_run_logs_rewards_failures_and_timeouts(tmp_path, monkeypatch):
@@ -128,10 +131,10 @@ def test_code_task_run_logs_rewards_failures_and_timeouts(tmp_path, monkeypatch)
                             + "\n" for i in range(8)))
     programs = itertools.cycle(["def f():\n    return 1\n", "while True:\n    pass\n", "def f():\n    return 2\n"])
     monkeypatch.setattr(reward, "extract_program", lambda text: next(programs))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(trainer.resolve_model(trainer.EMBEDDED_MODEL,
+    tokenizer = transformers.AutoTokenizer.from_pretrained(trainer.resolve_model(config.EMBEDDED_MODEL,
                                                                                 "~/.cache/fanout"))
     save_tiny_model(tmp_path / "model", "llama", tokenizer, seed=0)
-    train.main(train.Config(model=str(tmp_path / "model"), task=str(path), prompt_template="{question}", steps=1,
+    train.main(config.Config(model=str(tmp_path / "model"), task=str(path), prompt_template="{question}", steps=1,
                             prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=4, eval_prompts=1,
                             eval_samples=1, score_timeout=1.0, out_dir=str(tmp_path / "out"), lr=1e-3))
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -143,6 +146,7 @@ def test_code_task_run_logs_rewards_failures_and_timeouts(tmp_path, monkeypatch)
 
 
 # ---- the sandbox ----
+
 
 def test_sandbox_probe_on_this_machine():
     seen = reward.check_sandbox()
@@ -299,3 +303,159 @@ def test_hostile_battery_in_one_scoring_call():
     assert failures == 0 and timeouts == 2  # the infinite loop and the fork bomb
     assert [w.pid for pool in reward._pools.values() for w in pool._pool] == workers
     assert not sandbox_processes()
+
+
+# ---- tasks and answers ----
+
+
+SMALL_ARITHMETIC = "rg:basic_arithmetic?max_digits=1&min_terms=2&max_terms=2"
+
+
+def _raising_verifier(answer: str, item: dict) -> float:
+    raise RuntimeError("verifier bug")
+
+
+def _hanging_verifier(answer: str, item: dict) -> float:
+    if answer == "hang":
+        time.sleep(60)
+    return 1.0
+
+
+def _write_lines(tmp_path, lines: list[str]) -> str:
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_rg_task_options_reach_reasoning_gym():
+    task = reward.load_task(SMALL_ARITHMETIC, size=20, seed=3)
+    assert len(task.items) == 20
+    for item in task.items:
+        assert item["entry"]["metadata"]["num_terms"] == 2 and item["entry"]["metadata"]["num_digits"] == 1
+        assert item["question"] == item["entry"]["question"] and item["answer"] == item["entry"]["answer"]
+    assert reward._parse_rg_spec("rg:x?a=1&b=0.5&c=true&d=[1, 2]&e=hello") == (
+        "x", {"a": 1, "b": 0.5, "c": True, "d": [1, 2], "e": "hello"})
+
+
+def test_rg_scoring_right_wrong_and_partial_credit():
+    items = reward.load_task(SMALL_ARITHMETIC, size=10, seed=0).items
+    task = reward.Task(SMALL_ARITHMETIC, items)
+    right = [f"so the result is \\boxed{{{it['answer']}}}" for it in items]
+    wrong = [f"Answer: {int(it['answer']) + 1}" for it in items]  # gold is never a substring of gold+1
+    rewards, failures, timeouts = reward.score(task, items + items, right + wrong)
+    assert rewards == [1.0] * 10 + [0.0] * 10 and failures == timeouts == 0
+    # reasoning-gym's default score_answer gives len(gold)/len(answer) when the gold is a substring
+    gold = items[0]["answer"]
+    rewards, _, _ = reward.score(task, items[:1], [f"Answer: {gold}0"])
+    assert rewards[0] == pytest.approx(len(gold) / (len(gold) + 1))
+
+
+def test_jsonl_task_scored_by_math_verify(tmp_path):
+    rows = [{"question": "a", "answer": "1/2"}, {"question": "b", "answer": "0.5"}, {"question": "c", "answer": 42},
+            {"question": "d", "answer": "\\frac{1}{2}", "source": "x"}, {"question": "e", "answer": ""},
+            {"question": "f", "answer": "2^{10}"}]
+    task = reward.load_task(_write_lines(tmp_path, [json.dumps(r) for r in rows] + [""]), size=0, seed=0)
+    assert [it["answer"] for it in task.items] == ["1/2", "0.5", "42", "\\frac{1}{2}", "", "2^{10}"]
+    assert task.items[3]["source"] == "x"
+    a, b, c, d, e, f = task.items
+    items = [a, b, c, c, d, d, a, e, f]
+    responses = ["\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}", "Answer: 42", "answer: 41", "Answer: 0.5",
+                 "\\boxed{\\frac{2}{4}}", "I do not know", "Answer: 1",
+                 "Answer: 1024"]  # read bare, math-verify would take the gold "2^{10}" for 2
+    rewards, failures, _ = reward.score(task, items, responses)
+    assert rewards == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    assert failures == 1  # the unparseable gold answer is a counted failure, not a silent zero
+    assert len(reward.load_task(task.spec, size=2, seed=0).items) == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("first \\boxed{1}, then \\boxed{ 2 }", "2"),
+    ("\\boxed{3}, then cut off: \\boxed{\\frac{1", "3"),
+    ("\\boxed{4}\nAnswer: 5", "4"),
+    ("Answer: 6\n\\boxed{ }", "6"),
+    ("ANSWER: 7.", "7"),
+    ("Answer: 1\nthinking again\nanswer: 5. Done", "5. Done"),
+    ("**Answer:** 12", "12"),
+    ("Answer: 3.5.", "3.5"),
+    ("no answer here", None),
+    ("Answer:   \n", None),
+])
+def test_extract_answer(text, expected):
+    assert reward.extract_answer(text) == expected
+
+
+def test_unknown_tasks():
+    with pytest.raises(ValueError, match="no dataset 'no_such_dataset'"):
+        reward.load_task("rg:no_such_dataset", size=5, seed=0)
+    with pytest.raises(ValueError, match="rg:chain_sum"):  # a close name is suggested
+        reward.load_task("rg:chain_sums", size=5, seed=0)
+    with pytest.raises(ValueError, match="unknown task 'data.csv'"):
+        reward.load_task("data.csv", size=5, seed=0)
+    with pytest.raises(ValueError, match="rejected the options.*valid keys: .*max_digits"):
+        reward.load_task("rg:basic_arithmetic?max_digit=2", size=5, seed=0)
+
+
+def test_missing_jsonl(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        reward.load_task(str(tmp_path / "missing.jsonl"), size=0, seed=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "line 3 is not valid JSON"),
+    ("[1, 2]", "line 3 is a JSON list, not an object"),
+    ('{"question": "q"}', "line 3 has no 'answer'"),
+])
+def test_malformed_jsonl_line_is_named(tmp_path, bad, message):
+    path = _write_lines(tmp_path, ['{"question": "q1", "answer": "1"}', "", bad])
+    with pytest.raises(ValueError, match=message):
+        reward.load_task(path, size=0, seed=0)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_empty_jsonl(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="has no items"):
+        reward.load_task(str(path), size=0, seed=0)
+
+
+def test_empty_rg_task():
+    with pytest.raises(ValueError, match="has no items"):
+        reward.load_task("rg:chain_sum", size=0, seed=0)
+
+
+def test_raising_verifier_scores_zero_and_is_counted():
+    task = reward.Task("rg:chain_sum", [{"question": str(i), "answer": "1"} for i in range(3)])
+    rewards, failures, _ = reward.score(task, task.items, ["Answer: 1", "no answer at all", "\\boxed{1}"],
+                                        verifier=_raising_verifier)
+    assert rewards == [0.0, 0.0, 0.0]
+    assert failures == 2  # the response without an answer never reaches the verifier
+
+
+def test_hanging_verifier_times_out_and_later_calls_work():
+    task = reward.Task("rg:chain_sum", [{"question": str(i), "answer": "1"} for i in range(5)])
+    responses = ["Answer: 1", "Answer: hang", "Answer: 2", "Answer: hang", "Answer: 3"]
+    start = time.time()
+    rewards, failures, timeouts = reward.score(task, task.items, responses, timeout=3.0, verifier=_hanging_verifier)
+    assert rewards == [1.0, 0.0, 1.0, 0.0, 1.0] and failures == 2 and timeouts == 0  # a verifier's hang: a failure
+    assert time.time() - start < 30  # each hang sleeps 60 s: both were cut short
+    rewards, failures, _ = reward.score(task, task.items[:2], ["Answer: 1", "Answer: 2"], timeout=3.0,
+                                        verifier=_hanging_verifier)
+    assert rewards == [1.0, 1.0] and failures == 0
+
+
+def test_split_task_holds_out_distinct_unseen_questions():
+    task = reward.load_task(SMALL_ARITHMETIC, size=300, seed=0)
+    distinct = {it["question"] for it in task.items}
+    assert len(distinct) < len(task.items)  # duplicates exist, so deduplication is exercised
+    train, held = reward.split_task(task, n_eval=20, seed=1)
+    held_questions = [it["question"] for it in held.items]
+    assert len(held_questions) == len(set(held_questions)) == 20
+    assert not set(held_questions) & {it["question"] for it in train.items}
+    assert len(train.items) == sum(it["question"] not in held_questions for it in task.items)
+    assert train.spec == held.spec == task.spec
+    assert reward.split_task(task, n_eval=20, seed=1) == (train, held)
+    assert reward.split_task(task, n_eval=20, seed=2)[1] != held
+    with pytest.raises(ValueError, match="distinct questions"):
+        reward.split_task(task, n_eval=len(distinct), seed=0)

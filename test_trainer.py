@@ -2,6 +2,7 @@
 sequences kept apart inside a row, the passes a step runs for each configuration; ./run.sh gpu-check's dry run.
 Run by test_all.py."""
 
+import itertools
 import json
 import math
 import os
@@ -14,9 +15,13 @@ import torch
 import transformers
 
 import bench
-import train
+import collect
+import config
+import explore
+import outputs
 import trainer
 from kernels.test_kernels import random_prompts, tiny_config, tiny_model
+
 
 ROOT = Path(__file__).parent
 
@@ -133,16 +138,16 @@ def test_tis_takes_pi_old_from_the_update_pass():
     n_micro = len(trainer.plan(seqs, prompt_lens, budget, True))
     assert n_micro >= 2
     calls = count_passes(policy)
-    cfg = train.Config(tis_cap=2.0, max_tokens_per_microbatch=budget)
+    cfg = config.Config(tis_cap=2.0, max_tokens_per_microbatch=budget)
     stats = one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp)
     assert len(calls) == n_micro and stats["clip_frac"] == 0
     assert math.isclose(stats["tis_weight"], math.exp(0.25), rel_tol=1e-5)
     # groups without advantage run no pass; the logged weight is the mean over the tokens that did (it read 0 for them)
-    stats = one_step(train.Config(tis_cap=2.0, max_tokens_per_microbatch=budget), trainer.Policy(tiny_model(
+    stats = one_step(config.Config(tis_cap=2.0, max_tokens_per_microbatch=budget), trainer.Policy(tiny_model(
         "llama", seed=4)), seqs, prompt_lens, group, sampler_logp, flat=(0, 1, 2))
     assert math.isclose(stats["tis_weight"], math.exp(0.25), rel_tol=1e-5)
     calls.clear()
-    cfg = train.Config(tis_cap=2.0, kl_coef=0.1, kl_in_reward=True, updates_per_step=2,
+    cfg = config.Config(tis_cap=2.0, kl_coef=0.1, kl_in_reward=True, updates_per_step=2,
                        max_tokens_per_microbatch=budget)
     ref = trainer.Policy(tiny_model("llama", seed=4))
     one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref)
@@ -158,7 +163,7 @@ def test_tb_takes_log_z_from_the_update_pass_when_groups_are_whole():
     for budget in (4096, 40):  # 40 tokens: groups split
         policy, ref = trainer.Policy(tiny_model("qwen2", seed=8)), trainer.Policy(tiny_model("qwen2", seed=9))
         calls = count_passes(policy)
-        cfg = train.Config(loss="tb", max_tokens_per_microbatch=budget)
+        cfg = config.Config(loss="tb", max_tokens_per_microbatch=budget)
         stats = one_step(cfg, policy, seqs, prompt_lens, group, zeros, ref, beta=0.05)
         plans = trainer.plan(seqs, prompt_lens, budget, True, whole_groups=True)
         assert len(calls) == len(plans) * (1 if budget > 1000 else 2)
@@ -186,14 +191,213 @@ def test_gpu_check_dry_run_prints_every_stage_and_builds_the_model_folder(tmp_pa
     assert summary["dry_run"] and sum(s["seconds_cap"] for s in summary["stages"]) <= 8 * 60
     command = next(s["command"] for s in summary["stages"] if s["stage"] == "train")
     assert command[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py"]
-    cfg = train.parse_config(command[6:])  # the training stage's flags make a valid grpo config
+    cfg = config.parse_config(command[6:])  # the training stage's flags make a valid grpo config
     assert (cfg.model, cfg.steps, cfg.save_every) == (str(tmp_path / "model"), 2, 2)
-    config = transformers.AutoConfig.from_pretrained(tmp_path / "model")
-    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (28, 1536, 151936)
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "model")
+    assert (hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size) == (28, 1536, 151936)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
-    assert tokenizer.eos_token_id is not None and len(tokenizer) <= config.vocab_size
+    assert tokenizer.eos_token_id is not None and len(tokenizer) <= hf_config.vocab_size
     assert tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1 ="}], add_generation_prompt=True)
     bench.random_model(tmp_path / "tiny", "cpu", tiny_config("qwen2"))
     lm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.bfloat16)
     weights = bench.random_weights(tiny_config("qwen2"), "cpu")
     assert all(torch.equal(p, weights[name]) for name, p in lm.state_dict().items() if name in weights)
+
+
+# ---- logprobs, shared rows, checkpoints, schedules ----
+
+
+def test_pick_prompts_visits_every_prompt_once_per_epoch():
+    n, per_step = 10, 4
+    picked = [i for step in range(5) for i in explore.pick_prompts(n, step * per_step, per_step, seed=3)]
+    assert sorted(picked[:10]) == sorted(picked[10:20]) == list(range(10))
+    assert picked[:10] != picked[10:20]  # a fresh order each epoch
+    assert explore.pick_prompts(n, 8, per_step, seed=3) == picked[8:12]  # a pure function of the position
+    assert explore.pick_prompts(n, 9, 7, seed=3) == picked[9:16]
+    assert explore.pick_prompts(n, 8, per_step, seed=4) != picked[8:12]
+
+
+def test_pass_at_k_matches_enumeration():
+    import itertools
+    for n, c, k in [(4, 0, 1), (4, 1, 1), (5, 2, 3), (6, 6, 2), (8, 3, 8)]:
+        outcomes = [1] * c + [0] * (n - c)
+        subsets = list(itertools.combinations(outcomes, k))
+        assert abs(collect.pass_at_k(n, c, k) - sum(any(s) for s in subsets) / len(subsets)) < 1e-12
+
+
+def test_microbatches_respect_the_token_budget():
+    lengths = [5, 90, 33, 33, 70, 12, 64, 1, 100]
+    for pack in (False, True):
+        batches = trainer.microbatches(lengths, budget=128, pack=pack)
+        assert sorted(i for b in batches for row in b for i in row) == list(range(len(lengths)))
+        for b in batches:  # rows as wide as the micro-batch's longest, rows x width within the budget
+            width = max(lengths[i] for row in b for i in row)
+            assert all(sum(lengths[i] for i in row) <= width for row in b)
+            assert len(b) == 1 or width * len(b) <= 128
+            assert pack or all(len(row) == 1 for row in b)
+    assert [[3, 5, 0, 7]] in [b[1:] for b in trainer.microbatches(lengths, budget=128)]  # 33 + 12 + 5 + 1 <= 64
+
+
+def test_response_logprobs_match_full_forward():
+    model = tiny_model("llama", seed=6)
+    seqs = random_prompts(256, [9, 14, 6], seed=8)
+    prompt_lens = [4, 10, 2]
+    got, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, temperature=0.5,
+                                           autocast_dtype=torch.float32)
+    want, want_entropy = [], []
+    for s, p in zip(seqs, prompt_lens):
+        with torch.no_grad():
+            logp = (model(torch.tensor([s])).logits[0, p - 1:-1] / 0.5).log_softmax(-1)
+        want.append(logp.gather(-1, torch.tensor(s[p:])[:, None])[:, 0])
+        want_entropy.append(-(logp.exp() * logp).sum(-1))
+    torch.testing.assert_close(got.detach(), torch.cat(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy.detach(), torch.cat(want_entropy), atol=1e-5, rtol=0)
+
+
+def grouped_sequences(seed: int):
+    """Three prompts with three responses of 1 to 7 tokens each, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, prompt_lens = [], []
+    for i, p in enumerate(random_prompts(256, [9, 14, 6], seed=seed)):
+        for k in range(3):
+            seqs.append(p + torch.randint(3, 256, (1 + (5 * k + i) % 7,), generator=g).tolist())
+            prompt_lens.append(len(p))
+    order = torch.randperm(len(seqs), generator=g).tolist()
+    return [seqs[i] for i in order], [prompt_lens[i] for i in order]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_shared_prompt_rows_match_one_row_per_response(kind):
+    """The CPU trainer runs each prompt once for all its responses: the same logprobs, entropies and
+    gradients as one padded row per response."""
+    model = tiny_model(kind, seed=6)
+    seqs, prompt_lens = grouped_sequences(seed=8)
+    rows = trainer.plan(seqs, prompt_lens, math.inf, share_prompts=True, pack=False)[0]
+    assert len(rows) == 3 and all(len(row) == 1 and len(row[0]) == 3 for row in rows)  # a group a row, its prompt once
+    assert sum(prompt_lens[row[0][0]] for row in rows) == 29
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, 0.7, torch.float32, share,
+                                                  rows if share else trainer.plan(seqs, prompt_lens, math.inf, False,
+                                                                                  pack=False)[0])
+        (logp * torch.arange(len(logp)) + entropy).sum().backward()
+        results.append((logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logp, entropy, grads), (logp2, entropy2, grads2) = results
+    torch.testing.assert_close(logp2, logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy2, entropy, atol=1e-5, rtol=0)
+    for a, b in zip(grads2, grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_shared_row_keeps_responses_apart():
+    """Changing one response's tokens changes its own logprobs only, not those of the responses beside it
+    in the same row."""
+    model = tiny_model("llama", seed=2)
+    seqs, prompt_lens = grouped_sequences(seed=3)
+    policy = trainer.Policy(model)
+    with torch.no_grad():
+        before = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32, True)[0]
+        prompt = lambda j: seqs[j][:prompt_lens[j]]
+        # a response that comes first in its row, so that others follow it there
+        i = next(j for j in range(len(seqs)) if len(seqs[j]) - prompt_lens[j] >= 2
+                 and all(prompt(k) != prompt(j) for k in range(j)))
+        assert any(prompt(k) == prompt(i) for k in range(i + 1, len(seqs)))
+        changed = [list(s) for s in seqs]
+        changed[i][prompt_lens[i]:-1] = [(t + 1) % 256 for t in changed[i][prompt_lens[i]:-1]]
+        after = trainer.response_logprobs(policy, changed, prompt_lens, 1.0, torch.float32, True)[0]
+    starts = [0, *itertools.accumulate(len(s) - p for s, p in zip(seqs, prompt_lens))]
+    moved = [not torch.equal(before[a:b], after[a:b]) for a, b in zip(starts, starts[1:])]
+    assert moved == [j == i for j in range(len(seqs))]
+
+
+def test_shared_rows_give_the_same_gradients_every_time():
+    """A prompt's last position predicts the first token of each of its responses in a shared row: the repeats
+    must be summed in a fixed order (two identical runs diverged in the last bits when they were not)."""
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 256, (12,)).tolist() for _ in range(3)]
+    seqs = [prompts[i % 3] + torch.randint(0, 256, (24,)).tolist() for i in range(96)]  # groups interleaved
+    policy = trainer.Policy(tiny_model("llama", seed=5))
+    seen = set()
+    for _ in range(6):
+        policy.zero_grad()
+        logp, entropy = trainer.response_logprobs(policy, seqs, [12] * len(seqs), 1.0, torch.float32, True)
+        (logp * torch.linspace(-1, 1, len(logp))).sum().backward()
+        seen.add(b"".join(p.grad.numpy().tobytes() for p in policy.parameters()))
+    assert len(seen) == 1
+
+
+def test_missing_model_path_is_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="no config.json there"):
+        trainer.resolve_model(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    seqs, prompt_lens = random_prompts(256, [9, 14], seed=3), [4, 6]
+    grads, layer_calls = [], []
+    for checkpointing in (False, True):
+        model = tiny_model("llama", seed=4)
+        if checkpointing:
+            trainer.checkpoint_layers(model)
+        calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        logp, entropy = trainer.response_logprobs(trainer.Policy(model), seqs, prompt_lens, 0.7, torch.float32)
+        (logp.sum() + entropy.sum()).backward()
+        grads.append([p.grad for p in model.parameters()])
+        layer_calls.append(len(calls))
+    assert layer_calls == [1, 2]  # checkpointing recomputes the layer in the backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_holds_model_optimizer_and_reference(tmp_path):
+    def parts(seed):
+        model = trainer.Policy(tiny_model("llama", seed=seed))
+        ref = trainer.Policy(tiny_model("llama", seed=seed + 1).requires_grad_(False))
+        return model, torch.optim.AdamW(model.parameters()), ref
+
+    model, optimizer, ref = parts(0)
+    trainer.reset_reference(ref, model)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()  # now model, optimizer state and reference all differ from a fresh start
+    outputs.save_checkpoint(config.Config(out_dir=str(tmp_path)), model, optimizer, ref, 3, rank=0)
+    model2, optimizer2, ref2 = parts(5)
+    assert outputs.load_checkpoint(tmp_path / "checkpoints" / "step_000003", model2, optimizer2, ref2, rank=0) == (4, None)
+    for a, b in zip([*model.parameters(), *ref.parameters()], [*model2.parameters(), *ref2.parameters()]):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert torch.equal(optimizer2.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_learning_rate_schedules():
+    cfg = config.Config(lr=1.0, steps=10, warmup_steps=2, lr_schedule="cosine")
+    lrs = [trainer.lr_at(cfg, s) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < 0.05 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert [trainer.lr_at(config.Config(lr=2.0, steps=10, warmup_steps=4), s) for s in (0, 9)] == [2.0, 2.0]
+    warmup = config.Config(lr=2.0, steps=10, warmup_steps=4, lr_schedule="warmup")
+    assert [trainer.lr_at(warmup, s) for s in (0, 3, 9)] == [0.5, 2.0, 2.0]
+    assert math.isclose(config.brorl_lr(1e-6, 512 * 16, 128 * 512), 1e-6 * math.sqrt(8))
+
+
+def test_async_ppo_takes_the_samplers_logprobs_as_pi_old():
+    """--loss ppo with searchers: the ratio is pi / pi_sampler (stale weights), so a sampler that gave each
+    token e^-1 of the trainer's probability clips every token of a positive advantage; synchronously, pi_old is
+    the trainer's own (detached), the ratio 1, nothing clipped."""
+    seqs, prompt_lens = grouped_sequences(seed=4)
+    keys = {}
+    group = torch.tensor([keys.setdefault(tuple(s[:p]), len(keys)) for s, p in zip(seqs, prompt_lens)])
+    rewards = torch.tensor([float(i % 2) for i in range(len(seqs))])
+    clipped = {}
+    for searchers in (0, 2):
+        policy = trainer.Policy(tiny_model("llama", seed=6))
+        with torch.no_grad():
+            logp = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32)[0]
+        per_response = list(logp.split([len(s) - p for s, p in zip(seqs, prompt_lens)]))
+        batch = trainer.Batch(seqs, prompt_lens, group, rewards, [x - 1.0 for x in per_response],
+                              [torch.zeros_like(x) for x in per_response], torch.ones(len(seqs), dtype=torch.bool), {})
+        cfg = config.Config(loss="ppo", searchers=searchers, prompts_per_step=3, rollouts_per_prompt=3)
+        stats = trainer.train_on_batch(cfg, policy, None, torch.optim.AdamW(policy.parameters(), lr=0.0), batch, 1.0,
+                                       torch.float32)
+        clipped[searchers] = stats["clip_frac"]
+    assert clipped[0] == 0 and clipped[2] > 0

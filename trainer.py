@@ -1,11 +1,9 @@
-"""fanout's trainer: the policy model, its response logprobs, and the optimizer update on one step's
-rollouts (DESIGN.md data flow, steps 6 and 7).
+"""fanout's trainer: the policy model, its response logprobs, the optimizer update on one step's rollouts
+(DESIGN.md data flow, steps 6 and 7), and the hand-off of its weights to the sampler (step 2).
 
     lm, tokenizer = load_model(cfg, device)
     stats = train_on_batch(cfg, Policy(lm), None, optimizer, batch, temperature=1.0, autocast_dtype=torch.float32)
 """
-
-from __future__ import annotations  # Config and friends are named in hints only: no import cycle
 
 import bisect
 import dataclasses
@@ -16,7 +14,6 @@ import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.utils.checkpoint
@@ -24,12 +21,8 @@ from torch.distributed.tensor import DTensor
 
 import loss
 from cluster import all_max, all_sum, group_size
+from config import EMBEDDED_MODEL, Config
 from kernels.logprob import logprob, reference_logprob
-
-if TYPE_CHECKING:
-    from train import Config
-
-EMBEDDED_MODEL = "smollm2-135m"
 
 
 # ---- models ----
@@ -66,6 +59,8 @@ def resolve_model(name: str, cache_dir: str) -> Path:
 
 def load_model(cfg: Config, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.logging import disable_progress_bar
+    disable_progress_bar()  # its "Loading weights" bar, once per model: the run's own bar is the one to read
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     # Packed rows (lay_out) keep sequences apart by their restarting positions alone: sdpa builds a mask from them,
@@ -105,8 +100,7 @@ class Policy(torch.nn.Module):
         weight = self.lm.lm_head.weight
         if hidden.is_cuda:
             return logprob(hidden, weight, targets, temperature)
-        # vocabulary slices of 1024 keep a slice's logits nearer the cache: 2.0 s against 2.7 s with 4096 for 2800
-        # tokens of SmolLM2's head, forward and backward, bf16 products, 2 cores
+        # slices of 1024 of the vocabulary keep each slice's logits in a core's cache, forward and backward
         return reference_logprob(hidden, weight, targets, temperature, chunk_size=1024, dot_dtype=dot_dtype)
 
 
@@ -131,9 +125,8 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
                       targets, temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
 
 
-# The widest shared-prompt row on a CPU, where sdpa computes the whole width^2 under a mask. On bench.py
-# trainer's long-tailed mix (SmolLM2-135M, bf16, 2 cores) rows of 512 took 16.8-18.9 s a step, of 384 17.1-19.1,
-# of 768 19.1-20.3, of 1024 17.8-22.6, and the whole groups (rows of 1200) 22.9 s.
+# The widest shared-prompt row on a CPU: sdpa computes the whole width^2 under a mask, so a wider row costs more
+# in attention than its shared prompt saves (bench.py trainer measures the choice).
 CPU_ROW_TOKENS = 512
 
 
@@ -238,143 +231,181 @@ class Batch:
                      rl[keep], {})
 
 
+@dataclass
+class Step:
+    """What every micro-batch's loss reads: the step's per-response values and its global counts (over every
+    micro-batch and trainer rank), by which each loss term is divided."""
+    cfg: Config
+    batch: Batch
+    lengths: list[int]        # response tokens of each response
+    adv: torch.Tensor         # [R] advantages (0 outside the RL loss)
+    rewards: torch.Tensor     # [R] rewards, with --kl-in-reward's KL folded in
+    ref_seq: torch.Tensor | None  # [R] sequence logprobs under the reference (TB)
+    beta: float               # TB's beta
+    tokens: int               # response tokens in the RL loss
+    seqs: int                 # responses in the RL loss
+    clips: int                # EchoClips
+
+
 def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, temperature: float, autocast_dtype,
                    beta: float = 0.0, group=None) -> dict:
     """`updates_per_step` optimizer steps on this rank's responses. Every loss term ends in a division by
     a count over the whole global batch (tokens, responses or clips, all-reduced over `group`, the trainer
-    ranks), so the sum over micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation)."""
-    n = len(batch.sequences)
-    resp_len = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
-    tb = cfg.loss == "tb"
+    ranks), so the sum over micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation).
+
+    The passes over the micro-batches, and the configurations that need each:
+    - the update pass, with gradients: every update;
+    - pi_ref, no grad, once: a reference model (--kl-coef > 0, or synchronous TB);
+    - pi_old, no grad, once: only --kl-in-reward, whose rewards (so advantages) need the KL before any update.
+      Otherwise pi_old is the weights of the first update, and that update's pass gives its values (detached)
+      to TIS and to the ratio of later updates (--updates-per-step > 1); async PPO takes the sampler's;
+    - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
+      else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass."""
+    n, tb = len(batch.sequences), cfg.loss == "tb"
+    lengths = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
     adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl, group)
-    # A zero-advantage response adds nothing to a plain PPO gradient: skip its forward pass (its tokens
-    # still count in the global token count).
-    every = tb or cfg.kl_coef > 0 or cfg.entropy_coef > 0
-    active = [i for i in range(n) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
-    # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
-    # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
-    # --no-pack: one response a row, as before packing.
-    # Their rows end at CPU_ROW_TOKENS: the CPU's sdpa computes the whole width^2 under a mask.
-    share = cfg.pack and next(model.parameters()).device.type == "cpu"
-    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share, whole_groups=tb and cfg.pack,
-                 pack=cfg.pack, among=active, row_tokens=CPU_ROW_TOKENS)
-    # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
-    # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
-    plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
-    batches = [sorted(i for row in rows for piece in row for i in piece) for rows in plans]  # the output order
-
-    def logprobs(m, k):
-        if not batches[k]:  # an empty micro-batch: one dummy token
-            return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
-        return response_logprobs(m, batch.sequences, batch.prompt_lens, temperature, autocast_dtype, share, plans[k])
-
-    def per_response(values: list[torch.Tensor]) -> dict:  # micro-batch token values -> {response: tokens}
-        out = {}
-        for b, v in zip(batches, values):
-            for i, part in zip(b, v.split([resp_len[i] for i in b])):
-                out[i] = part
-        return out
-
-    # The passes over the micro-batches, and the configurations that need each:
-    # - the update pass, with gradients: every update;
-    # - pi_ref, no grad, once: a reference model (--kl-coef > 0, or synchronous TB);
-    # - pi_old, no grad, once: only --kl-in-reward, whose rewards (so advantages) need the KL before any update.
-    #   Otherwise pi_old is the weights of the first update, and that update's pass gives its values (detached)
-    #   to TIS and to the ratio of later updates (--updates-per-step > 1); async PPO takes the sampler's;
-    # - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
-    #   else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass.
+    batches, run = plan_step(cfg, model, batch, adv, temperature, autocast_dtype, group)
+    per_response = partial(split_responses, batches, lengths)
     groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
     log_z_pass = tb and all_max(int(sum(map(len, groups)) > len(set().union(*groups))), group) > 0  # all ranks or none
     old_pass = cfg.kl_in_reward and ref_model is not None
+    device = next(model.parameters()).device
     with torch.no_grad():
-        old = [logprobs(model, k)[0] for k in range(len(batches))] if old_pass else None
-        ref = [logprobs(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
+        old = [run(model, k)[0] for k in range(len(batches))] if old_pass else None
+        ref = [run(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
     if old is None and cfg.searchers:  # async PPO: the sampler's logprobs, from stale weights, are pi_old
-        old = [torch.cat([batch.sampler_logp[i].float() for i in b] + [torch.zeros(0)]) for b in batches]
-    rewards = batch.rewards
-    if tb:  # sequence logprobs under the reference: the searchers' (async) or from the passes above
-        seq_ref_of = per_response(ref) if ref is not None else {}
-        ref_seq = batch.ref_seq if batch.ref_seq is not None else \
-            torch.stack([seq_ref_of[i].sum().cpu() if i in seq_ref_of else torch.zeros(()) for i in range(n)])
+        old = [cat_on([batch.sampler_logp[i] for i in b], device) for b in batches]
+    rewards, ref_seq = batch.rewards, batch.ref_seq  # the searchers' reference sums (async TB)
+    if tb and ref_seq is None:
+        seq_ref = per_response(ref)
+        ref_seq = torch.stack([seq_ref[i].sum().cpu() if i in seq_ref else torch.zeros(()) for i in range(n)])
     if cfg.kl_in_reward and ref is not None:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
         seq_kl = per_response([loss.kl(o, r, cfg.kl_kind) for o, r in zip(old, ref)])
-        rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum() if i in seq_kl else torch.tensor(0.0)
-                                                        for i in range(n)]).cpu()
+        rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum().cpu() if i in seq_kl else torch.tensor(0.0)
+                                                        for i in range(n)])
         adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
     old = old if old is not None else [None] * len(batches)  # filled by the first update's pass
-    rl_tokens = sum(resp_len[i] for i in range(n) if batch.rl[i])
-    n_tokens, n_seqs, n_clips = (int(x) for x in all_sum(rl_tokens, int(batch.rl.sum()), len(batch.clips),
-                                                         group=group))
-    stats = dict.fromkeys(("loss", "clip_frac", "kl", "trainer_entropy", "tis_weight", "echo_loss", "log_z_std",
-                           "grad_norm"), 0.0)
-    scale = group_size(group)  # FSDP averages gradients over the trainer ranks: undo it
-    entropy_sum = forwarded = 0.0  # the trainer's entropy over the tokens it ran forward
-    z_moments = [0, 0.0, 0.0]  # count, sum and sum of squares of each response's log Z (TB)
-    add_moments = lambda z: [m + x for m, x in zip(z_moments, (len(z), z.sum().item(), (z ** 2).sum().item()))]
-    per_token_mean = 1 / max(n_tokens, 1) / cfg.updates_per_step  # turns a token sum into its share of a logged mean
+    counts = all_sum(sum(lengths[i] for i in range(n) if batch.rl[i]), int(batch.rl.sum()), len(batch.clips),
+                     group=group)
+    step = Step(cfg, batch, lengths, adv, rewards, ref_seq, beta, *(int(x) for x in counts))
+    sums = dict.fromkeys(("loss", "clip_frac", "kl", "tis_weight", "echo_loss", "entropy", "forwarded", "z_n", "z_sum",
+                          "z_squares", "grad_norm"), 0.0)
     for update in range(cfg.updates_per_step):
+        log_z = None
         if log_z_pass:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
             with torch.no_grad():
-                cur = old if update == 0 and old_pass else [logprobs(model, k)[0] for k in range(len(batches))]
-            seq = per_response(cur)
-            idx = sorted(seq)
-            z = loss.tb_log_z(torch.stack([seq[i].sum() for i in idx] or [torch.zeros(())]).cpu(),
-                              ref_seq[idx], rewards[idx], batch.group[idx], beta)
-            log_z = dict(zip(idx, z.tolist()))
-            z_moments = add_moments(z[:len(idx)])
+                current = old if update == 0 and old_pass else [run(model, k)[0] for k in range(len(batches))]
+            log_z = group_log_z(step, per_response(current), sums)
         for k, b in enumerate(batches):
-            logp, entropy = logprobs(model, k)
-
-            def tokens(parts: list, dtype=torch.float32):  # per-response pieces of micro-batch b, concatenated
-                return torch.cat(parts + [torch.zeros(0, dtype=dtype)]).to(logp.device)
-
-            seq_ids = tokens([torch.full((resp_len[i],), j) for j, i in enumerate(b)], torch.long)
-            rl = tokens([batch.rl[i].expand(resp_len[i]) for i in b], torch.bool)
-            dev = logp.device
-            if tb:
-                seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
-                seq_ref, group_b = ref_seq[b].to(dev), batch.group[b].to(dev)
-                if log_z_pass:
-                    z = torch.tensor([log_z.get(i, 0.0) for i in b], device=dev)
-                else:  # whole groups: log Z from this pass, detached
-                    z = loss.tb_log_z(seq_logp.detach(), seq_ref, rewards[b].to(dev), group_b, beta)
-                    z_moments = add_moments(z)
-                term = loss.tb_loss(seq_logp, seq_ref, rewards[b].to(dev), group_b, beta, z)
-                micro = (term * batch.rl[b].to(dev)).sum() / max(n_seqs, 1)
-                stats["kl"] += ((seq_logp.detach() - seq_ref) * batch.rl[b].to(dev)).sum().item() * per_token_mean
-            else:
-                sampler_logp = tokens([batch.sampler_logp[i].float() for i in b]) if cfg.tis_cap > 0 else None
-                if old[k] is None:  # the first update: pi_old is these weights
-                    old[k] = logp.detach()
-                per_token, logged = ppo_token_loss(cfg, logp, entropy, old[k], None if ref is None else ref[k],
-                                                   tokens([adv[i].expand(resp_len[i]) for i in b]), sampler_logp)
-                micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, n_tokens, n_seqs, cfg.max_new_tokens)
-                for name, value in logged.items():  # TIS weight: a sum here, a mean over the tokens run at the end
-                    stats[name] += (value * rl).sum().item() * (per_token_mean if name != "tis_weight" else
-                                                                 1 / cfg.updates_per_step)
-            entropy_sum += (entropy.detach() * rl).sum().item() / cfg.updates_per_step
-            forwarded += rl.sum().item() / cfg.updates_per_step
-            if cfg.echo_coef > 0:
-                clip = tokens([torch.arange(resp_len[i]) < batch.clips.get(i, 0) for i in b], torch.bool)
-                echo = loss.echo_loss(logp, clip, seq_ids, n_clips)
-                micro = micro + cfg.echo_coef * echo
-                stats["echo_loss"] += echo.item() / cfg.updates_per_step
-            (micro * scale).backward()
-            stats["loss"] += micro.item() / cfg.updates_per_step
+            logp, entropy = run(model, k)
+            if old[k] is None:  # the first update: pi_old is these weights
+                old[k] = logp.detach()
+            micro = microbatch_loss(step, b, logp, entropy, old[k], None if ref is None else ref[k], log_z, sums)
+            (micro * group_size(group)).backward()  # FSDP averages gradients over the trainer ranks: undo it
+            sums["loss"] += micro.item() / cfg.updates_per_step
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the global norm over all shards
-        stats["grad_norm"] += norm.item() / cfg.updates_per_step
+        sums["grad_norm"] += norm.item() / cfg.updates_per_step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss")
-    totals = all_sum(*(stats[k] for k in summed), entropy_sum, forwarded, *z_moments, group=group)
-    z_n, z_sum, z_squares = totals[-3:]  # log Z's spread over every response of the batch, all ranks and updates
-    stats.update(zip(summed, totals), trainer_entropy=totals[-5] / max(totals[-4], 1),
-                 tis_weight=totals[summed.index("tis_weight")] / max(totals[-4], 1),
-                 log_z_std=math.sqrt(max(z_squares / max(z_n, 1) - (z_sum / max(z_n, 1)) ** 2, 0.0)))
-    off = {"kl": (ref is None and not tb) or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
-           "echo_loss": not cfg.echo_coef,
-           "log_z_std": not tb, "clip_frac": tb}
+    return step_stats(cfg, sums, ref is not None, group)
+
+
+def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocast_dtype, group):
+    """The step's micro-batches (each a sorted list of responses, the order of its values) and run(model, k): the
+    (logprob, entropy) of micro-batch k's response tokens under `model`. A zero-advantage response adds nothing to
+    a plain PPO gradient: its forward pass is skipped (its tokens still count in the global token count)."""
+    every = cfg.loss == "tb" or cfg.kl_coef > 0 or cfg.entropy_coef > 0
+    active = [i for i in range(len(batch.sequences)) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
+    # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
+    # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
+    share = cfg.pack and next(model.parameters()).device.type == "cpu"
+    plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share,
+                 whole_groups=cfg.loss == "tb" and cfg.pack, pack=cfg.pack, among=active, row_tokens=CPU_ROW_TOKENS)
+    # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
+    # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
+    plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
+
+    def run(m, k):
+        if not plans[k]:  # an empty micro-batch: one dummy token
+            return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
+        return response_logprobs(m, batch.sequences, batch.prompt_lens, temperature, autocast_dtype, share, plans[k])
+
+    return [sorted(i for row in rows for piece in row for i in piece) for rows in plans], run
+
+
+def split_responses(batches: list[list[int]], lengths: list[int], values: list[torch.Tensor]) -> dict:
+    """Per-token values of each micro-batch -> {response: its tokens' values}."""
+    return {i: part for b, v in zip(batches, values) for i, part in zip(b, v.split([lengths[i] for i in b]))}
+
+
+def cat_on(parts: list[torch.Tensor], device, dtype=torch.float32) -> torch.Tensor:
+    """Per-response pieces as one tensor on `device`, wherever each piece was (the sampler's on its device)."""
+    return torch.cat([p.to(device, dtype) for p in parts] + [torch.zeros(0, dtype=dtype, device=device)])
+
+
+def group_log_z(step: Step, seq_logp: dict, sums: dict) -> dict:
+    """{response: the VarGrad log Z of its group} over whole groups gathered from every micro-batch (TB)."""
+    idx = sorted(seq_logp)
+    z = loss.tb_log_z(torch.stack([seq_logp[i].sum() for i in idx] or [torch.zeros(())]).cpu(), step.ref_seq[idx],
+                      step.rewards[idx], step.batch.group[idx], step.beta)
+    add_moments(sums, z[:len(idx)])
+    return dict(zip(idx, z.tolist()))
+
+
+def add_moments(sums: dict, z: torch.Tensor) -> None:
+    """Count, sum and sum of squares of log Z, for its spread over the batch."""
+    sums["z_n"], sums["z_sum"], sums["z_squares"] = (sums["z_n"] + len(z), sums["z_sum"] + z.sum().item(),
+                                                     sums["z_squares"] + (z ** 2).sum().item())
+
+
+def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: dict | None, sums: dict) -> torch.Tensor:
+    """This micro-batch's share of the step's loss (ALGORITHMS.md 0, 2, 4); adds its figures to `sums`."""
+    cfg, batch, dev = step.cfg, step.batch, logp.device
+    seq_ids = cat_on([torch.full((step.lengths[i],), j) for j, i in enumerate(b)], dev, torch.long)
+    rl = cat_on([batch.rl[i].expand(step.lengths[i]) for i in b], dev, torch.bool)
+    per_token_mean = 1 / max(step.tokens, 1) / cfg.updates_per_step  # a token sum's share of a logged mean
+    if cfg.loss == "tb":
+        seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
+        seq_ref, rewards, group, in_rl = (x[b].to(dev) for x in (step.ref_seq, step.rewards, batch.group, batch.rl))
+        if log_z is not None:
+            z = torch.tensor([log_z.get(i, 0.0) for i in b], device=dev)
+        else:  # whole groups: log Z from this pass, detached
+            z = loss.tb_log_z(seq_logp.detach(), seq_ref, rewards, group, step.beta)
+            add_moments(sums, z)
+        micro = (loss.tb_loss(seq_logp, seq_ref, rewards, group, step.beta, z) * in_rl).sum() / max(step.seqs, 1)
+        sums["kl"] += ((seq_logp.detach() - seq_ref) * in_rl).sum().item() * per_token_mean
+    else:
+        sampler_logp = cat_on([batch.sampler_logp[i] for i in b], dev) if cfg.tis_cap > 0 else None
+        per_token, logged = ppo_token_loss(cfg, logp, entropy, old, ref,
+                                           cat_on([step.adv[i].expand(step.lengths[i]) for i in b], dev), sampler_logp)
+        micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, step.tokens, step.seqs, cfg.max_new_tokens)
+        for name, value in logged.items():  # TIS weight: a sum here, a mean over the tokens run at the end
+            sums[name] += (value * rl).sum().item() * (per_token_mean if name != "tis_weight" else
+                                                       1 / cfg.updates_per_step)
+    sums["entropy"] += (entropy.detach() * rl).sum().item() / cfg.updates_per_step
+    sums["forwarded"] += rl.sum().item() / cfg.updates_per_step
+    if cfg.echo_coef > 0:
+        clip = cat_on([torch.arange(step.lengths[i]) < batch.clips.get(i, 0) for i in b], dev, torch.bool)
+        echo = loss.echo_loss(logp, clip, seq_ids, step.clips)
+        sums["echo_loss"] += echo.item() / cfg.updates_per_step
+        micro = micro + cfg.echo_coef * echo
+    return micro
+
+
+def step_stats(cfg: Config, sums: dict, has_ref: bool, group) -> dict:
+    """The step's logged figures, summed over the trainer ranks; the trainer's entropy and the TIS weight are means
+    over the tokens that ran forward, log Z's spread is over every response of the batch, all ranks and updates."""
+    summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss", "entropy", "forwarded", "z_n", "z_sum", "z_squares")
+    total = dict(zip(summed, all_sum(*(sums[k] for k in summed), group=group)))
+    forwarded, z_n = max(total["forwarded"], 1), max(total["z_n"], 1)
+    stats = {k: total[k] for k in ("loss", "clip_frac", "kl", "tis_weight", "echo_loss")}
+    stats.update(trainer_entropy=total["entropy"] / forwarded, tis_weight=total["tis_weight"] / forwarded,
+                 log_z_std=math.sqrt(max(total["z_squares"] / z_n - (total["z_sum"] / z_n) ** 2, 0.0)),
+                 grad_norm=sums["grad_norm"])
+    tb = cfg.loss == "tb"
+    off = {"kl": (not has_ref and not tb) or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
+           "echo_loss": not cfg.echo_coef, "log_z_std": not tb, "clip_frac": tb}
     return {k: v for k, v in stats.items() if not off.get(k)}
 
 
@@ -412,6 +443,20 @@ def lr_at(cfg: Config, step: int) -> float:
         progress = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * warm
+
+
+def sync_sampler(sampler, model: Policy) -> None:
+    """Hand the trainer's weights to the sampler (DESIGN.md step 2) tensor by tensor: each shard is cast to the
+    sampler's dtype, gathered, and copied into the sampler's buffer on the device (no files, no CPU). Every sampler
+    tensor is written: one the model lacks (a renamed parameter) would otherwise keep its first value unseen."""
+    state = model.lm.state_dict()
+    missing = sorted(sampler.weights.keys() - state.keys())
+    if missing:
+        raise RuntimeError(f"the trained model has no {', '.join(missing[:3])}: the sampler's weights would go stale")
+    with torch.no_grad():
+        for name, w in sampler.weights.items():
+            t = state[name].to(sampler.dtype)
+            w.copy_(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 def reset_reference(ref_model: Policy, model: Policy) -> None:

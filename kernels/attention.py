@@ -13,8 +13,10 @@ sequence whose block-table row is `table` lives in slot `table[p // block_size] 
 p % block_size` (write_kv fills slots). Query head h reads kv head h // (heads // kv_heads). Rows of
 q are sorted by prompt: group g owns rows group_start[g] .. group_start[g] + group_count[g] - 1.
 
-Each launcher has a plain-torch `reference_*` twin with the same signature (what runs on CPU).
-Constraints: block_size a power of two >= 16; pools contiguous; write_kv's k, v in the pool's dtype.
+Each launcher has a plain-torch `reference_*` twin with the same signature: what runs on a CPU (through torch's
+CPU flash attention), and the one reference the kernels are tested against. Constraints: block_size a power of
+two >= 16; pools contiguous; write_kv's k, v in the pool's dtype; for the torch twins, pool slots past a length
+hold finite values (the sampler zeroes a block as it hands it out; the kernels never read such slots).
 """
 
 import torch
@@ -147,66 +149,77 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                             num_splits, max(16, triton.next_power_of_2(rep)), 1)
 
 
-def _softmax_attention(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scores) @ v and the log-sum-exp; rows with all scores -inf give o = 0, lse = -inf."""
-    lse = scores.logsumexp(-1)
-    # Subtracting 0 instead of -inf keeps empty rows at exp(-inf) = 0 rather than NaN.
-    p = (scores - torch.where(lse.isfinite(), lse, 0.0)[..., None]).exp()
-    return p @ v, lse
+# ---- plain torch: the sampler's path off CUDA, and what the kernels are tested against ----
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     flash: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T x scale + mask) v and its log-sum-exp, q [N, H, M, d], k and v [N, H, keys, d] (any strides), mask
+    [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU (flash=None), plain products elsewhere
+    (a GPU). A query whose keys are all masked gets o = 0, lse = -inf."""
+    empty = mask.isneginf().all(-1)
+    if q.device.type == "cpu" if flash is None else flash:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask.expand(-1, -1, q.shape[2], -1), scale=scale)
+    else:
+        scores = q @ k.transpose(-1, -2) * scale + mask
+        lse = scores.logsumexp(-1)
+        o = (scores - torch.where(empty, 0.0, lse)[..., None]).exp() @ v  # exp(-inf - 0) = 0, not NaN
+    return o, lse.masked_fill(empty, float("-inf"))
+
+
+def _paged_keys(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, length: torch.Tensor,
+                splits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's keys and values, [N, kv_heads, blocks x block_size, d] float32 views read as whole blocks of its
+    table row, and a mask [N, 1, splits, blocks x block_size]: 0 on a key below length[n] in split s's blocks, -inf
+    elsewhere. Table columns past a row's last block may hold anything: its first block is read there, masked.
+    Slots past a length are read too, so they must hold finite values (the sampler zeroes blocks it hands out)."""
+    block_size, dev = k_pool.shape[1], table.device
+    length = length.long()
+    n = -(-int(length.max()) // block_size)
+    used = -(-length // block_size)  # blocks of each row
+    blocks = torch.where(torch.arange(n, device=dev) < used[:, None], table[:, :n], table[:, :1]).long()
+    k, v = (pool[blocks].float().flatten(1, 2).transpose(1, 2) for pool in (k_pool, v_pool))
+    key = torch.arange(n * block_size, device=dev)
+    split = (key // block_size)[None] // (-(-used // splits)).clamp_min(1)[:, None]  # [N, keys]
+    valid = (key < length[:, None])[:, None] & (split[:, None] == torch.arange(splits, device=dev)[:, None])
+    return k, v, torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))[:, None]
 
 
 def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                                group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
                                prompt_blocks: torch.Tensor, scale: float,
                                max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of prefix_attention: the rows of every group are scattered into a padded
-    [groups, kv_heads, widest group * rep, d] tensor and attend to their prompt in one batched matmul.
-    Rows in no group (padding) get o = 0, lse = -inf."""
-    rows, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_pool.shape
-    rep, groups = heads // kv_heads, group_start.shape[0]
-    grouped = int(group_count.sum())  # the grouped rows come first
-    group = torch.repeat_interleave(torch.arange(groups, device=q.device), group_count.long(), output_size=grouped)
-    slot = torch.arange(grouped, device=q.device) - group_start.long()[group]  # a row's place inside its group
-    width, num_blocks = int(group_count.max()), triton.cdiv(int(prompt_len.max()), block_size)
-    key_valid = torch.arange(num_blocks * block_size, device=q.device)[None] < prompt_len[:, None].long()
-    blocks = torch.where(key_valid[:, ::block_size], prompt_blocks[:, :num_blocks].long(), 0)
-    k = k_pool[blocks].flatten(1, 2).float().permute(0, 2, 3, 1)  # [groups, kv_heads, d, keys]
-    v = v_pool[blocks].flatten(1, 2).float().masked_fill(~key_valid[:, :, None, None], 0.0).transpose(1, 2)
-    qg = q.new_zeros(groups, width, kv_heads, rep, head_dim, dtype=torch.float32)
-    qg[group, slot] = q[:grouped].float().view(grouped, kv_heads, rep, head_dim)
-    qg = qg.permute(0, 2, 1, 3, 4).flatten(2, 3)  # [groups, kv_heads, width * rep, d]
-    scores = (qg @ k * scale).masked_fill(~key_valid[:, None, None], float("-inf"))
-    o, lse = _softmax_attention(scores, v)
-    o_rows = q.new_zeros(rows, kv_heads, rep, head_dim, dtype=torch.float32)
-    lse_rows = torch.full((rows, kv_heads, rep), float("-inf"), device=q.device)
-    o_rows[:grouped] = o.unflatten(2, (width, rep)).permute(0, 2, 1, 3, 4)[group, slot]
-    lse_rows[:grouped] = lse.unflatten(2, (width, rep)).permute(0, 2, 1, 3)[group, slot]
-    return o_rows.reshape(rows, heads, head_dim), lse_rows.reshape(rows, heads)
+    """Torch twin of prefix_attention: the rows of each group, padded to the widest (max_count), attend to their
+    prompt's keys in one call, so the keys are read once per group, not once per rollout. Rows in no group get
+    o = 0, lse = -inf."""
+    rows, heads, d = q.shape
+    groups, kv = len(group_start), k_pool.shape[2]
+    rep, width = heads // kv, int(group_count.max()) if max_count is None else max_count
+    place = torch.arange(width, device=q.device)
+    row_of = torch.where(place < group_count[:, None], group_start[:, None].long() + place, rows).flatten()
+    qf = torch.cat([q.float(), q.new_zeros(1, heads, d, dtype=torch.float32)])[row_of]  # row `rows`: no row
+    qg = qf.view(groups, width, kv, rep, d).transpose(1, 2).reshape(groups, kv, width * rep, d)
+    o, lse = masked_attention(qg, *_paged_keys(k_pool, v_pool, prompt_blocks, prompt_len), scale)
+    o_rows = q.new_zeros(rows + 1, heads, d, dtype=torch.float32)
+    lse_rows = torch.full((rows + 1, heads), float("-inf"), device=q.device)
+    o_rows[row_of] = o.view(groups, kv, width, rep, d).transpose(1, 2).reshape(-1, heads, d)
+    lse_rows[row_of] = lse.view(groups, kv, width, rep).transpose(1, 2).reshape(-1, heads)
+    return o_rows[:rows], lse_rows[:rows]
 
 
 def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
                                block_table: torch.Tensor, scale: float,
                                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of decode_attention: gather every row's blocks, mask each split's keys."""
-    rows, heads, head_dim = q.shape
-    _, block_size, kv_heads, _ = k_pool.shape
-    seq_len = seq_len.long()
-    num_blocks = (seq_len + block_size - 1) // block_size
-    used = torch.arange(int(num_blocks.max()) if rows else 0, device=q.device) < num_blocks[:, None]
-    blocks = torch.where(used, block_table[:, :used.shape[1]].long(), 0)  # table padding may be anything
-    pos = torch.arange(used.shape[1] * block_size, device=q.device)
-    key_valid = pos < seq_len[:, None]  # [R, keys]
-    k = k_pool[blocks].flatten(1, 2).float()  # [R, keys, kv_heads, d]
-    # Unused slots may hold NaN, and p = 0 times NaN would still be NaN.
-    v = v_pool[blocks].flatten(1, 2).float().masked_fill(~key_valid[:, :, None, None], 0.0)
-    per_split = ((num_blocks + num_splits - 1) // num_splits).clamp_min(1)
-    split = (pos // block_size)[None] // per_split[:, None]  # [R, keys]
-    in_split = key_valid[:, None] & (split[:, None] == torch.arange(num_splits, device=q.device)[:, None])
-    scores = q.float().reshape(rows, kv_heads, heads // kv_heads, head_dim) @ k.permute(0, 2, 3, 1) * scale
-    scores = scores[:, :, :, None].masked_fill(~in_split[:, None, None], float("-inf"))  # [R, kv, rep, S, keys]
-    o, lse = _softmax_attention(scores, v.transpose(1, 2)[:, :, None])
-    return o.reshape(rows, heads, num_splits, head_dim), lse.reshape(rows, heads, num_splits)
+    """Torch twin of decode_attention: each row against its own keys, in num_splits chunks of blocks (the kernel's
+    split-K; the sampler's torch path takes 1); a chunk with no keys gives o = 0, lse = -inf."""
+    rows, heads, d = q.shape
+    kv = k_pool.shape[2]
+    rep = heads // kv
+    k, v, mask = _paged_keys(k_pool, v_pool, block_table, seq_len, num_splits)
+    qs = q.float().view(rows, kv, 1, rep, d).expand(-1, -1, num_splits, -1, -1).reshape(rows, kv, -1, d)
+    o, lse = masked_attention(qs, k, v, mask if num_splits == 1 else mask.repeat_interleave(rep, 2), scale)
+    return (o.view(rows, kv, num_splits, rep, d).transpose(2, 3).reshape(rows, heads, num_splits, d),
+            lse.view(rows, kv, num_splits, rep).transpose(2, 3).reshape(rows, heads, num_splits))
 
 
 @triton.jit

@@ -35,6 +35,15 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One uint32 key per row from (seed, prompt index, sample index, position): the draw of a rollout's token
+    depends on where it stands in the request, never on the batch that computes it."""
+    k = hash32(torch.full_like(prompt, seed) + 0x9E3779B9)
+    for part in (prompt, sample, position):
+        k = hash32(k + part)
+    return k
+
+
 def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key).
 

@@ -19,10 +19,12 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from forward import ModelConfig
 from kernels import attention
+from kernels.attention import masked_attention
 from kernels.logprob import logprob, reference_logprob
 from kernels.sampling import hash32, reference_sample, sample
-from rollout import ModelConfig, Sampler, cpu_attention, key_plan, masked_attention
+from rollout import Sampler
 
 DEVICE = os.environ.get("FANOUT_TEST_DEVICE", "cpu")
 
@@ -171,6 +173,13 @@ def decode_args(c: SimpleNamespace, num_splits: int) -> tuple:
     return c.q, c.k_pool, c.v_pool, c.seq_len, c.block_table, c.scale, num_splits
 
 
+def zeroed(args: tuple) -> tuple:
+    """The torch twins read whole blocks, so a slot never written must hold 0, as the sampler leaves it (its blocks
+    are zeroed as they are handed out); the kernels get the NaN-poisoned pools, the twins these."""
+    q, k_pool, v_pool, *rest = args
+    return (q, k_pool.nan_to_num(0.0), v_pool.nan_to_num(0.0), *rest)
+
+
 def dense_attention(c: SimpleNamespace) -> torch.Tensor:
     """Softmax attention of every row over [its prompt's keys, its own keys], from unpaged tensors."""
     groups = len(PROMPT_LENS)
@@ -190,36 +199,28 @@ def dense_attention(c: SimpleNamespace) -> torch.Tensor:
 def test_shared_prefix_plus_own_attention_equals_dense(kernels, num_splits, dtype, head_dim, rep):
     prefix, decode, merge = kernels
     c = make_case(dtype, head_dim, rep, seed=num_splits)
-    o1, lse1 = prefix(*prefix_args(c))
-    o2, lse2 = decode(*decode_args(c, num_splits))
+    inputs = zeroed if kernels is REFERENCE else (lambda args: args)
+    o1, lse1 = prefix(*inputs(prefix_args(c)))
+    o2, lse2 = decode(*inputs(decode_args(c, num_splits)))
     o = merge(o1, lse1, o2, lse2, torch.float32)
     torch.testing.assert_close(o, dense_attention(c), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES)
-def test_cpu_attention_equals_dense(dtype, head_dim, rep):
-    """The sampler's torch path: a group's rows against its prompt's keys in one product, each row
-    against its own keys gathered by slot, merged; padding rows (in no group) see only their own keys."""
+def test_reference_padding_row_sees_only_its_own_keys(dtype, head_dim, rep):
+    """The sampler's torch path, as a padded decode step leaves it: a row after the grouped ones belongs to no
+    group, so its prompt part has no keys and it attends to its own key alone; the other rows are unchanged."""
     c = make_case(dtype, head_dim, rep, seed=5)
-    # one padding row after the grouped ones: its single own key is the first rollout's first token
-    seq_len, table = torch.cat([c.seq_len, c.seq_len.new_ones(1)]), torch.cat([c.block_table, c.block_table[:1]])
-    fed = seq_len.long() - 1  # the token a decode step feeds: its slot is always written
-    write_slots = table[torch.arange(len(fed)), fed // BLOCK_SIZE].long() * BLOCK_SIZE + fed % BLOCK_SIZE
-    b = SimpleNamespace(tokens=seq_len, group_start=c.group_start, group_count=c.group_count,
-                        prompt_len=c.prompt_len, prompt_blocks=c.prompt_blocks, block_table=table,
-                        seq_len=seq_len, write_slots=write_slots)
-    plan = key_plan(b, BLOCK_SIZE)
-    assert (plan.prompt_mask == 0).sum((1, 2, 3)).tolist() == c.prompt_len.tolist()
-    assert (plan.own_mask == 0).sum((1, 2, 3)).tolist() == seq_len.tolist()
-    q = torch.cat([c.q, torch.randn_like(c.q[:1])])
-    # slots never written hold 0 (Sampler.clear_blocks), the block tables' garbage stays
-    k_pool, v_pool = c.k_pool.nan_to_num(0.0), c.v_pool.nan_to_num(0.0)
-    o = cpu_attention(q, k_pool, v_pool, plan, c.scale)
-    assert o.dtype == dtype
+    c.q = torch.cat([c.q, torch.randn_like(c.q[:1])])
+    c.seq_len, c.block_table = torch.cat([c.seq_len, c.seq_len.new_ones(1)]), torch.cat([c.block_table,
+                                                                                         c.block_table[:1]])
+    o1, lse1 = attention.reference_prefix_attention(*zeroed(prefix_args(c)), max_count=int(c.group_count.max()))
+    o2, lse2 = attention.reference_decode_attention(*zeroed(decode_args(c, 1)))
+    o = attention.reference_merge_attention(o1, lse1, o2, lse2, dtype)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # the bf16 output's rounding
     torch.testing.assert_close(o[:-1].float(), dense_attention(c), atol=tol, rtol=tol)
-    torch.testing.assert_close(o[-1].float(), c.values[len(PROMPT_LENS)][0].float().repeat_interleave(c.rep, 0),
-                               atol=tol, rtol=tol)
+    own = c.values[len(PROMPT_LENS)][0].float().repeat_interleave(c.rep, 0).to(DEVICE)  # the first rollout's first
+    torch.testing.assert_close(o[-1].float(), own, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("flash", [True, False])
@@ -229,19 +230,24 @@ def test_masked_attention_paths_agree(flash):
     g = torch.Generator().manual_seed(11)
     q = torch.randn(5, 3, 4, 32, generator=g)
     k, v = (torch.randn(5, 40, 3, 32, generator=g).transpose(1, 2) for _ in range(2))  # [N, heads, keys, d], strided
-    valid = torch.arange(40) < torch.randint(1, 41, (5,), generator=g)[:, None]
-    mask = torch.zeros(5, 1, 1, 40).masked_fill(~valid[:, None, None], float("-inf"))
+    valid = torch.arange(40) < torch.randint(1, 41, (5,), generator=g)[:, None, None]
+    valid = valid.expand(5, 4, 40).clone()
+    valid[1, 2] = False  # a query with no key at all: o = 0, lse = -inf, never NaN
+    mask = torch.zeros(5, 1, 4, 40).masked_fill(~valid[:, None], float("-inf"))
     o, lse = masked_attention(q, k, v, mask, 0.2, flash=flash)
-    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~valid[:, None, None], float("-inf"))
-    torch.testing.assert_close(o, scores.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~valid[:, None], float("-inf"))
+    scores[1, :, 2] = 0.0  # finite, so the others' reference has no NaN; that query's is set below
+    want_o, want_lse = scores.softmax(-1) @ v, scores.logsumexp(-1)
+    want_o[1, :, 2], want_lse[1, :, 2] = 0.0, -math.inf
+    torch.testing.assert_close(o, want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES + [(torch.float32, 48, 3)])
 def test_prefix_kernel_matches_reference(dtype, head_dim, rep, poisoned_empty):
     c = make_case(dtype, head_dim, rep, seed=head_dim)
     o, lse = attention.prefix_attention(*prefix_args(c))
-    o_ref, lse_ref = attention.reference_prefix_attention(*prefix_args(c))
+    o_ref, lse_ref = attention.reference_prefix_attention(*zeroed(prefix_args(c)))
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
@@ -252,7 +258,7 @@ def test_prefix_kernel_splits_a_big_group_into_query_tiles(poisoned_empty):
     c.group_start = torch.tensor([0, 30, 30], dtype=torch.int32, device=DEVICE)
     c.group_count = torch.tensor([30, 0, 0], dtype=torch.int32, device=DEVICE)
     o, lse = attention.prefix_attention(*prefix_args(c))
-    o_ref, lse_ref = attention.reference_prefix_attention(*prefix_args(c))
+    o_ref, lse_ref = attention.reference_prefix_attention(*zeroed(prefix_args(c)))
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
@@ -267,10 +273,10 @@ def test_prefix_kernel_gives_rows_outside_groups_no_keys(poisoned_empty):
     c.group_count = torch.cat([c.group_count, c.group_count.new_zeros(2)])
     c.prompt_len = torch.cat([c.prompt_len, c.prompt_len.new_ones(2)])
     c.prompt_blocks = torch.cat([c.prompt_blocks, c.prompt_blocks[:2]])
-    for prefix in (attention.prefix_attention, attention.reference_prefix_attention):
-        o, lse = prefix(*prefix_args(c))
+    for prefix, inputs in ((attention.reference_prefix_attention, zeroed), (attention.prefix_attention, tuple)):
+        o, lse = prefix(*inputs(prefix_args(c)))
         assert (o[rows:] == 0).all() and (lse[rows:] == -math.inf).all() and lse[:rows].isfinite().all()
-    o_ref, lse_ref = attention.reference_prefix_attention(*prefix_args(c))
+    o_ref, lse_ref = attention.reference_prefix_attention(*zeroed(prefix_args(c)))
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
 
@@ -280,7 +286,7 @@ def test_prefix_kernel_gives_rows_outside_groups_no_keys(poisoned_empty):
 def test_decode_kernel_matches_reference(num_splits, dtype, head_dim, rep, poisoned_empty):
     c = make_case(dtype, head_dim, rep, seed=10 + num_splits)
     o, lse = attention.decode_attention(*decode_args(c, num_splits))
-    o_ref, lse_ref = attention.reference_decode_attention(*decode_args(c, num_splits))
+    o_ref, lse_ref = attention.reference_decode_attention(*zeroed(decode_args(c, num_splits)))
     assert lse_ref.isinf().any() == (num_splits > 1)  # 3 splits of 1-3 blocks leave some splits empty
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,21 @@
+"""What every test file shares; pytest loads this file before any of them."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Triton kernels in interpreter mode on CPU
+
+import pytest  # noqa: E402 (after the environment above)
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import config  # noqa: E402
+import trainer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tok

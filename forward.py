@@ -1,0 +1,95 @@
+"""The sampler's forward pass (rollout.py's first part): our own Llama / Qwen2 / Qwen3-shaped decoder over a dict
+of weights with HF's names, the model's shapes as data. Attention is the caller's: prefill and decode attend
+differently, over the paged KV pool (rollout.py, kernels/attention.py).
+
+    logits = forward(ModelConfig.from_hf(hf_config), weights, tokens, positions, attend)
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of a decoder LM; biases and Qwen3's q/k norms are read off the weights."""
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tied: bool = False  # the LM head is the embedding: the weights hold it once
+
+    @staticmethod
+    def from_hf(cfg) -> "ModelConfig":
+        if cfg.model_type not in ("llama", "qwen2", "qwen3"):
+            raise ValueError(f"model type '{cfg.model_type}' is not supported by fanout's sampler; "
+                             "use a Llama, Qwen2 or Qwen3 shaped model")
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":  # the forward below computes SiLU MLPs only: anything else gives wrong logits
+            raise ValueError(f"hidden_act '{act}' is not supported by fanout's sampler (it computes SiLU MLPs); "
+                             "use a model whose config has hidden_act silu")
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        if rope.get("rope_type", "default") != "default" or getattr(cfg, "use_sliding_window", False):
+            raise ValueError(f"rope scaling {rope.get('rope_type')} or sliding-window attention is not "
+                             "supported by fanout's sampler; use a model with plain RoPE and full attention")
+        return ModelConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            rms_norm_eps=cfg.rms_norm_eps, rope_theta=rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)),
+            tied=bool(getattr(cfg, "tie_word_embeddings", False)))
+
+    def sampler_weights(self, weights: dict) -> dict:
+        """The weights the forward pass reads: all but a tied LM head, which is the embedding itself."""
+        return {name: w for name, w in weights.items() if not (self.tied and name == "lm_head.weight")}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, heads, head_dim]; cos, sin [T, head_dim] (HF's rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def linear(w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
+    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tensor, attend,
+            keep=None) -> torch.Tensor:
+    """Logits [..., T, vocab] (float32) of `tokens` at `positions`, or of the positions x[keep] only (the LM head is
+    a large share of the work); attend(layer, q, k, v) -> [..., T, heads, d]."""
+    embed = w["model.embed_tokens.weight"]
+    x = embed[tokens]
+    half = c.head_dim // 2
+    inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=x.device).float() / half)
+    angles = positions.float()[:, None] * inv_freq[None]
+    angles = torch.cat((angles, angles), -1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    shape = tokens.shape
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        h = rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
+        q = linear(w, h, p + "self_attn.q_proj").view(*shape, c.num_heads, c.head_dim)
+        k = linear(w, h, p + "self_attn.k_proj").view(*shape, c.num_kv_heads, c.head_dim)
+        v = linear(w, h, p + "self_attn.v_proj").view(*shape, c.num_kv_heads, c.head_dim)
+        if p + "self_attn.q_norm.weight" in w:  # Qwen3
+            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps)
+            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], c.rms_norm_eps)
+        o = attend(i, rope(q, cos, sin), rope(k, cos, sin), v)
+        x = x + linear(w, o.flatten(-2), p + "self_attn.o_proj")
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+        x = x + linear(w, F.silu(linear(w, h, p + "mlp.gate_proj")) * linear(w, h, p + "mlp.up_proj"),
+                       p + "mlp.down_proj")
+    x = rms_norm(x if keep is None else x[keep], w["model.norm.weight"], c.rms_norm_eps)
+    return F.linear(x, embed if c.tied else w["lm_head.weight"]).float()

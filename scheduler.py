@@ -1,0 +1,252 @@
+"""The sampler's scheduler (rollout.py's second part): continuous batching over a fixed number of decode slots
+and a paged KV pool. A finished rollout frees its slot and blocks and the next waiting rollout takes them; a
+prompt's blocks are freed when its last rollout ends; when blocks run out, idle prompts' KV goes first, then the
+newest running rollout is preempted and restarted later. Randomness is keyed by (seed, prompt, sample, position),
+so none of this changes which tokens come out.
+"""
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.sampling import sample_keys
+
+
+class BlockPool:
+    """KV memory in fixed-size blocks: a free list and a reference count per block."""
+
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks))[::-1]
+        self.refs = [0] * num_blocks
+
+    def alloc(self, n: int) -> list[int] | None:
+        if n > len(self.free):
+            return None
+        blocks = [self.free.pop() for _ in range(n)]
+        self.retain(blocks)
+        return blocks
+
+    def retain(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
+
+
+@dataclass
+class DecodeBatch:
+    """The inputs of one decode step. Rows are sorted by prompt: group g owns rows
+    group_start[g] .. group_start[g] + group_count[g] - 1 and attends to prompt_blocks[g]."""
+    tokens: torch.Tensor         # [R] the token each row feeds
+    positions: torch.Tensor      # [R] its absolute position
+    keys: torch.Tensor           # [R] randomness keys of the token each row samples next
+    write_slots: torch.Tensor    # [R] pool slot for the fed token's K/V
+    seq_len: torch.Tensor        # [R] int32: own tokens, the fed one included
+    block_table: torch.Tensor    # [R, own blocks] int32
+    group_start: torch.Tensor    # [G] int32
+    group_count: torch.Tensor    # [G] int32
+    prompt_len: torch.Tensor     # [G] int32
+    prompt_blocks: torch.Tensor  # [G, prompt blocks] int32
+    num_splits: int              # split-K chunks of the own-token attention
+    max_count: int               # rows of the largest group
+
+
+@dataclass(eq=False)
+class _Prompt:
+    index: int
+    tokens: list[int]
+    waiting: deque                       # sample indices not running yet (a preempted one goes back in front)
+    unfinished: int                      # rollouts not finished yet, running or waiting
+    running: int = 0                     # rollouts running now
+    blocks: list[int] | None = None      # its KV blocks once prefilled
+    logits: torch.Tensor | None = None   # its last-position logits: every rollout's first token comes from them
+
+
+@dataclass(eq=False)
+class _Rollout:
+    prompt: _Prompt
+    sample: int
+    slot: int
+    length: int = 0                      # tokens generated so far
+    blocks: list[int] = field(default_factory=list)
+
+
+class Generation:
+    """The state of one generate() call: waiting prompts, running slots, results. `s` is the Sampler (rollout.py),
+    whose prefill, decode_step and sample_tokens compute what this schedules."""
+
+    def __init__(self, s, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys):
+        self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
+        self.seed, self.prompt_keys = seed, prompt_keys
+        self.pool = BlockPool(s.num_blocks)
+        self.pending = deque(_Prompt(i, p, deque(range(k)), k) for i, (p, k) in enumerate(zip(prompts, n)) if k > 0)
+        self.active: list[_Prompt] = []    # prefilled prompts with unfinished rollouts, oldest first
+        self.running: list[_Rollout] = []  # admission order: the last is the newest
+        self.free_slots = list(range(s.max_slots))[::-1]
+        self.results = {}
+        self.preemptions = self.evictions = self.peak_blocks = 0
+        dev = s.device
+        self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=dev)
+        self.out_tok = torch.zeros(s.max_slots, max_new_tokens, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(s.max_slots, max_new_tokens, device=dev)
+        self.out_ent = torch.zeros(s.max_slots, max_new_tokens, device=dev)
+        self.slot_blocks = torch.zeros(s.max_slots, s.blocks_for(max_new_tokens), dtype=torch.int32, device=dev)
+
+    def run(self) -> dict:
+        while self.pending or self.active:
+            if not self.admit() and not self.running:
+                # Every block is held by prompts whose rollouts wait for room: drop the newest one's KV.
+                self.evict(self.active[-1])
+                continue
+            self.reserve_blocks()
+            if self.running:
+                self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.pool.free))
+                self.decode()
+        return self.results
+
+    # -- admission --
+
+    def admit(self) -> int:
+        """Start waiting rollouts while slots and blocks allow, prefilling new prompts as needed."""
+        started = []
+        while self.free_slots and len(self.pool.free) > len(started):
+            prompt = next((p for p in self.active if p.waiting), None)
+            if prompt is None:
+                if not self.prefill_pending(len(self.pool.free) - len(started)):
+                    break
+                continue
+            rollout = _Rollout(prompt, prompt.waiting.popleft(), self.free_slots.pop())
+            self.pool.retain(prompt.blocks)
+            prompt.running += 1
+            self.running.append(rollout)
+            started.append(rollout)
+        if started:  # first tokens come straight from the prompts' last logits
+            logits = torch.stack([r.prompt.logits for r in started])
+            self.record(started, *self.s.sample_tokens(logits, self.keys(started), self.temperature, self.top_p))
+        return len(started)
+
+    def prefill_pending(self, free_blocks: int) -> bool:
+        """Prefill the next pending prompts that fit (their KV plus one block for a first rollout)."""
+        batch = []
+        while self.pending and len(batch) < len(self.free_slots):
+            need = self.s.blocks_for(len(self.pending[0].tokens)) + 1
+            if need > free_blocks:
+                break
+            free_blocks -= need
+            prompt = self.pending.popleft()
+            prompt.blocks = self.pool.alloc(need - 1)
+            self.s.clear_blocks(prompt.blocks[-1:])  # the others are written whole
+            batch.append(prompt)
+        if batch:
+            logits = self.s.prefill([p.tokens for p in batch], [p.blocks for p in batch])
+            for prompt, row in zip(batch, logits):
+                prompt.logits = row
+            self.active.extend(batch)
+        return bool(batch)
+
+    # -- memory --
+
+    def reserve_blocks(self) -> None:
+        """Give every running rollout the block its next token goes into."""
+        writes, i = [], 0
+        while i < len(self.running):  # oldest first; preemption only ever removes the newest
+            rollout = self.running[i]
+            if len(rollout.blocks) * self.s.block_size < rollout.length:
+                block = self.alloc_block(rollout)
+                if block is None:  # the rollout itself was the newest and was preempted
+                    break
+                writes.append((rollout.slot, len(rollout.blocks), block))
+                rollout.blocks.append(block)
+            i += 1
+        if writes:
+            self.s.clear_blocks([block for _, _, block in writes])
+            slot, index, block = torch.tensor(writes, device=self.s.device).T
+            self.slot_blocks[slot, index] = block.to(torch.int32)
+
+    def alloc_block(self, rollout: _Rollout) -> int | None:
+        """A free block; when none is left, first drop the KV of prompts with no running rollout
+        (newest first), then preempt the newest running rollout (it restarts later)."""
+        while not (got := self.pool.alloc(1)):
+            idle = [p for p in self.active if p.running == 0]
+            if idle:
+                self.evict(idle[-1])
+                continue
+            victim = self.running.pop()
+            self.preemptions += 1
+            self.pool.release(victim.blocks + victim.prompt.blocks)
+            victim.prompt.waiting.appendleft(victim.sample)
+            victim.prompt.running -= 1
+            self.free_slots.append(victim.slot)
+            if victim is rollout:
+                return None
+        return got[0]
+
+    def evict(self, prompt: _Prompt) -> None:
+        """Free an idle prompt's KV; it is prefilled again when its rollouts get room."""
+        self.evictions += 1
+        self.pool.release(prompt.blocks)
+        prompt.blocks = prompt.logits = None
+        self.active.remove(prompt)
+        self.pending.appendleft(prompt)  # evicted newest-first, so pending stays in prompt order
+
+    # -- decoding --
+
+    def keys(self, rollouts: list[_Rollout]) -> torch.Tensor:
+        rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, r.length) for r in rollouts],
+                            device=self.s.device).T
+        return sample_keys(self.seed, *rows)
+
+    def decode(self) -> None:
+        """One token for every running rollout: feed its last token, attend, sample."""
+        s, dev = self.s, self.s.device
+        rows = sorted(self.running, key=lambda r: r.prompt.index)  # a prompt's rollouts are contiguous
+        groups = list(dict.fromkeys(r.prompt for r in rows))
+        counts = Counter(r.prompt.index for r in rows)
+        slot = torch.tensor([r.slot for r in rows], device=dev)
+        pos = torch.tensor([r.length - 1 for r in rows], device=dev)  # own position of the fed token
+        group_count = torch.tensor([counts[g.index] for g in groups], dtype=torch.int32, device=dev)
+        prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
+        block_table = self.slot_blocks[slot]
+        batch = DecodeBatch(
+            tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
+            keys=self.keys(rows), seq_len=(pos + 1).to(torch.int32), block_table=block_table,
+            write_slots=block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size
+            + pos % s.block_size,
+            group_start=torch.cumsum(group_count, 0, dtype=torch.int32) - group_count, group_count=group_count,
+            prompt_len=prompt_len, prompt_blocks=torch.nn.utils.rnn.pad_sequence(
+                [torch.tensor(g.blocks, dtype=torch.int32) for g in groups], batch_first=True).to(dev),
+            # split-K parallelism for the kernels' long own-token reads; the torch path reads them at once
+            num_splits=max(1, min(8, -(-max(r.length for r in rows) // 512))) if s.use_triton else 1,
+            max_count=max(counts.values()))
+        self.record(rows, *s.decode_step(batch, self.temperature, self.top_p))
+
+    def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
+        """Store each rollout's new token; finished rollouts leave and free their slot and blocks."""
+        slot = torch.tensor([r.slot for r in rollouts], device=self.s.device)
+        length = torch.tensor([r.length for r in rollouts], device=self.s.device)
+        self.out_tok[slot, length], self.out_lp[slot, length], self.out_ent[slot, length] = tok, lp, ent
+        stopped = torch.isin(tok, self.stop_ids)
+        done = (stopped | (length + 1 == self.max_new)).tolist()
+        for rollout, is_done, is_stop in zip(rollouts, done, stopped.tolist()):
+            rollout.length += 1
+            if is_done:
+                self.finish(rollout, "stop" if is_stop else "length")
+
+    def finish(self, rollout: _Rollout, reason: str) -> None:
+        i, n = rollout.slot, rollout.length
+        self.results[(rollout.prompt.index, rollout.sample)] = (
+            self.out_tok[i, :n].tolist(), self.out_lp[i, :n].clone(), self.out_ent[i, :n].clone(), reason)
+        self.running.remove(rollout)
+        self.free_slots.append(rollout.slot)
+        prompt = rollout.prompt
+        self.pool.release(rollout.blocks + prompt.blocks)
+        prompt.running -= 1
+        prompt.unfinished -= 1
+        if prompt.unfinished == 0:  # its last rollout: the prompt's own reference goes
+            self.pool.release(prompt.blocks)
+            self.active.remove(prompt)

@@ -1,0 +1,141 @@
+"""The config's rules (config.py: one sentence naming the flag and the fix), and the processes' set-up (cluster.py:
+the CPU's compute dtype and threads, prompts over ranks). Run by test_all.py."""
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cluster
+import config
+import reward
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(adv="ppo"), "--adv ppo is unknown"),
+    (dict(loss="dpo"), "--loss dpo is unknown"),
+    (dict(aggregate="sum"), "--aggregate sum is unknown"),
+    (dict(eps_low=0.3, eps_high=0.2), "--eps-high 0.2 is below --eps-low 0.3"),
+    (dict(adam_eps=0.0), "--adam-eps 0.0 must be positive"),
+    (dict(dual_clip=0.5), "--dual-clip 0.5 must be 0 (off) or above 1"),
+    (dict(eps_low=1.0, eps_high=1.2), "--eps-low 1.0 must be in [0, 1)"),
+    (dict(tis_cap=-2.0), "--tis-cap -2.0 must be 0 (off)"),
+    (dict(kl_kind="k4"), "--kl-kind k4 is unknown"),
+    (dict(loss="tb", tb_beta_start=-0.01), "--tb-beta-start -0.01 and --tb-beta-end 0.004 must be > 0"),
+    (dict(echo_coef=1e-3, success=2.0), "--success 2.0: rewards are at most 1"),
+    (dict(echo_mode="some"), "--echo-mode some is unknown"),
+    (dict(budget_min=10, budget_max=6), "--budget-min 10 is above --budget-max 6"),
+    (dict(budget_min=10, budget_max=12), "--rollouts-per-prompt 8 is outside --budget-min 10 .. --budget-max 12"),
+    (dict(rollouts_per_prompt=14, budget_min=4, budget_max=12), "--rollouts-per-prompt 14 is outside --budget-min 4"),
+    (dict(budget_min=0, budget_max=12), "--budget-min 0 must be at least 1"),
+    (dict(temperature_control=True, tau_min=2.0, tau_max=0.5), "--tau-min 2.0 and --tau-max 0.5"),
+    (dict(temperature_control=True, tau_min=0.0), "--tau-min 0.0 and --tau-max 2.0 must satisfy 0 < min <= max"),
+    (dict(temperature_control=True, temperature=3.0), "--temperature 3.0 is outside --tau-min 0.5 .. --tau-max 2.0"),
+    (dict(temperature_control=True, temperature=0.2), "--temperature 0.2 is outside --tau-min 0.5"),
+    (dict(max_gen_rounds=0), "--max-gen-rounds 0 must be at least 1"),
+    (dict(dtype="float16"), "--dtype float16 is unknown"),
+    (dict(top_p=0.0), "--top-p 0.0 is outside (0, 1]"),
+    (dict(temperature=-1.0), "--temperature -1.0 is negative"),
+    (dict(max_new_tokens=0), "--max-new-tokens 0 must be at least 1"),
+    (dict(eval_samples=0), "--eval-samples 0 must be at least 1"),
+    (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2 must be at least 1"),
+    (dict(prompts_per_step=0), "--prompts-per-step 0 and --rollouts-per-prompt 8 must be at least 1")])
+def test_bad_config_is_one_sentence(fields, message):
+    """Every rule, checked once, in config.py: a Config that breaks one raises the sentence that names it."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.Config(**fields)
+
+
+def test_every_preset_is_a_valid_config():
+    for name, (_, preset) in config.PRESETS.items():
+        assert config.parse_config([name]) == preset, name
+    assert config.parse_config([]) == config.parse_config(["demo"])
+
+
+def test_tba_bad_input_is_one_sentence():
+    cases = [(dict(searchers=2, sync_every=0), "--sync-every 0 must be at least 1"),
+             (dict(searchers=2, fresh_prob=1.5), "--fresh-prob 1.5 is a probability"),
+             (dict(searchers=2, replay_capacity=4), "--replay-capacity 4 is below --rollouts-per-prompt 8"),
+             (dict(searchers=2, sync_every=3, max_staleness=4), "--max-staleness 4 would drop fresh rounds"),
+             (dict(searchers=2, kl_coef=0.1), "async PPO has no per-token reference logprobs")]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config.Config(**flags)
+    with pytest.raises(SystemExit, match="--searchers 3 leaves no trainer among 3 processes"):
+        cluster.check_world_size(config.Config(searchers=3, loss="tb"), 3)
+
+
+def test_dtype_auto_probes_once_per_cpu_and_picks_the_faster(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    dtype, why = cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
+    cache = json.loads((tmp_path / "dtype_probe.json").read_text())
+    [(key, ms)] = cache.items()
+    assert cluster.cpu_identity() in key and "64x128" in key and ms["float32"] > 0 and ms["bfloat16"] > 0
+    assert dtype == (torch.bfloat16 if ms["bfloat16"] < ms["float32"] else torch.float32)
+    assert not ms["stopped"] or ms["bfloat16"] > ms["float32"]  # bf16 stops early only once it is slower
+    assert f"{ms['float32']:.1f} ms in float32" in why
+    monkeypatch.setattr(cluster, "probe_matmuls", lambda *a: pytest.fail("probed again; the cache holds the answer"))
+    assert cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == dtype
+    for bf16_ms, expected in ((0.5, torch.bfloat16), (2.0, torch.float32)):  # a CPU with and without bf16 units
+        cache[key] = {"float32": 1.0, "bfloat16": bf16_ms, "stopped": False}
+        (tmp_path / "dtype_probe.json").write_text(json.dumps(cache))
+        assert cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))[0] == expected
+    assert cluster.pick_dtype("float32", cpu, 64, 128, str(tmp_path)) == (torch.float32, "--dtype float32")
+    assert cluster.pick_dtype("auto", torch.device("cuda"), 64, 128, str(tmp_path))[0] == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another CPU: its own probe
+    assert "oneDNN ISA AVX2" in cluster.cpu_identity()
+    with pytest.raises(pytest.fail.Exception, match="probed again"):
+        cluster.pick_dtype("auto", cpu, 64, 128, str(tmp_path))
+
+
+def test_threads_are_the_physical_cores_of_the_affinity(monkeypatch):
+    cores = cluster.physical_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        cluster.set_threads()
+        assert torch.get_num_threads() == cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))  # more ranks than cores: one thread each
+        cluster.set_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_scoring_workers_sit_idle_while_the_model_runs():
+    """The verifier pool's workers block on their queue between score() calls: while the parent computes
+    they use no CPU time, so they do not compete with torch's threads."""
+    task = reward.load_task("rg:chain_sum", 4, seed=0)
+    reward.score(task, task.items, [f"Answer: {item['answer']}" for item in task.items])
+    workers = [p.pid for pool in reward._pools.values() for p in pool._pool]
+
+    def cpu_seconds(pid):  # utime + stime from /proc/PID/stat, in clock ticks
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = [cpu_seconds(pid) for pid in workers]
+    start = time.time()
+    x = torch.randn(512, 512)
+    while time.time() - start < 1.0:
+        x = (x @ x).tanh()
+    assert workers and all(cpu_seconds(pid) - b <= 0.02 for pid, b in zip(workers, before))
+
+
+def test_prompts_split_over_ranks_by_budget():
+    gen = torch.Generator().manual_seed(0)
+    for world in (1, 2, 3, 8):
+        budgets = torch.randint(1, 40, (24,), generator=gen).tolist()
+        shares = cluster.split_by_budget(budgets, world)
+        assert sorted(i for share in shares for i in share) == list(range(24))
+        loads = [sum(budgets[i] for i in share) for share in shares]
+        assert max(loads) - min(loads) <= max(budgets)
+    assert cluster.split_by_budget([8] * 4, 2) == [[0, 2], [1, 3]]  # equal budgets: equal shares
+    assert cluster.split_by_budget([12, 4, 4, 4], 2) == [[0], [1, 2, 3]]
+    with pytest.raises(SystemExit, match="--prompts-per-step 6 does not split over 4 trainer ranks"):
+        cluster.check_world_size(config.Config(prompts_per_step=6), 4)

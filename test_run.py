@@ -1,0 +1,306 @@
+"""Whole runs of train.py: the demo loop, every objective and exploration option, two ranks against one, resume
+after SIGKILL, checkpoints and the export, TBA in one process and under torchrun. Run by test_all.py."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import collect
+import config
+import train
+import trainer
+from forward import ModelConfig
+from rollout import Sampler
+from test_sampler import HANG_GUARD, ROOT, hf_greedy, save_tiny_model
+
+
+def test_bad_config_on_the_command_line_is_one_sentence():
+    run = subprocess.run([sys.executable, "train.py", "demo", "--kl-kind", "k9"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=HANG_GUARD)
+    assert run.returncode != 0
+    assert "--kl-kind k9 is unknown" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bad_task_in_a_run_is_one_sentence(tmp_path):
+    bad = tmp_path / "data.jsonl"
+    bad.write_text('{"question": "1+1", "answer": "2"}\n{"question": oops}\n')
+    for task, message in [("rg:no_such_task", "no dataset 'no_such_task'"), (str(bad), "data.jsonl line 2 is not valid JSON")]:
+        run = subprocess.run([sys.executable, "train.py", "demo", "--task", task, "--model", str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
+        assert run.returncode != 0 and "Traceback" not in run.stderr
+        assert message in run.stderr
+
+
+def test_demo_loop_runs_end_to_end(tmp_path, smollm2):
+    """Two tiny steps on a small random model with the real tokenizer: metrics, eval rows and the plot."""
+    save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
+    cfg = config.Config(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1", steps=2,
+                          task_size=200, prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=6,
+                          eval_prompts=4, eval_samples=2, out_dir=str(tmp_path / "out"), lr=1e-3)
+    train.main(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("eval") for r in rows if "eval" in r] == ["before", "after"]
+    steps = [r for r in rows if "step" in r]
+    assert [r["step"] for r in steps] == [0, 1]
+    for key in ("reward", "pass_rate", "entropy", "loss", "clip_frac"):
+        assert all(math.isfinite(r[key]) for r in steps)
+    assert rows[1]["eval_samples"] == 8
+    # the first row says how the run computes: --dtype auto's choice for this CPU, and why
+    assert rows[0]["run"] == "started" and rows[0]["dtype"] in ("float32", "bfloat16") and rows[0]["threads"] >= 1
+    assert rows[0]["dtype_why"].startswith("auto: the model's MLP product")
+    assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags, expect", [
+    # every reward (0 from a random model) counts as a success: all groups are all-right, so EchoClips exist
+    (dict(echo_coef=1e-3, success=0.0), ("echo_loss", "echo_clips", "echo_clip_frac")),
+    (dict(loss="tb", updates_per_step=2, kl_coef=0.0), ("log_z_std", "tb_beta")),
+    # a random model gets all-equal rewards: dynamic sampling drops every group and the step trains on nothing
+    (dict(adv="reinforce++", dynamic_sampling=True, max_gen_rounds=2, tis_cap=2.0, kl_coef=1e-3, dual_clip=3.0,
+          aggregate="seq-mean-token-mean"), ("ds_pass_rate", "tis_weight", "kl")),
+    (dict(kl_coef=1e-3, kl_in_reward=True, aggregate="seq-mean-token-sum-norm", entropy_coef=1e-3), ()),
+    # the entropy bonus moves the policy; the reference catches up at step 2, so the KL is 0 again
+    (dict(kl_coef=1e-3, ref_reset_every=2, entropy_coef=1e-2, steps=3), ("kl",)),
+    # 6 training prompts, 2 per step: budgets are uniform in epoch 1 (steps 0-2) and spread in epoch 2
+    (dict(budget_min=1, budget_max=5, temperature_control=True, task_size=10, steps=5), ("entropy_target",))])
+def test_objective_and_explore_options_run(tmp_path, smollm2, flags, expect):
+    save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
+    cfg = config.Config(**{**dict(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1",
+                                    steps=2, task_size=200, prompts_per_step=2, rollouts_per_prompt=3,
+                                    max_new_tokens=6, eval_prompts=4, eval_samples=1, out_dir=str(tmp_path / "out"),
+                                    lr=1e-3), **flags})
+    train.main(cfg)
+    rows = [r for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    assert len(rows) == cfg.steps
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "entropy", "degenerate_frac", *expect))
+    if flags.get("echo_coef"):
+        assert all(r["echo_clips"] == 2 and r["echo_loss"] > 0 and 0 < r["echo_clip_frac"] <= 1 for r in rows)
+    if flags.get("dynamic_sampling"):
+        assert all(r["ds_pass_rate"] == 0 and r["groups_sampled"] == 4 and r["grad_norm"] == 0 for r in rows)
+    if flags.get("ref_reset_every"):
+        assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0 and rows[2]["kl"] == 0
+    if flags.get("temperature_control"):
+        assert len({r["temperature"] for r in rows}) > 1  # the controller moved tau
+        assert all(1 <= r["rollouts_min"] <= r["rollouts_mean"] == 3 <= r["rollouts_max"] <= 5 for r in rows)
+        assert [r["rollouts_max"] - r["rollouts_min"] > 0 for r in rows] == [False] * 3 + [True] * 2
+
+
+def test_two_ranks_train_like_one(tmp_path):
+    """torchrun with 2 gloo ranks (FSDP2, prompts split across ranks) and with 1 rank, same global
+    batch and seed: the same rollouts, rewards and losses, and the same updated weights (exported
+    at the end), every weight within float32 tolerance. With AdamW's default eps (1e-8) a weight whose gradient sits
+    at float noise moves by about lr x sign(noise), so the layouts (rows per rank, threads, a sum over ranks) would
+    set hundreds of weights apart by a fraction of lr (seen: 724 of 135M on a 2-core Xeon with AMX); --adam-eps 1e-5
+    makes such a weight move by lr x g / eps, still lr for the 3/4 of the weights whose gradients are real."""
+    args = ["demo", "--steps", "2", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
+            "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5",
+            # the cross-rank paths too: dynamic sampling's rounds and trimming, E3 budgets (8 training prompts,
+            # so step 1 starts epoch 2), TIS, echo clips
+            "--task-size", "12", "--dynamic-sampling", "--max-gen-rounds", "2", "--budget-min", "6", "--budget-max",
+            "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any", "--adam-eps", "1e-5"]
+    runs, weights = [], []
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks{ranks}"
+        checkpointing = ["--activation-checkpointing"] if ranks == 2 else []  # the same updates with it on
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                              "train.py", *args, *checkpointing, "--out-dir", str(out), "--export-hf",
+                              str(out / "export")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+        weights.append(load_file(out / "export" / "model.safetensors"))
+    one, two = ([r for r in rows if "step" in r] for rows in runs)
+    assert len(one) == len(two) == 2 and one[0]["grad_norm"] > 0  # some group had a reward signal
+    for a, b in zip(one, two):
+        for key in ("reward", "pass_rate", "response_len", "ds_pass_rate", "groups_kept", "rollouts_min",
+                    "rollouts_max", "echo_clips"):
+            assert a[key] == b[key], (key, a[key], b[key])
+        for key in ("entropy", "loss", "grad_norm", "tis_weight", "echo_loss"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
+    initial = load_file(trainer.resolve_model(config.EMBEDDED_MODEL, config.Config().cache_dir) / "model.safetensors")
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 100
+    moved = apart = 0
+    for name in weights[0]:
+        a, b = weights[0][name], weights[1][name]
+        moved += int((~torch.isclose(a, initial[name].float(), rtol=1e-5, atol=1e-7)).sum())
+        apart += int((~torch.isclose(a, b, rtol=1e-5, atol=1e-7)).sum())
+    assert moved > sum(w.numel() for w in initial.values()) / 2  # the runs did train, most weights by about lr
+    assert apart == 0, f"{apart} weights differ between 1 and 2 ranks"
+
+
+def tiny_run(tmp_path: Path, smollm2) -> list[str]:
+    """train.py flags for a few quick steps of a small random model (the real tokenizer) on the demo's task:
+    its rewards are all 0, so an entropy bonus gives every step a gradient."""
+    model = tmp_path / "model"
+    if not model.exists():
+        save_tiny_model(model, "llama", smollm2[1], seed=0)
+    return ["demo", "--model", str(model), "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt",
+            "8", "--max-new-tokens", "8", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-3",
+            "--entropy-coef", "1e-2"]
+
+
+def step_rows(out_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("t_")} for r in rows if "step" in r]
+
+
+def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, smollm2):
+    # 8 training prompts, 4 per step: step 2 starts epoch 2, whose E3 budgets come from the difficulty
+    # stats of epoch 1, and the sampling temperature moves every step: both must come back on resume
+    e3 = ["--task-size", "12", "--budget-min", "6", "--budget-max", "10", "--temperature-control"]
+    command = [sys.executable, "train.py", *tiny_run(tmp_path, smollm2), *e3, "--steps", "4", "--save-every", "1"]
+    # the unbroken run saves nothing: saving must not change a run either
+    unbroken = subprocess.run(command[:-2] + ["--out-dir", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=HANG_GUARD)
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    out = tmp_path / "b"
+    killed = subprocess.Popen(command + ["--out-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + HANG_GUARD
+    while not (out / "checkpoints" / "step_000001").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    killed.kill()  # SIGKILL, somewhere after step 1's checkpoint
+    killed.wait()
+    assert (out / "checkpoints" / "step_000001").is_dir() and not (out / "checkpoints" / "step_000003").exists()
+    half_written = out / "checkpoints" / "step_000009.tmp"  # cut off while being written: never picked up
+    half_written.mkdir()
+    (half_written / ".metadata").write_text("garbage")
+    resumed = subprocess.run(command + ["--out-dir", str(out), "--resume", "auto"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=HANG_GUARD)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a, b = step_rows(tmp_path / "a"), step_rows(out)
+    assert [r["step"] for r in b] == [0, 1, 2, 3] and a == b  # exactly, floats included
+    assert all(r["grad_norm"] > 0 for r in a) and a[2]["rollouts_max"] > a[2]["rollouts_min"]
+    assert a[0]["temperature"] == a[1]["temperature"] == 1.0  # the first update only sets the entropy target
+    assert len({r["temperature"] for r in a[1:]}) == 3
+
+
+def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path, smollm2):
+    corrupt = tmp_path / "step_000001"
+    corrupt.mkdir()
+    (corrupt / ".metadata").write_text("not a checkpoint")
+    cases = [(["--resume", str(tmp_path / "missing")], "no complete checkpoint there"),
+             (["--resume", str(corrupt)], "cannot be read"),
+             (["--export-hf", str(tmp_path)], "already exists")]
+    for flags, message in cases:
+        run = subprocess.run([sys.executable, "train.py", *tiny_run(tmp_path, smollm2), "--steps", "1", "--out-dir",
+                              str(tmp_path / "out"), *flags], cwd=ROOT, capture_output=True, text=True,
+                             timeout=HANG_GUARD)
+        assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_exported_model_loads_in_transformers_and_decodes_like_the_sampler(tmp_path, smollm2):
+    save_tiny_model(tmp_path / "model", "qwen2", smollm2[1], seed=1)
+    train.main(config.Config(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1", steps=1,
+                            task_size=200, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
+                            eval_prompts=4, eval_samples=1, out_dir=str(tmp_path / "out"),
+                            export_hf=str(tmp_path / "export")))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", dtype=torch.float32)
+    prompts = collect.encode_prompts(transformers.AutoTokenizer.from_pretrained(tmp_path / "export"), "{question}",
+                                   [{"question": "What is 2 + 2?"}])
+    out = sampler.generate(prompts, [1], max_new_tokens=12, temperature=0.0)
+    assert out.tokens[0] == hf_greedy(model, prompts[0], 12, eos=None)
+
+
+# ---- TBA: async searchers, the weight broadcast, the replay buffer's run (ALGORITHMS.md 2) ----
+
+
+BROADCAST_SCRIPT = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cluster
+cluster.BUCKET = 1000  # several buckets and a short last one
+dist.init_process_group("gloo")
+group = dist.new_group([0, 1])
+bits = torch.randint(-2**15, 2**15, (12345,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+sent = bits.to(torch.int16).view(torch.bfloat16)  # every pattern: NaN payloads, -0, infinities, subnormals
+flat = sent.clone() if dist.get_rank() == 0 else torch.zeros_like(sent)
+for version in (0, 4):
+    assert cluster.broadcast_weights(flat, version, group) == (version, cluster.checksum(sent))
+    assert torch.equal(flat.view(torch.int16), sent.view(torch.int16))
+    flat.view(torch.int16)[0] += 1 if dist.get_rank() == 0 else 0
+    sent.view(torch.int16)[0] += 1
+dist.destroy_process_group()
+print("exact")
+"""
+
+
+def test_weight_broadcast_is_bit_exact(tmp_path):
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                          str(ROOT)], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert run.returncode == 0 and run.stdout.count("exact") == 2, run.stderr[-2000:]
+
+
+def tba_command(tmp_path: Path, name: str, procs: int, *flags: str) -> list[str]:
+    """A tiny `tba-cpu` run (random model, real tokenizer), 4 steps; procs 0 = plain python (one process,
+    virtual searchers), else torchrun."""
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs else []
+    return [sys.executable, *launch, "train.py", "tba-cpu", "--model", str(tmp_path / "model"), "--searchers", "2",
+            "--dtype", "float32", "--steps", "4", "--sync-every", "1", "--prompts-per-step", "2",
+            "--rollouts-per-prompt", "3", "--max-new-tokens", "6", "--task-size", "40", "--eval-prompts", "2",
+            "--eval-samples", "1", "--lr", "1e-3", "--out-dir", str(tmp_path / name), *flags]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # so that one process and several compute alike
+
+
+def tba_run(tmp_path: Path, name: str, procs: int, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(tba_command(tmp_path, name, procs, *flags), cwd=ROOT, capture_output=True, text=True,
+                          timeout=HANG_GUARD, env=ONE_THREAD)
+
+
+TIMING = ("t_step", "broadcast_s", "trainer_waited", "searcher_waited", "rollouts_per_s", "tokens_per_s")
+
+
+def test_tba_one_process_and_torchrun_agree_and_resume(tmp_path, smollm2):
+    """Virtual searchers in one process and searcher ranks under torchrun give the same rollouts, rewards,
+    losses and final weights: exactly with one trainer rank, within float32 tolerance with an FSDP2 group of
+    two (AdamW moves a weight whose gradient is at float noise by up to lr a step, either way). SIGKILL, then
+    --resume auto: the same metrics as the unbroken run, in one process and under torchrun."""
+    save_tiny_model(tmp_path / "model", "qwen2", smollm2[1], seed=0)
+    rows, weights = {}, {}
+    for name, procs in (("one", 0), ("three", 3), ("four", 4)):
+        run = tba_run(tmp_path, name, procs, "--export-hf", str(tmp_path / name / "export"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows[name] = [{k: v for k, v in r.items() if k not in TIMING} for r in step_rows(tmp_path / name)]
+        weights[name] = load_file(tmp_path / name / "export" / "model.safetensors")
+    one, three, four = rows["one"], rows["three"], rows["four"]
+    assert [r["step"] for r in one] == [0, 1, 2, 3] and one[-1]["grad_norm"] > 0
+    assert one[-1]["staleness_max"] == 1 and one[0]["staleness_max"] == 0 and one[-1]["buffer"] > one[0]["buffer"]
+    assert one == three and all(torch.equal(weights["one"][k], weights["three"][k]) for k in weights["one"])
+    for a, b in zip(one, four):
+        assert a["step"] == b["step"] and a["buffer"] == b["buffer"] and a["staleness_max"] == b["staleness_max"]
+    assert math.isclose(one[0]["loss"], four[0]["loss"], rel_tol=1e-4, abs_tol=1e-6)
+    for name in weights["one"]:
+        assert ((weights["one"][name] - weights["four"][name]).abs() <= 2 * 1e-3 * 4 + 1e-6).all(), name
+
+    for name, procs in (("one", 0), ("three", 3)):
+        out = tmp_path / f"{name}-resumed"
+        # killed once the checkpoint of sync 2 (after step 1) exists, then resumed from it
+        killed = subprocess.Popen(tba_command(tmp_path, out.name, procs, "--save-every", "2"), cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                  env=ONE_THREAD)
+        deadline = time.time() + HANG_GUARD
+        while not (out / "checkpoints" / "step_000001").is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+        os.killpg(killed.pid, 9)  # SIGKILL to every process of the run
+        killed.wait()
+        assert not (out / "checkpoints" / "step_000003").exists()
+        resumed = tba_run(tmp_path, out.name, procs, "--save-every", "2", "--resume", "auto")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        again = [{k: v for k, v in r.items() if k not in TIMING} for r in step_rows(out)]
+        assert [r["step"] for r in again] == [0, 1, 2, 3] and again == rows[name]
