@@ -31,6 +31,8 @@ class Config:
     score_timeout: float = 5.0             # seconds per verifier call or program (wall and CPU); past it: 0, counted
     score_workers: int = 0                 # scoring processes per rank (0 = the CPUs, shared by this machine's ranks)
     sandbox_memory_mb: int = 1024          # address space of each sandboxed program (code tasks)
+    allow_weak_sandbox: bool = False       # run code tasks even where the sandbox is weak: not root and no user
+                                           # namespaces, so a program could write your files and signal the trainer
     binary_reward: bool = False            # reward 1 if the verifier's score is >= 1 else 0 (drops partial credit)
     # rollouts
     prompts_per_step: int = 8              # prompts (groups) per step

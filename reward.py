@@ -1,37 +1,25 @@
 """fanout's tasks and verifiers: reasoning-gym generators, JSONL math data checked by math-verify, code
-(HumanEval, JSONL with tests) run against its tests in a sandboxed process; parallel, time-limited scoring.
+(HumanEval, JSONL with tests) run against its tests in the sandbox (sandbox.py); parallel, time-limited scoring.
 
     task = load_task("rg:basic_arithmetic?max_digits=1", size=1000, seed=0)   # or "data.jsonl", "humaneval"
     train_task, eval_task = split_task(task, n_eval=64, seed=0)
     rewards, failures, timeouts = score(train_task, items, responses)  # a crash or hang: 0.0, counted
-    run_program("def f(): return 1", "assert f() == 1")  # Run(passed=True, ...): one program in the sandbox
 """
 
 import ast
 import atexit
-import dataclasses
 import difflib
 import functools
 import gzip
 import importlib.resources
-import inspect
 import json
 import logging
-import marshal
 import math
 import multiprocessing
 import multiprocessing.pool
 import os
 import random
 import re
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +28,8 @@ from typing import Callable
 import math_verify
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
+
+from sandbox import SANDBOX_START_S, Limits, check_sandbox, run_program
 
 JSONL_FIX = ('each line must be {"question": ..., "answer": ...}, or in a code file {"question": ..., "tests": ...} '
              '(optionally "entry_point", "setup"), tests being Python that raises if the program is wrong')
@@ -219,11 +209,9 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-# ---- programs: the sandbox (README, "The sandbox") ----
+# ---- programs, run in the sandbox (sandbox.py) ----
 
 FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
-OUTPUT_BYTES = 4096  # of a program's output kept in Run.output; the file-size limit caps what it may write
-SANDBOX_START_S = 10.0  # allowed beyond a program's wall-clock limit for the sandbox's own start and clean-up
 
 
 def extract_program(text: str) -> str | None:
@@ -233,242 +221,8 @@ def extract_program(text: str) -> str | None:
     return textwrap.dedent(blocks[-1]) if blocks and blocks[-1].strip() else None
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one sandboxed program may use; past a limit it is stopped (or its call fails) and scores 0."""
-    wall_s: float = 5.0    # seconds from its start to its last test; then it is killed, and all it started
-    cpu_s: float = 5.0     # CPU seconds of each of its processes (RLIMIT_CPU, whole seconds)
-    memory_mb: int = 1024  # address space of each of its processes (RLIMIT_AS)
-    file_mb: int = 16      # the largest file it may write, its output included (RLIMIT_FSIZE); its /tmp holds 4x
-    open_files: int = 64   # open file descriptors of each of its processes (RLIMIT_NOFILE)
-    processes: int = 16    # processes and threads of its user at once (RLIMIT_NPROC)
-
-    def __post_init__(self):
-        for name, value in dataclasses.asdict(self).items():
-            if not value > 0:
-                raise ValueError(f"sandbox limit {name}={value} must be above 0; no program can run within it")
-
-
-@dataclass
-class Run:
-    passed: bool     # the sandbox printed this run's secret token after the last test: nothing else is a pass
-    timed_out: bool  # stopped at the wall-clock or CPU limit
-    output: str      # the program's stdout and stderr (tracebacks included), cut to OUTPUT_BYTES
-
-
 class ProgramTimeout(Exception):
     """A program ran out of time: it scores 0, counted apart from verifier failures."""
-
-
-def run_program(program: str, tests: str, setup: str = "", entry_point: str | None = None,
-                limits: Limits = Limits()) -> Run:
-    """Setup, the program, then the tests, in a fresh sandbox process (_sandbox); with an entry point, the
-    tests' check(candidate) is called with it. A pass is this run's random token, printed after the tests."""
-    token, folder = secrets.token_hex(16), tempfile.mkdtemp(prefix="fanout-sandbox-")
-    orders = {"folder": folder, "limits": {**dataclasses.asdict(limits), "cpu_s": math.ceil(limits.cpu_s)},
-              "setup": setup, "program": program, "entry_point": entry_point,
-              "path": sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}),
-              "python": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)})}
-    try:
-        with tempfile.TemporaryFile() as out:  # a file, not a pipe: the file-size limit caps the output
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", _SANDBOX], stdin=subprocess.PIPE,
-                                    stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
-                                    env={"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"})
-            try:  # the tests and the token wait in the pipe until the program has run
-                proc.communicate(_framed(orders) + _framed({"tests": tests, "token": token}),
-                                 timeout=limits.wall_s + SANDBOX_START_S)
-            except subprocess.TimeoutExpired:  # the sandbox itself stalled (a starved machine): end its group
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            out.seek(0)
-            output = out.read()  # at most the file-size limit
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return Run(proc.returncode == 0 and output.endswith(f"\n{token}\n".encode()), proc.returncode in (124, -9),
-               output[:OUTPUT_BYTES].decode(errors="replace").replace(f"\n{token}\n", ""))
-
-
-def _framed(obj) -> bytes:  # marshal, not json: the sandbox then starts without json's imports (a third of it)
-    data = marshal.dumps(obj)
-    return b"%010d" % len(data) + data
-
-
-def _sandbox() -> None:
-    """The sandbox's process, `python -I -S -B -c <this source>` in a new session, as the scoring worker's
-    user; trusted code up to the program. As root it takes new mount, network, PID and IPC namespaces where
-    the OS allows them; in the mount namespace the machine is read-only and /tmp, /var/tmp, /dev/shm empty.
-    A child (pid 1 of the new PID namespace) drops to a user of its own under the limits and runs setup,
-    program and tests; this parent kills it at the wall-clock limit and exits 0 (the child exited 0), 124
-    (out of time) or 1."""
-    import ctypes, marshal, os, resource, select, signal, sys  # noqa: E401 (only the standard library here)
-    libc = ctypes.CDLL(None, use_errno=True)
-    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18  # MS_*
-
-    def mount(source: str, target: str, kind: str, flags: int, options: str = "") -> None:  # best effort
-        libc.mount(source.encode(), target.encode(), kind.encode(), flags, options.encode())
-
-    def read_framed(fd: int, read=os.read, loads=marshal.loads):  # bound now: a program may patch modules
-        def exactly(size: int) -> bytes:  # what follows stays in the pipe until it is asked for
-            data = b""
-            while len(data) < size:
-                chunk = read(fd, size - len(data))
-                if not chunk:
-                    raise EOFError("the sandbox's orders were cut short")
-                data += chunk
-            return data
-        return loads(exactly(int(exactly(10))))
-
-    def run(read_tests, write=os.write, exit_now=os._exit, settrace=sys.settrace, setprofile=sys.setprofile):
-        """Setup, program, then tests, in one namespace. What the program may have done to disarm the tests is
-        undone first: builtins, trace hooks, output streams and the setup's own names (helpers the tests call)
-        are put back. With an entry point, check(candidate) gets it wrapped so that only plain data (or the
-        setup's own types) may come back: an object that claims to equal anything fails."""
-        import builtins
-        namespace, entry = {"__name__": "solution"}, orders["entry_point"]
-        exec(compile(orders["setup"], "setup", "exec"), namespace)
-        given, live_builtins, saved_builtins, streams = dict(namespace), vars(builtins), dict(vars(builtins)), \
-            (sys.stdout, sys.stderr)
-        trusted = {type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset,
-                   *(value for value in given.values() if isinstance(value, type))}
-        exec(compile(orders["program"], "program", "exec"), namespace)
-        settrace(None)
-        setprofile(None)
-        live_builtins.clear()
-        live_builtins.update(saved_builtins)
-        sys.stdout, sys.stderr = streams
-        namespace.update({name: value for name, value in given.items() if name != entry})
-        tests = read_tests()
-        exec(compile(tests["tests"], "tests", "exec"), namespace)
-        if entry:
-            function = namespace[entry]
-
-            def plain(value):
-                if type(value) not in trusted:
-                    raise TypeError(f"{entry} returned a {type(value).__name__}: only plain data is checked")
-                for part in (*value, *value.values()) if type(value) is dict else \
-                        value if type(value) in (list, tuple, set, frozenset) else ():
-                    plain(part)
-                return value
-
-            namespace["check"](lambda *args, **kwargs: plain(function(*args, **kwargs)))
-        for stream in streams:
-            stream.flush()
-        write(1, f"\n{tests['token']}\n".encode())  # the proof: after every test, and last
-        exit_now(0)
-
-    orders = read_framed(0)
-    limits, folder, root = orders["limits"], orders["folder"], os.geteuid() == 0
-    uid = 1_000_000_000 + os.getpid()  # no account has it: no files, no other processes, its own process count
-    flags = {"mount": 0x20000, "network": 0x40000000, "pid": 0x20000000, "ipc": 0x8000000}
-    if root:
-        spaces = {name for name, flag in flags.items() if libc.unshare(flag) == 0}
-    elif libc.unshare(0x10000000 | sum(flags.values())) == 0:  # an ordinary user: all four, in a user namespace
-        for name, line in (("setgroups", "deny"), ("uid_map", f"{os.getuid()} {os.getuid()} 1"),
-                           ("gid_map", f"{os.getgid()} {os.getgid()} 1")):  # the same user and group inside
-            with open(f"/proc/self/{name}", "w") as file:
-                file.write(line)
-        spaces = set(flags)
-    else:
-        spaces = set()
-    if "mount" in spaces:
-        mount("none", "/", "", REC | PRIVATE)  # nothing mounted below leaks out of this namespace
-        with open("/proc/self/mountinfo") as mounts:  # every mount read-only, folders anyone may write included
-            for fields in [line.split() for line in mounts]:
-                kept = sum(bit for name, bit in (("nosuid", NOSUID), ("nodev", NODEV), ("noexec", NOEXEC))
-                           if name in fields[5].split(","))
-                mount("none", fields[4], "", REMOUNT | BIND | RDONLY | kept)
-        # The interpreter must stay readable by the new user: a folder on its way that others may not enter
-        # (pyenv's or uv's Python under /root) is covered by an empty tmpfs holding the interpreter's alone.
-        hidden = {}
-        for path in orders["python"]:
-            parts = path.split("/")
-            closed = next((p for p in ("/".join(parts[:i]) for i in range(2, len(parts)))
-                           if not os.stat(p).st_mode & 0o001), None)
-            if closed:
-                hidden[path] = (closed, os.open(path, os.O_PATH))
-        for closed in {closed for closed, _ in hidden.values()}:
-            mount("tmpfs", closed, "tmpfs", NOSUID | NODEV, "mode=755,size=1m")
-        for path, (_, fd) in hidden.items():
-            os.makedirs(path, exist_ok=True)
-            mount(f"/proc/self/fd/{fd}", path, "", BIND | REC)
-        for shared in ("/tmp", "/var/tmp", "/dev/shm"):  # writable by anyone: this sandbox gets empty ones
-            if os.path.isdir(shared):
-                mount("tmpfs", shared, "tmpfs", NOSUID | NODEV, f"mode=1777,size={4 * limits['file_mb']}m")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    if "mount" in spaces:  # its own writable folder, in memory and bounded, wherever the worker's TMPDIR is
-        mount("tmpfs", folder, "tmpfs", NOSUID | NODEV, f"mode=700,size={4 * limits['file_mb']}m")
-    if root:
-        os.chown(folder, uid, uid)
-    child = os.fork()
-    if child == 0:
-        try:
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: it dies with this parent, whoever kills that
-            os.setpgid(0, 0)
-            if {"mount", "pid"} <= spaces:  # a /proc that shows this sandbox's processes alone
-                mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
-            for which, value in ((resource.RLIMIT_CPU, limits["cpu_s"]), (resource.RLIMIT_CORE, 0),
-                                 (resource.RLIMIT_AS, limits["memory_mb"] << 20),
-                                 (resource.RLIMIT_FSIZE, limits["file_mb"] << 20),
-                                 (resource.RLIMIT_NOFILE, limits["open_files"]),
-                                 (resource.RLIMIT_NPROC, limits["processes"])):
-                resource.setrlimit(which, (value, value + (which == resource.RLIMIT_CPU)))  # CPU: SIGXCPU, then KILL
-            if root:  # RLIMIT_NPROC does not bind root, nor do file permissions
-                os.setgroups([])
-                os.setgid(uid)
-                os.setuid(uid)
-            os.chdir(folder)
-            tests_fd = os.dup(0)
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the program's standard input is empty
-            sys.path += orders["path"]
-            run(lambda: read_framed(tests_fd))
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            os._exit(1)
-    killed = not select.select([os.pidfd_open(child)], [], [], limits["wall_s"])[0]
-    if killed:
-        os.kill(child, signal.SIGKILL)
-    _, status, usage = os.wait4(child, 0)  # with a PID namespace, its last process is gone when this returns
-    out_of_cpu = os.WIFSIGNALED(status) and usage.ru_utime + usage.ru_stime >= limits["cpu_s"]
-    try:
-        os.killpg(child, signal.SIGKILL)  # whatever it started and left in its process group
-    except OSError:
-        pass
-    if root and "pid" not in spaces:  # no PID namespace: end every process of its user, wherever it went
-        killer = os.fork()
-        if killer == 0:
-            try:
-                os.setuid(uid)
-                for _ in range(3):  # kill(-1): every process this user may signal, all but the caller
-                    os.kill(-1, signal.SIGKILL)
-            finally:
-                os._exit(0)
-        os.waitpid(killer, 0)
-    os._exit(124 if killed or out_of_cpu else 0 if status == 0 else 1)
-
-
-_SANDBOX = inspect.getsource(_sandbox) + "\n_sandbox()\n"
-PROBE = "import os, socket\nopen('/tmp/{marker}', 'w').close()\nprint(os.getuid(), os.getpid(), flush=True)\n" \
-        "socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-
-
-@functools.cache
-def check_sandbox() -> dict:
-    """What a program in the sandbox gets on this machine: its user; the network (does it reach a port this
-    process listens on?); a PID namespace of its own; a private /tmp. Raises if Python cannot even start in it
-    (e.g. an interpreter its user may not read, and no mount namespace to show it one)."""
-    marker = f"fanout-probe-{secrets.token_hex(8)}"
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        run = run_program(PROBE.format(port=server.getsockname()[1], marker=marker), "")
-    seen = re.match(r"(\d+) (\d+)\n", run.output)
-    if not seen:
-        raise ValueError(f"the code sandbox cannot run a program on this machine: {run.output.strip()[-300:]!r}; "
-                         "see the README, 'The sandbox'")
-    private_tmp = not os.path.exists(f"/tmp/{marker}")
-    if not private_tmp:
-        os.remove(f"/tmp/{marker}")
-    return {"user": int(seen[1]), "network": run.passed, "own_pids": seen[2] == "1", "private_tmp": private_tmp}
 
 
 def _run_tests(limits: Limits, program: str, item: dict) -> float:

@@ -1,44 +1,17 @@
-"""Code tasks and the sandbox (reward.py): HumanEval's own solutions, JSONL code files, bad input, a training
-run that logs failures and timeouts, and hostile programs, each scoring 0 (or its honest result) while scoring
-goes on and the machine is unharmed."""
+"""Tasks and verifiers (reward.py): reasoning-gym and JSONL math data scored, answers and programs found in
+responses, HumanEval's own solutions and JSONL code files, bad input named, a training run that logs failures
+and timeouts. Run by test_all.py."""
 
 import itertools
 import json
-import os
-import re
-import socket
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-import reward
 import config
+import reward
 import train
-
-
-ROOT = Path(__file__).parent
-TESTS = "assert f(2) == 4\nassert f(3) == 6\n"  # the task of most hostile programs below: f doubles
-RIGHT = "def f(x):\n    return 2 * x\n"
-QUICK = reward.Limits(wall_s=1.0, cpu_s=1.0)  # for programs that would run forever
-
-
-def fenced(program: str) -> str:
-    return f"Here is the function:\n```python\n{program}```\nIt doubles its argument."
-
-
-def sandbox_processes() -> list[int]:
-    """Processes of any sandbox user (uids from 1e9) still alive, zombies left out."""
-    alive = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields["Uid"].split()[0]) >= 10**9 and not fields["State"].strip().startswith("Z"):
-            alive.append(int(status.parent.name))
-    return alive
+from test_sandbox import RIGHT, TESTS, fenced
 
 
 # ---- programs out of responses, code tasks ----
@@ -110,21 +83,11 @@ def test_bad_code_line_is_named(tmp_path, row, message):
         reward.load_task(str(path), size=0, seed=0)
 
 
-def test_sandbox_limits_must_be_positive():
-    for field in ("wall_s", "cpu_s", "memory_mb", "file_mb", "open_files", "processes"):
-        with pytest.raises(ValueError, match=f"sandbox limit {field}=0 must be above 0"):
-            reward.Limits(**{field: 0})
-    with pytest.raises(ValueError, match="sandbox limit memory_mb=-5 must be above 0"):
-        reward.score(reward.Task("x.jsonl", []), [], [], memory_mb=-5)
-    with pytest.raises(ValueError, match="--score-timeout 0 and --sandbox-memory-mb 1024 must be above 0"):
-        config.Config(score_timeout=0)
-
-
 def test_code_task_run_logs_rewards_failures_and_timeouts(tmp_path, monkeypatch):
     """A tiny random model writes no code, so the programs come from a stand-in for extract_program (it runs
     in this process; the sandbox runs them as usual): right, out of time, wrong, in turn."""
     import transformers
-    from test_all import save_tiny_model
+    from test_sampler import save_tiny_model
     import trainer
     path = tmp_path / "code.jsonl"
     path.write_text("".join(json.dumps({"question": f"Write f() returning 1 ({i}).", "tests": "assert f() == 1"})
@@ -143,166 +106,6 @@ def test_code_task_run_logs_rewards_failures_and_timeouts(tmp_path, monkeypatch)
     for row in steps:  # 6 responses a step, every third out of time, every third right
         assert row["timeouts"] == 2 and row["reward"] == pytest.approx(1 / 3) and row["verifier_failures"] == 0
     assert sum(r["timeouts"] for r in evals) >= 1 and all(r["verifier_failures"] == 0 for r in evals)
-
-
-# ---- the sandbox ----
-
-
-def test_sandbox_probe_on_this_machine():
-    seen = reward.check_sandbox()
-    print(f"sandbox here: {seen}")
-    if os.geteuid() == 0:  # as root it always drops to a fresh user
-        assert seen["user"] >= 10**9
-
-
-HOSTILE = {  # name: (program, tests, limits); the tests would pass for RIGHT, each program tries something else
-    "infinite loop": (RIGHT + "while True:\n    pass\n", TESTS, QUICK),
-    "fork bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", TESTS,
-                  QUICK),
-    "allocates 50 GB": ("blob = bytearray(50 << 30)\n" + RIGHT, TESTS, QUICK),
-    "writes a 10 GB file": ("with open('big', 'wb') as out:\n    for _ in range(10 << 10):\n"
-                            "        out.write(bytes(1 << 20))\n" + RIGHT, TESTS, QUICK),
-    "deep recursion": ("import sys\nsys.setrecursionlimit(10 ** 8)\ndef deeper(n):\n    return deeper(n + 1) + 1\n"
-                       "deeper(0)\n" + RIGHT, TESTS, QUICK),
-    "100 MB of output": ("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n" + RIGHT, TESTS,
-                         QUICK),
-    "sys.exit(0) before the tests": (RIGHT + "import sys\nsys.exit(0)\n", TESTS, QUICK),
-    "os._exit(0) before the tests": (RIGHT + "import os\nos._exit(0)\n", TESTS, QUICK),
-    "prints PASSED": ("print('PASSED')\nprint('All tests passed.')\ndef f(x):\n    return 0\n", TESTS, QUICK),
-    "prints a fake token": ("import secrets\nprint()\nprint(secrets.token_hex(16))\ndef f(x):\n    return 0\n",
-                            TESTS, QUICK),
-    "overrides a builtin": ("import builtins\nbuiltins.abs = lambda x: 0\ndef f(x):\n    return 0\n",
-                            "assert abs(f(2) - 4) < 1e-9\n", QUICK),
-    "disables exec and assert": ("import builtins\nbuiltins.exec = builtins.compile = lambda *a, **k: None\n"
-                                 "builtins.AssertionError = type('Quiet', (Exception,), {})\n"
-                                 "__builtins__ = {}\ndef f(x):\n    return 0\n", TESTS, QUICK),
-    "silences the tests with a trace hook": ("import sys\nsys.settrace(lambda *a: None)\nsys.stdout = None\n"
-                                             "def f(x):\n    return 0\n", TESTS, QUICK),
-}
-ENTRY = "def check(candidate):\n    assert candidate(3) == 6\n"
-HOSTILE_ENTRY = {  # HumanEval's form: setup given, tests define check(candidate), called with f
-    "patches the helper the tests call": ("def double(x):\n    return 0\ndef f(x):\n    return 0\n",
-                                          "def check(candidate):\n    assert candidate(3) == double(3)\n", RIGHT),
-    "redefines check": ("def check(candidate):\n    pass\ndef f(x):\n    return 0\n", ENTRY, RIGHT),
-    "returns an object equal to anything": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
-                                            "def f(x):\n    return Yes()\n", ENTRY, RIGHT),
-    "returns an int subclass equal to anything": ("class Yes(int):\n    def __eq__(self, other):\n        return True\n"
-                                                  "def f(x):\n    return Yes(0)\n", ENTRY, RIGHT),
-    "hides one in a list": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
-                            "def f(x):\n    return [Yes()]\n",
-                            "def check(candidate):\n    assert candidate(3) == [6]\n",
-                            "def f(x):\n    return [2 * x]\n"),
-}
-SETUP = "def double(x):\n    return 2 * x\n"
-
-
-@pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_program_scores_zero(name):
-    program, tests, limits = HOSTILE[name]  # the right program passes these tests: the battery below shows it
-    start = time.time()
-    run = reward.run_program(program, tests, limits=limits)
-    assert not run.passed and time.time() - start < limits.wall_s + 5
-    if name != "deep recursion":  # which comes first there, the memory limit or the clock, is the machine's
-        assert run.timed_out == (name in ("infinite loop", "fork bomb"))
-    assert len(run.output.encode()) <= reward.OUTPUT_BYTES + 100
-    assert not sandbox_processes()
-
-
-@pytest.mark.parametrize("name", HOSTILE_ENTRY)
-def test_hostile_program_against_check_scores_zero(name):
-    program, tests, right = HOSTILE_ENTRY[name]
-    assert reward.run_program(right, tests, SETUP, "f").passed
-    run = reward.run_program(program, tests, SETUP, "f")
-    assert not run.passed and not run.timed_out
-
-
-def test_pass_needs_the_tests_to_run():
-    """A right program that ends the process early earns nothing: only the token after the tests counts."""
-    assert reward.run_program(RIGHT, TESTS).passed
-    assert not reward.run_program(RIGHT + "raise SystemExit(0)\n", TESTS).passed
-    assert not reward.run_program(RIGHT, TESTS + "import os\nos._exit(0)\n").passed  # tests that never finish
-
-
-def test_daemon_and_children_are_gone_afterwards():
-    marker = f"{time.time() % 1000:.6f}"  # sleep's argument: finds the daemon among all processes
-    program = (f"import os, subprocess\nsubprocess.Popen(['sleep', '{marker}1'], start_new_session=True)\n"
-               f"if os.fork() == 0:\n    os.setsid()\n    os.execv('/bin/sleep', ['sleep', '{marker}2'])\n" + RIGHT)
-    run = reward.run_program(program, TESTS)
-    assert run.passed, run.output  # its honest result: the function is right
-    left = [p for p in Path("/proc").glob("[0-9]*/cmdline") if marker.encode() in p.read_bytes()]
-    assert not left and not sandbox_processes()
-
-
-def test_files_outside_its_folder_are_safe():
-    """It may write its own folder (its home) and a private /tmp, nothing else: not the project, not a folder
-    anyone may write (with a mount namespace, it sees the machine read-only), not the machine's /tmp."""
-    victim = ROOT / f".sandbox-victim-{os.getpid()}"
-    victim.mkdir()
-    victim.chmod(0o777)  # anyone may write here: only the read-only view protects it
-    (victim / "data.txt").write_text("keep")
-    (victim / "data.txt").chmod(0o666)
-    marker = f"fanout-escape-{os.getpid()}"
-    program = ("import os\nopen('mine.txt', 'w').write('ok')\nopen(os.path.expanduser('~/.rc'), 'w').close()\n"
-               f"for act in (lambda: open('{ROOT}/escape.txt', 'w'), lambda: os.remove('{ROOT}/README.md'),\n"
-               f"            lambda: open('{victim}/data.txt', 'w'), lambda: os.remove('{victim}/data.txt'),\n"
-               f"            lambda: open('{victim}/new.txt', 'w'), lambda: open('/tmp/{marker}', 'w')):\n"
-               "    try:\n        act()\n        print('done')\n    except OSError as e:\n        print(e)\n")
-    before = set(Path(tempfile.gettempdir()).glob("fanout-sandbox-*"))
-    try:
-        run = reward.run_program(program, "")
-        assert run.passed, run.output
-        assert not (ROOT / "escape.txt").exists() and (ROOT / "README.md").exists()  # file permissions
-        if reward.check_sandbox()["private_tmp"]:  # a mount namespace: the read-only view and a private /tmp
-            assert (victim / "data.txt").read_text() == "keep" and os.listdir(victim) == ["data.txt"]
-            assert run.output.count("done") == 1 and not Path(f"/tmp/{marker}").exists()
-        else:  # the honest result without one: folders anyone may write are open to it
-            Path(f"/tmp/{marker}").unlink(missing_ok=True)
-    finally:
-        for path in victim.iterdir():
-            path.unlink()
-        victim.rmdir()
-    assert set(Path(tempfile.gettempdir()).glob("fanout-sandbox-*")) <= before  # its folder is gone
-
-
-def test_environment_secrets_stay_outside(monkeypatch):
-    monkeypatch.setenv("FANOUT_TEST_SECRET", "hunter2-do-not-print")
-    program = ("import os, glob\nprint(dict(os.environ))\nfor path in glob.glob('/proc/*/environ'):\n"
-               "    try:\n        print(open(path, 'rb').read())\n    except OSError:\n        pass\n")
-    run = reward.run_program(program, "")
-    assert run.passed and "HOME" in run.output and "hunter2" not in run.output
-
-
-def test_network_is_off_where_the_os_allows():
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        program = f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)\n"
-        run = reward.run_program(program, "")
-        server.settimeout(0)
-        if not reward.check_sandbox()["network"]:
-            assert not run.passed and re.search(r"unreachable|refused", run.output)
-            with pytest.raises(BlockingIOError):
-                server.accept()
-        else:
-            pytest.skip("this machine refused a network namespace: the program reached the network")
-
-
-def test_hostile_battery_in_one_scoring_call():
-    """The programs that would harm the machine, in one score() call beside right answers: the right ones still
-    score 1, only the programs out of time count as timeouts, no verifier fails, and the pool's workers all
-    survive (one program tries to kill its parent, and every process it may signal)."""
-    task = reward.Task("code.jsonl", [])
-    killer = "import os\nfor target in (os.getppid(), 1, -1):\n    try:\n        os.kill(target, 9)\n" \
-             "    except OSError:\n        pass\n" + RIGHT
-    harmful = ("infinite loop", "fork bomb", "allocates 50 GB", "writes a 10 GB file", "100 MB of output")
-    programs = [HOSTILE[name][0] for name in harmful] + [killer]
-    items = [{"question": "Write f.", "tests": TESTS}] * (2 * len(programs))
-    responses = [text for p in programs for text in (fenced(p), fenced(RIGHT))]
-    reward.score(task, items[:2], responses[:2], timeout=2.0)  # the pool is up before its workers are counted
-    workers = [w.pid for pool in reward._pools.values() for w in pool._pool]
-    rewards, failures, timeouts = reward.score(task, items, responses, timeout=2.0)
-    assert rewards[1::2] == [1.0] * len(programs) and rewards[0:-2:2] == [0.0] * len(harmful)
-    assert failures == 0 and timeouts == 2  # the infinite loop and the fork bomb
-    assert [w.pid for pool in reward._pools.values() for w in pool._pool] == workers
-    assert not sandbox_processes()
 
 
 # ---- tasks and answers ----

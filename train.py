@@ -86,11 +86,18 @@ def main(cfg: Config):
 
 
 def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
-    """(training task, held-out task); the task first: it is cheap and the likeliest thing to be mistyped."""
+    """(training task, held-out task); the task first: it is cheap and the likeliest thing to be mistyped. A code
+    task runs only where the sandbox keeps programs from the machine, unless --allow-weak-sandbox."""
     try:
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
-        if rank == 0 and "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
-            print(f"code sandbox on this machine: {reward.check_sandbox()}")
+        if "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
+            seen = reward.check_sandbox()
+            if rank == 0:
+                print(f"code sandbox on this machine: {seen}")
+            if seen["mode"] == "weak" and not cfg.allow_weak_sandbox:
+                raise SystemExit(f"--task {cfg.task}: the code sandbox is weak here (not root, no user namespaces), "
+                                 "so a program could write your files, signal the trainer and reach the network; run "
+                                 "as root or where user namespaces are allowed, or pass --allow-weak-sandbox")
         return reward.split_task(task, cfg.eval_prompts, cfg.seed)
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
