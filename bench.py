@@ -1,19 +1,18 @@
 """fanout's benchmarks: the sampler against HF transformers' `generate` and the hardware roofline; the
-trainer's step throughput and MFU; the fused log-prob kernel's memory against materialised logits.
+trainer's step throughput and MFU; the fused log-prob kernel's memory; programs scored per second.
 
-    python bench.py sampler                 # CPU: SmolLM2-135M in train.py's dtype for this CPU (--dtype auto),
-                                            # 64 rollouts of one 256-token prompt
-    python bench.py sampler --device cuda   # GPU: a random Qwen2.5-1.5B-shaped model, prompts 256/1024/4096,
-                                            # N in {16, 64, 512, 2048} rollouts per prompt at the same total
-    python bench.py trainer [--device cuda] # one RL update (trainer.train_on_batch): tokens/s, TFLOP/s, MFU
-                                            # (CPU: SmolLM2-135M; GPU: Qwen2.5-1.5B shape, FSDP2 on one rank)
-    python bench.py logprob [--device cuda] # peak memory of response logprobs + entropies, forward and
-                                            # backward, 8192 tokens x 49,152 vocabulary x 576: chunked vs full
-    python bench.py reward [--workers N]    # HumanEval's 164 canonical solutions run in the sandbox, as a run
-                                            # scores them: programs/s with N scoring workers (default: the CPUs)
+    python bench.py sampler                 # CPU: SmolLM2-135M in train.py's dtype for this CPU, 64 rollouts of one
+                                            # 256-token prompt; --device cuda: a random Qwen2.5-1.5B shape, prompts
+                                            # 256/1024/4096, N in {16, 64, 512, 2048} rollouts at the same total
+    python bench.py trainer [--device cuda] # one RL update (trainer.train_on_batch), packed against padded
+                                            # micro-batches: tokens/s, TFLOP/s, MFU
+    python bench.py logprob [--device cuda] # peak memory of response logprobs + entropies, forward and backward,
+                                            # 8192 tokens x 49,152 vocabulary x 576: chunked vs full logits
+    python bench.py reward [--workers N]    # HumanEval's 164 canonical solutions through the sandbox: programs/s
+    python bench.py gpu-check [--dry-run]   # ./run.sh gpu-check: every GPU path in one short call
 
-It prints a table and writes JSON (--out). Imports only torch, triton and transformers (the reward case
-also fanout's verifiers), so a GPU machine's own python runs it (`./run.sh gpu-check`).
+It writes JSON (--out). The sampler, trainer and logprob cases import only torch, triton and transformers of the
+packages, so a GPU machine's own python runs them.
 """
 
 import argparse
@@ -40,39 +39,29 @@ from kernels import attention
 from rollout import Sampler
 
 
-def sync(device: str) -> None:
+def timed(fn, device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def timed(fn, device: str):
-    sync(device)
     start = time.perf_counter()
     out = fn()
-    sync(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return out, time.perf_counter() - start
 
 
 def fixed_prompt(tokenizer, length: int) -> list[int]:
     """A chat-formatted prompt cut to exactly `length` tokens of real text."""
     text = " ".join(f"Step {i}: add the previous result to {i * 7 % 13} and explain why." for i in range(length))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
-    return ids[:length]
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by an HF cache object (every tensor it keeps)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)[:length]
 
 
 def run_fanout(sampler: Sampler, prompts, n, new_tokens, device):
     """Rollouts with no stop token, so every one is exactly new_tokens long."""
     sampler.generate(prompts[:1], [min(n[0], 4)], 4, seed=1)  # warm-up
     out, seconds = timed(lambda: sampler.generate(prompts, n, new_tokens, temperature=1.0, seed=0), device)
-    tokens = sum(len(t) for t in out.tokens)
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": len(out) / seconds, "seconds": seconds,
-            "kv_bytes": sampler.stats["peak_kv_tokens"] * sampler.kv_bytes_per_token,
+    return {"tokens_per_s": sum(map(len, out.tokens)) / seconds, "samples_per_s": len(out) / seconds,
+            "seconds": seconds, "kv_bytes": sampler.stats["peak_kv_tokens"] * sampler.kv_bytes_per_token,
             "preemptions": sampler.stats["preemptions"]}
 
 
@@ -83,31 +72,30 @@ def run_hf(model, prompt: list[int], n: int, new_tokens: int, device):
                   pad_token_id=0, attention_mask=torch.ones_like(ids))
     model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4, "num_return_sequences": 4})
     out, seconds = timed(lambda: model.generate(ids, **kwargs), device)
-    tokens = (out.sequences.shape[1] - len(prompt)) * n
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": n / seconds, "seconds": seconds,
-            "kv_bytes": cache_bytes(out.past_key_values)}
+    cache = out.past_key_values
+    return {"tokens_per_s": (out.sequences.shape[1] - len(prompt)) * n / seconds, "samples_per_s": n / seconds,
+            "seconds": seconds, "kv_bytes": sum(t.numel() * t.element_size() for layer in cache.layers
+                                                for t in (layer.keys, layer.values))}
 
 
 def cpu_dtype(args, hf_config) -> tuple[torch.dtype, dict]:
     """train.py's compute dtype for this CPU (--dtype auto probes it, as a run does) and how it was chosen."""
     cluster.set_threads()
     dtype, why = cluster.pick_dtype(args.dtype, torch.device("cpu"), hf_config.hidden_size,
-                                  hf_config.intermediate_size, "~/.cache/fanout")
+                                    hf_config.intermediate_size, "~/.cache/fanout")
     print(f"dtype {str(dtype).removeprefix('torch.')} ({why}); {torch.get_num_threads()} threads")
     return dtype, {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
 
 
 def bench_cpu(args) -> dict:
     path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dtype, chosen = cpu_dtype(args, model.config)
     model = model.to(dtype)  # HF generate in the same dtype: the faster one on this CPU for both
-    prompt = fixed_prompt(tokenizer, 256)
+    prompt = fixed_prompt(transformers.AutoTokenizer.from_pretrained(path), 256)
     sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", kv_budget_tokens=1 << 15,
                       dtype=dtype)
-    ours = run_fanout(sampler, [prompt], [64], 128, "cpu")
-    hf = run_hf(model, prompt, 64, 128, "cpu")
+    ours, hf = run_fanout(sampler, [prompt], [64], 128, "cpu"), run_hf(model, prompt, 64, 128, "cpu")
     return {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen,
             "fanout": ours, "hf_generate": hf, "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
 
@@ -121,42 +109,14 @@ def qwen25_15b_config():
 
 
 def random_weights(cfg, device) -> dict:
-    """Random bf16 weights with HF names, built on the device (no model object, no download)."""
+    """Random bf16 weights with HF's names and shapes (read off a model on the meta device: no memory, no
+    download), made on the device; a tied head is the embedding, held once."""
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in transformers.AutoModelForCausalLM.from_config(cfg).state_dict().items()
+                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
     g = torch.Generator(device=device).manual_seed(0)
-    head_dim, kv = cfg.hidden_size // cfg.num_attention_heads, cfg.num_key_value_heads
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (cfg.hidden_size,),
-                       p + "post_attention_layernorm.weight": (cfg.hidden_size,),
-                       p + "self_attn.q_proj.weight": (cfg.hidden_size, cfg.hidden_size),
-                       p + "self_attn.q_proj.bias": (cfg.hidden_size,),
-                       p + "self_attn.k_proj.weight": (kv * head_dim, cfg.hidden_size),
-                       p + "self_attn.k_proj.bias": (kv * head_dim,),
-                       p + "self_attn.v_proj.weight": (kv * head_dim, cfg.hidden_size),
-                       p + "self_attn.v_proj.bias": (kv * head_dim,),
-                       p + "self_attn.o_proj.weight": (cfg.hidden_size, cfg.hidden_size),
-                       p + "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
-                       p + "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
-                       p + "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size)})
     return {name: (torch.randn(shape, generator=g, device=device) * 0.02 + (name.endswith("norm.weight")))
             .to(torch.bfloat16) for name, shape in shapes.items()}
-
-
-def copy_bandwidth(device) -> float:
-    """Measured device copy bandwidth in bytes/s (bytes read + written)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    _, seconds = timed(lambda: [y.copy_(x) for _ in range(10)], device)
-    return 2 * x.numel() * 10 / seconds
-
-
-def step_bytes(weights: dict, prompt_len: int, n: int, prompts: int, new_tokens: int, kv_per_token: int) -> float:
-    """Bytes one decode step must read, averaged over the run: every weight once, each prompt's KV
-    once, and each rollout's own KV (new_tokens / 2 on average)."""
-    return sum(w.numel() * w.element_size() for w in weights.values()) + kv_per_token * prompts * (
-        prompt_len + n * new_tokens / 2)
 
 
 def bench_prefix_vs_unshared(sampler: Sampler, prompt_len: int, n: int, device) -> dict:
@@ -165,41 +125,38 @@ def bench_prefix_vs_unshared(sampler: Sampler, prompt_len: int, n: int, device) 
     c = sampler.cfg
     blocks = torch.arange(-(-prompt_len // sampler.block_size), dtype=torch.int32, device=device)
     q = torch.randn(n, c.num_heads, c.head_dim, dtype=torch.bfloat16, device=device)
-    kp, vp = sampler.k_pool[0], sampler.v_pool[0]
-    one = torch.tensor([0], dtype=torch.int32, device=device)
-    shared = lambda: attention.prefix_attention(q, kp, vp, one, one + n, one + prompt_len, blocks[None], 0.1)
-    unshared = lambda: attention.decode_attention(q, kp, vp, torch.full((n,), prompt_len, dtype=torch.int32,
-                                                  device=device), blocks.expand(n, -1), 0.1, 1)
-    times = {}
-    for name, fn in (("shared", shared), ("unshared", unshared)):
-        fn()
-        _, seconds = timed(lambda: [fn() for _ in range(20)], device)
-        times[name] = seconds / 20
-    return {"prompt_len": prompt_len, "n": n, "shared_ms": times["shared"] * 1e3,
-            "unshared_ms": times["unshared"] * 1e3, "speedup": times["unshared"] / times["shared"]}
+    kp, vp, one = sampler.k_pool[0], sampler.v_pool[0], torch.tensor([0], dtype=torch.int32, device=device)
+    runs = {"shared": lambda: attention.prefix_attention(q, kp, vp, one, one + n, one + prompt_len, blocks[None], 0.1),
+            "unshared": lambda: attention.decode_attention(q, kp, vp, torch.full((n,), prompt_len, dtype=torch.int32,
+                                                           device=device), blocks.expand(n, -1), 0.1, 1)}
+    ms = {name: timed(lambda: [fn() for _ in range(21)], device)[1] / 21 * 1e3 for name, fn in runs.items()}
+    return {"prompt_len": prompt_len, "n": n, "shared_ms": ms["shared"], "unshared_ms": ms["unshared"],
+            "speedup": ms["unshared"] / ms["shared"]}
 
 
 def bench_gpu(args) -> dict:
-    device = "cuda"
-    cfg = qwen25_15b_config()
+    """Tokens/s per prompt length and N, and the share of the memory roofline: per decode step every weight
+    is read once, each prompt's KV once and each rollout's own KV (new_tokens / 2 on average)."""
+    device, cfg = "cuda", qwen25_15b_config()
     weights = random_weights(cfg, device)
     sampler = Sampler(ModelConfig.from_hf(cfg), weights, device, kv_budget_tokens=args.kv_budget_tokens,
                       max_slots=args.max_slots)
-    bandwidth = copy_bandwidth(device)
-    kv_per_token = sampler.kv_bytes_per_token
-    rows = []
+    x, y = (torch.empty(1 << 30, dtype=torch.uint8, device=device) for _ in range(2))
+    y.copy_(x)
+    bandwidth = 2 * x.numel() * 10 / timed(lambda: [y.copy_(x) for _ in range(10)], device)[1]  # read + written
+    weight_bytes, rows = sum(w.numel() * w.element_size() for w in weights.values()), []
     for prompt_len in args.prompt_lens:
         for n in args.rollouts:
             prompts = [torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(p))
                        .tolist() for p in range(max(1, args.total // n))]
             r = run_fanout(sampler, prompts, [n] * len(prompts), args.new_tokens, device)
-            step_s = r["seconds"] / args.new_tokens
-            roofline = step_bytes(weights, prompt_len, n, len(prompts), args.new_tokens, kv_per_token) / step_s / bandwidth
-            rows.append({"prompt_len": prompt_len, "n": n, "prompts": len(prompts), **r, "roofline": roofline})
+            kv_bytes = sampler.kv_bytes_per_token * len(prompts) * (prompt_len + n * args.new_tokens / 2)
+            rows.append({"prompt_len": prompt_len, "n": n, "prompts": len(prompts), **r,
+                         "roofline": (weight_bytes + kv_bytes) / (r["seconds"] / args.new_tokens) / bandwidth})
             print(rows[-1], flush=True)
     hf_model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device).eval()
     hf_model.load_state_dict(weights, strict=False)
-    hf_prompt = [int(t) for t in torch.randint(0, cfg.vocab_size, (args.prompt_lens[0],))]
+    hf_prompt = torch.randint(0, cfg.vocab_size, (args.prompt_lens[0],)).tolist()
     hf = run_hf(hf_model, hf_prompt, args.rollouts[0], args.new_tokens, device)
     ours = run_fanout(sampler, [hf_prompt], [args.rollouts[0]], args.new_tokens, device)
     return {"case": "gpu: random Qwen2.5-1.5B shape, bf16", "device": torch.cuda.get_device_name(),
@@ -211,6 +168,8 @@ def bench_gpu(args) -> dict:
 # ---- trainer ----
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
+TRAINER_DEFAULTS = {"prompts": (16, 4), "prompt_len": (256, 64), "response_len": (512, 64),  # (CUDA, CPU); lengths:
+                    "response_max": (8192, 1024), "tokens_per_microbatch": (16384, 4096)}   # medians, the longest
 
 
 def train_flops(cfg, sequences, prompt_lens) -> float:
@@ -219,14 +178,14 @@ def train_flops(cfg, sequences, prompt_lens) -> float:
     kv = cfg.num_key_value_heads * d // cfg.num_attention_heads
     body = layers * (2 * d * d + 2 * d * kv + 3 * d * cfg.intermediate_size)  # q, o, k, v, gate, up, down
     tokens, responses = sum(map(len, sequences)), sum(len(s) - p for s, p in zip(sequences, prompt_lens))
-    attention = sum(6 * layers * d * len(s) ** 2 for s in sequences)  # causal: half of 12 L d T per token
-    return 6 * body * tokens + 6 * vocab * d * responses + attention
+    return 6 * body * tokens + 6 * vocab * d * responses + sum(6 * layers * d * len(s) ** 2 for s in sequences)
 
 
 def long_tailed_batch(args, vocab: int) -> trainer.Batch:
     """args.prompts x args.group_size responses, each group sharing a prompt. Lengths are lognormal, seeded (0):
     prompts median --prompt-len, sigma 0.5, from 8 to 4 x median; responses median --response-len, sigma 1 (the
-    long tail of RL responses: the longest of 64 is about 10 x the median), from 1 to --response-max tokens."""
+    long tail of RL responses: the longest of 64 is about 10 x the median), from 1 to --response-max tokens.
+    Two right and two wrong answers in every four of a group: every response has an advantage."""
     gen = torch.Generator().manual_seed(0)
     draw = lambda median, sigma, low, high: int(min(high, max(low, median * torch.empty(()).log_normal_(
         0, sigma, generator=gen).item())))
@@ -235,15 +194,12 @@ def long_tailed_batch(args, vocab: int) -> trainer.Batch:
         prompt_len = draw(args.prompt_len, 0.5, 8, 4 * args.prompt_len)
         prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
         for _ in range(args.group_size):
-            response_len = draw(args.response_len, 1.0, 1, args.response_max)
-            sequences.append(prompt + torch.randint(0, vocab, (response_len,), generator=gen).tolist())
+            sequences.append(prompt + torch.randint(0, vocab, (draw(args.response_len, 1.0, 1, args.response_max),),
+                                                    generator=gen).tolist())
             prompt_lens.append(prompt_len)
-    n = len(sequences)
-    # two right and two wrong answers in every four of a group: every response has an advantage
-    group, rewards = torch.arange(n) // args.group_size, (torch.arange(n) % 2).float()
-    per_token = [torch.zeros(len(s) - p) for s, p in zip(sequences, prompt_lens)]  # sampler values: unused here
-    return trainer.Batch(sequences, prompt_lens, group, rewards, per_token, per_token, torch.ones(n, dtype=torch.bool),
-                         {})
+    n, unused = len(sequences), [torch.zeros(len(s) - p) for s, p in zip(sequences, prompt_lens)]  # sampler values
+    return trainer.Batch(sequences, prompt_lens, torch.arange(n) // args.group_size, (torch.arange(n) % 2).float(),
+                         unused, unused, torch.ones(n, dtype=torch.bool), {})
 
 
 def bench_trainer(args) -> dict:
@@ -253,12 +209,11 @@ def bench_trainer(args) -> dict:
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", RANK="0", WORLD_SIZE="1")
         torch.distributed.init_process_group("nccl", device_id=device)
-        hf_config, dtype = qwen25_15b_config(), torch.bfloat16
+        hf_config, dtype, chosen = qwen25_15b_config(), torch.bfloat16, {"dtype": "bfloat16"}
         lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(device)
-        chosen = {"dtype": "bfloat16"}
     else:
-        path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
-        lm = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(
+            trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout"), dtype=torch.float32)
         hf_config = lm.config
         dtype, chosen = cpu_dtype(args, hf_config)
     if args.activation_checkpointing:
@@ -271,22 +226,19 @@ def bench_trainer(args) -> dict:
     tokens, flops = sum(map(len, batch.sequences)), train_flops(hf_config, batch.sequences, batch.prompt_lens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    share = device.type == "cpu"  # what train_on_batch does on this device
     result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, {args.prompts} "
                       f"prompts x {args.group_size} responses, long-tailed lengths ({tokens} tokens), one update, "
                       f"{chosen['dtype']}, micro-batches of {args.tokens_per_microbatch} tokens", **chosen,
               "device": name, "lengths": {k: getattr(args, k) for k in ("prompt_len", "response_len", "response_max")},
-              "tokens": tokens, "shared_prompts": share}
-    steps = {}
-    for layout in ("packed", "padded"):
+              "tokens": tokens, "shared_prompts": device.type == "cpu"}
+    steps, seconds = {}, {"packed": 0.0, "padded": 0.0}
+    for layout in seconds:
         cfg = config.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
         steps[layout] = lambda cfg=cfg: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
-        plans = trainer.plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share and cfg.pack,
-                             pack=cfg.pack, row_tokens=trainer.CPU_ROW_TOKENS)
+        plans = trainer.plan_step(cfg, model, batch, torch.ones(len(batch.sequences)), 1.0, dtype, None)[0]
         result[layout] = {"microbatches": len(plans), "model_tokens": sum(  # real tokens and padding
             trainer.lay_out(batch.sequences, batch.prompt_lens, rows, False)[0].numel() for rows in plans)}
         steps[layout]()  # warm-up: allocator, Triton compilation, optimizer state
-    seconds = dict.fromkeys(steps, 0.0)
     for _ in range(args.repeats):
         for layout, step in steps.items():
             seconds[layout] += timed(step, args.device)[1] / args.repeats
@@ -295,7 +247,6 @@ def bench_trainer(args) -> dict:
                               mfu=flops / s / 1e12 / peak if peak else None)
     result.update(speedup=seconds["padded"] / seconds["packed"],
                   peak_memory_GiB=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
-    print(result)
     return result
 
 
@@ -311,9 +262,9 @@ def logprob_peak(variant: str, device: str, tokens: int, vocab: int, hidden: int
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (lambda: torch.cuda.max_memory_allocated()) if device == "cuda" else \
+        (lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    base = torch.cuda.memory_allocated() if device == "cuda" else peak()
     if variant == "full":  # the plain way: [tokens, vocab] float32 logits, log-softmax, gather
         logp = torch.log_softmax((h @ w.T).float(), -1)
         out = logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
@@ -322,25 +273,20 @@ def logprob_peak(variant: str, device: str, tokens: int, vocab: int, hidden: int
     (out[0].sum() + out[1].sum()).backward()
     if device == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return peak() - base
 
 
 def bench_logprob(args) -> dict:
     """Each variant in a fresh process, so that one's peak does not hide the other's."""
-    shape = dict(tokens=8192, vocab=49152, hidden=576)
-    peaks = {}
+    shape, peaks = dict(tokens=8192, vocab=49152, hidden=576), {}
     for variant in ("full", "chunked"):
-        code = (f"import bench; print(bench.logprob_peak({variant!r}, {args.device!r}, {shape['tokens']}, "
-                f"{shape['vocab']}, {shape['hidden']}))")
+        code = f"import bench; print(bench.logprob_peak({variant!r}, {args.device!r}, *{tuple(shape.values())}))"
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent)
         peaks[variant] = float(run.stdout.split()[-1]) / 2**20
-    result = {"case": f"logprob + entropy, forward and backward, {shape}, bf16 inputs", "device": args.device,
-              "peak_MiB_full_logits": peaks["full"], "peak_MiB_chunked": peaks["chunked"],
-              "ratio": peaks["full"] / peaks["chunked"]}
-    print(result)
-    return result
+    return {"case": f"logprob + entropy, forward and backward, {shape}, bf16 inputs", "device": args.device,
+            "peak_MiB_full_logits": peaks["full"], "peak_MiB_chunked": peaks["chunked"],
+            "ratio": peaks["full"] / peaks["chunked"]}
 
 
 # ---- ./run.sh gpu-check: every GPU path in one short call ----
@@ -374,32 +320,32 @@ def run_stage(command: list[str], env: dict, seconds: float, log: Path) -> int |
             return None
 
 
-def gpu_check(args) -> dict:
-    """Each stage in its own process under a time cap (under 8 minutes in all), PASS or FAIL and its figure printed,
-    a failure never stopping the next; one JSON summary. --dry-run prints each stage's command and builds the
-    model folder's config and tokenizer (what a GPU session carries: README, On GPUs)."""
-    here, py = Path(args.dir), sys.executable
-    model, grpo = random_model(here / "model"), here / "grpo"
-    load = lambda what: json.loads((here / f"bench_{what}.json").read_text())
+def gpu_stages(here: Path, model: Path) -> list[tuple]:
+    """(name, seconds at most, command, environment, figure: its log -> a line, raising if the stage missed a part).
+    Under 8 minutes in all. The tests run compiled on the GPU; the runs cover the paths no CPU test reaches: FSDP2
+    on nccl, CUDA-graph decoding across steps, the fused log-prob, TIS with the sampler's GPU logprobs, one async
+    (TBA) step whose pi_old is the sampler's, checkpoints."""
+    py, load = sys.executable, lambda what: json.loads((here / f"bench_{what}.json").read_text())
+    tests = dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8")  # poisoned
+    site = {"PYTHONPATH": str(here / "site")}  # the packages --prepare packed: reward.py's, tyro
     bench = lambda what, *more: [py, "bench.py", what, "--device", "cuda", *more, "--out",
                                  str(here / f"bench_{what}.json")]
-    mfu = lambda r: f", MFU {r['mfu']:.1%}" if r["mfu"] else ""
+    run = lambda out, *flags: [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py", *flags,
+                               "--model", str(model), "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
+                               "--max-new-tokens", "128", "--task-size", "100", "--eval-prompts", "8",
+                               "--eval-samples", "1", "--tis-cap", "2", "--entropy-coef", "1e-3",  # every token runs
+                               "--out-dir", str(here / out)]
 
-    def trained(log: str) -> str:  # raises when the run ended well but missed a part
-        steps = [r for r in map(json.loads, (grpo / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-        saved, graphs = sorted((grpo / "checkpoints").glob("step_*")), "CUDA graph capture failed" not in log
-        figure = "; ".join([f"step {r['step']}: {r['t_step']:.1f} s ({r['t_gen']:.1f} s sampling), loss "
-                            f"{r['loss']:.4f}" for r in steps] +
+    def trained(out: str, steps: int, log: str) -> str:
+        rows = [r for r in map(json.loads, (here / out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+        saved, graphs = sorted((here / out / "checkpoints").glob("step_*")), "CUDA graph capture failed" not in log
+        figure = "; ".join([f"step {r['step']}: {r['t_step']:.1f} s, loss {r['loss']:.4f}, TIS weight "
+                            f"{r['tis_weight']:.3f}" for r in rows] +
                            [f"checkpoint {saved[-1].name if saved else 'missing'}",
                             f"CUDA graphs {'replayed' if graphs else 'fell back'}"])
-        if len(steps) != 2 or not saved or not graphs:
+        if len(rows) != steps or not saved or not graphs:
             raise RuntimeError(figure)
         return figure
-
-    def trainer_figure(_) -> str:
-        r = load("trainer")
-        return (f"packed {r['packed']['tokens_per_s']:.0f} tokens/s{mfu(r['packed'])}, padded "
-                f"{r['padded']['tokens_per_s']:.0f}{mfu(r['padded'])}: {r['speedup']:.2f}x")
 
     def sampler_figure(_) -> str:
         r = load("sampler")
@@ -407,28 +353,38 @@ def gpu_check(args) -> dict:
                           f"{x['roofline']:.0%}" for x in r["runs"]] +
                          [f"shared prefix {r['prefix_attention']['speedup']:.1f}x unshared"])
 
-    stages = [  # (name, seconds at most, command, environment, figure: its log -> a line)
-        # deterministic mode (the kernel tests poison outputs with it) needs a fixed cuBLAS workspace on CUDA
-        ("kernels", 100, [py, "-m", "pytest", "-q", "kernels/test_kernels.py"],
-         dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8"),
+    mfu = lambda r: f"{r['tokens_per_s']:.0f} tokens/s" + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "")
+    return [
+        ("kernels", 90, [py, "-m", "pytest", "-q", "kernels/test_kernels.py", "kernels/test_logprob.py"], tests,
          lambda log: log.strip().splitlines()[-1]),
-        ("model", 25, [py, "-c", f'import bench, pathlib; bench.random_model(pathlib.Path("{model}"), "cuda")'],
-         {}, lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
-        ("train", 170, [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py", "grpo", "--model",
-                        str(model), "--steps", "2", "--save-every", "2", "--prompts-per-step", "4",
-                        "--rollouts-per-prompt", "8", "--max-new-tokens", "128", "--task-size", "100",
-                        "--eval-prompts", "8", "--eval-samples", "1", "--out-dir", str(grpo)],
-         {"PYTHONPATH": str(here / "site")}, trained),
-        ("bench trainer", 70, bench("trainer", "--repeats", "2"), {}, trainer_figure),
-        ("bench logprob", 40, bench("logprob"), {}, lambda _: "peak {peak_MiB_chunked:.0f} MiB chunked, "
+        ("gpu paths", 45, [py, "-m", "pytest", "-q", "test_sampler.py", "test_trainer.py", "-k",
+                           "graph or tied or hand_off or device"], {**tests, **site},
+         lambda log: log.strip().splitlines()[-1]),
+        ("model", 20, [py, "-c", f'import bench, pathlib; bench.random_model(pathlib.Path("{model}"), "cuda")'], {},
+         lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
+        ("train", 120, run("grpo", "grpo", "--steps", "2", "--save-every", "2"), site,
+         lambda log: trained("grpo", 2, log)),
+        ("train async", 60, run("tba", "tba", "--loss", "ppo", "--searchers", "1", "--sync-every", "1", "--steps", "1",
+                                "--save-every", "1"), site, lambda log: trained("tba", 1, log)),
+        ("bench trainer", 50, bench("trainer", "--repeats", "2"), {}, lambda _: "packed {}, padded {}: {:.2f}x".format(
+            mfu(load("trainer")["packed"]), mfu(load("trainer")["padded"]), load("trainer")["speedup"])),
+        ("bench logprob", 30, bench("logprob"), {}, lambda _: "peak {peak_MiB_chunked:.0f} MiB chunked, "
          "{peak_MiB_full_logits:.0f} MiB full logits".format(**load("logprob"))),
         ("bench sampler", 60, bench("sampler", "--prompt-lens", "1024", "--rollouts", "16", "512", "--total", "512",
                                     "--new-tokens", "256"), {}, sampler_figure)]
+
+
+def gpu_check(args) -> dict:
+    """Each stage in its own process under a time cap, PASS or FAIL and its figure printed, a failure never stopping
+    the next; one JSON summary. --dry-run prints each stage's command and builds the model folder's config and
+    tokenizer (what a GPU session carries: README, On GPUs)."""
+    here = Path(args.dir)
+    stages = gpu_stages(here, random_model(here / "model"))
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": args.dry_run, "stages": []}
     for name, seconds, command, env, figure in stages:
         if args.dry_run:
-            print(f"[dry-run] {name} (at most {seconds} s):", shlex.join([f"{k}={v}" for k, v in env.items()] +
-                                                                         command))
+            print(f"[dry-run] {name} (at most {seconds} s):",
+                  shlex.join([f"{k}={v}" for k, v in env.items()] + command))
             summary["stages"].append({"stage": name, "command": command, "env": env, "seconds_cap": seconds})
             continue
         start, log_file = time.time(), here / f"{name.replace(' ', '_')}.log"
@@ -440,7 +396,7 @@ def gpu_check(args) -> dict:
             passed, result = True, figure(log)
         except Exception as e:  # any failure, or a figure the stage did not leave, fails the stage, not the check
             lines = [line for line in log.splitlines() if line.strip()] or ["no output"]
-            errors = [line for line in lines if "Error: " in line or "Exception: " in line]  # a worker's, not torchrun's
+            errors = [line for line in lines if "Error: " in line or "Exception: " in line]  # a worker's error
             passed, result = False, " | ".join(dict.fromkeys([str(e)] + errors[:1] + lines[-1:]))
         summary["stages"].append({"stage": name, "passed": passed, "seconds": round(time.time() - start, 1),
                                   "figure": result})
@@ -460,29 +416,15 @@ def bench_reward(args) -> dict:
     import reward  # its verifiers' packages: fanout's requirements, not a bare GPU machine's
     task = reward.load_task("humaneval", size=0, seed=0)
     responses = [f"```python\n{item['solution']}```" for item in task.items]
-    workers = args.workers or reward.default_workers()
-    seconds = []
+    workers, seconds = args.workers or reward.default_workers(), []
+    score = lambda: reward.score(task, task.items, responses, workers=workers)
     for _ in range(args.repeats + 1):  # the first round starts the pool and warms the caches: not counted
-        start = time.perf_counter()
-        rewards, failures, timeouts = reward.score(task, task.items, responses, workers=workers)
-        seconds.append(time.perf_counter() - start)
+        (rewards, failures, timeouts), s = timed(score, "cpu")
+        seconds.append(s)
         assert sum(rewards) == len(responses) and failures == timeouts == 0, "a canonical solution failed"
-    result = {"case": f"{len(responses)} HumanEval canonical solutions, each in a sandbox", "workers": workers,
-              "cpus": len(os.sched_getaffinity(0)), "seconds": seconds[1:],
-              "programs_per_s": len(responses) / min(seconds[1:]), "sandbox": reward.check_sandbox()}
-    print(result)
-    return result
-
-
-def print_table(result: dict) -> None:
-    print(result["case"])
-    pairs = [("fanout", result["fanout"]), ("hf generate", result["hf_generate"])] if "fanout" in result else \
-        [(f"P={r['prompt_len']} N={r['n']}", r) for r in result["runs"]]
-    print(f"{'':>16} {'tokens/s':>10} {'samples/s':>10} {'KV MiB':>8}")
-    for name, r in pairs:
-        print(f"{name:>16} {r['tokens_per_s']:>10.1f} {r['samples_per_s']:>10.2f} {r['kv_bytes'] / 2**20:>8.1f}")
-    if "speedup_tokens_per_s" in result:
-        print(f"fanout / hf generate tokens/s: {result['speedup_tokens_per_s']:.2f}x")
+    return {"case": f"{len(responses)} HumanEval canonical solutions, each in a sandbox", "workers": workers,
+            "cpus": len(os.sched_getaffinity(0)), "seconds": seconds[1:],
+            "programs_per_s": len(responses) / min(seconds[1:]), "sandbox": reward.check_sandbox()}
 
 
 def main():
@@ -499,41 +441,28 @@ def main():
     parser.add_argument("--kv-budget-tokens", type=int, default=1 << 21)
     parser.add_argument("--max-slots", type=int, default=2048)
     trainer_args = parser.add_argument_group("trainer")
-    trainer_args.add_argument("--prompts", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
+    for flag, (cuda, cpu) in TRAINER_DEFAULTS.items():
+        trainer_args.add_argument(f"--{flag.replace('_', '-')}", type=int, help=f"default {cuda} on CUDA, {cpu} on CPU")
     trainer_args.add_argument("--group-size", type=int, default=8, help="responses per prompt")
-    trainer_args.add_argument("--prompt-len", type=int, default=None, help="median; default 256 on CUDA, 64 on CPU")
-    trainer_args.add_argument("--response-len", type=int, default=None, help="median; default 512 on CUDA, 64 on CPU")
-    trainer_args.add_argument("--response-max", type=int, default=None, help="default 8192 on CUDA, 1024 on CPU")
-    trainer_args.add_argument("--tokens-per-microbatch", type=int, default=None, help="default 16384 on CUDA, 4096 "
-                              "on CPU (train.py's demo)")
     trainer_args.add_argument("--activation-checkpointing", action="store_true")
     trainer_args.add_argument("--repeats", type=int, default=3, help="trainer and reward cases")
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
     parser.add_argument("--workers", type=int, default=0, help="reward case: scoring processes (0 = the CPUs)")
-    check_args = parser.add_argument_group("gpu-check")
-    check_args.add_argument("--dir", default="runs/gpu-check", help="the model folder, logs and summary.json")
-    check_args.add_argument("--dry-run", action="store_true", help="print each stage's command, build the model "
-                            "folder's config and tokenizer, run nothing")
+    parser.add_argument("--dir", default="runs/gpu-check", help="gpu-check: the model folder, logs and summary.json")
+    parser.add_argument("--dry-run", action="store_true", help="gpu-check: print each stage's command, build the "
+                        "model folder's config and tokenizer, run nothing")
     args = parser.parse_args()
-    gpu = args.device == "cuda"
-    args.prompts = args.prompts or (16 if gpu else 4)
-    args.prompt_len = args.prompt_len or (256 if gpu else 64)
-    args.response_len = args.response_len or (512 if gpu else 64)
-    args.response_max = args.response_max or (8192 if gpu else 1024)
-    args.tokens_per_microbatch = args.tokens_per_microbatch or (16384 if gpu else 4096)
+    for flag, defaults in TRAINER_DEFAULTS.items():
+        setattr(args, flag, getattr(args, flag) or defaults[args.device == "cpu"])
     torch.manual_seed(0)
     if args.what == "gpu-check":
         return gpu_check(args)
-    if args.what == "trainer":
-        result = bench_trainer(args)
-    elif args.what == "logprob":
-        result = bench_logprob(args)
-    elif args.what == "reward":
-        result = bench_reward(args)
-    else:
-        with torch.no_grad():
-            result = bench_cpu(args) if args.device == "cpu" else bench_gpu(args)
-        print_table(result)
+    result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
+              "logprob": bench_logprob, "reward": bench_reward}[args.what](args)
+    print(json.dumps(result, indent=1))
+    if "speedup_tokens_per_s" in result:
+        print(f"fanout {result['fanout']['tokens_per_s']:.1f} tokens/s, HF generate "
+              f"{result['hf_generate']['tokens_per_s']:.1f}: {result['speedup_tokens_per_s']:.2f}x")
     out = Path(args.out or f"runs/bench_{args.what}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -64,6 +64,12 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+def graph_key(b: DecodeBatch, temperature: float) -> tuple:
+    """What a captured decode step is fixed to: the shape of every input tensor and every other field of the batch
+    (a block table's width follows max_new_tokens), and whether it samples; the temperature is read at replay."""
+    return tuple(v.shape if isinstance(v, torch.Tensor) else v for v in vars(b).values()) + (temperature > 0,)
+
+
 class Sampler:
     """Generation over a paged KV pool with shared prompt KV and continuous batching."""
 
@@ -144,9 +150,8 @@ class Sampler:
         rows, padded = len(b.tokens), self._pad(b)
         if self.device.type != "cuda":
             out = self._decode(padded, temperature, 1.0)
-        else:  # every shape that reaches a kernel's launch is in the key; the temperature is read at replay
-            key = (len(padded.tokens), len(padded.group_start), padded.prompt_blocks.shape[1],
-                   padded.block_table.shape[1], padded.num_splits, padded.max_count, temperature > 0)
+        else:
+            key = graph_key(padded, temperature)
             if key not in self.graphs:
                 try:
                     self.graphs[key] = self._capture(padded, temperature > 0)

@@ -8,11 +8,14 @@ import pytest
 import torch
 import transformers
 
+import cluster
 import collect
+import trainer
 from forward import ModelConfig
 from kernels.sampling import hash32, reference_sample, sample_keys
-from kernels.test_kernels import random_prompts, tiny_config, tiny_model
-from rollout import Sampler, nucleus
+from kernels.test_kernels import DEVICE, random_prompts, tiny_config, tiny_model
+from rollout import Sampler, graph_key, nucleus
+from scheduler import DecodeBatch
 
 
 ROOT = Path(__file__).parent
@@ -153,3 +156,71 @@ def test_unsupported_model_type_is_one_sentence():
     gelu.hidden_act = "gelu"  # a Llama shape whose MLP is not SiLU: the sampler would compute wrong logits
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported by fanout's sampler"):
         ModelConfig.from_hf(gelu)
+
+
+# ---- decode graphs, a tied head (FANOUT_TEST_DEVICE=cuda: ./run.sh gpu-check runs these on a GPU) ----
+
+def test_graph_key_holds_every_shape_but_not_the_temperature():
+    """A captured step is fixed to its inputs' shapes: a block table as wide as a longer request needs (its
+    width follows max_new_tokens) is another graph; a new temperature is not (the graph reads it at replay)."""
+    rows = lambda *shape, dtype=torch.int32: torch.zeros(*shape, dtype=dtype)
+    b = DecodeBatch(rows(4, dtype=torch.long), rows(4, dtype=torch.long), rows(4, dtype=torch.long),
+                    rows(4, dtype=torch.long), rows(4), rows(4, 1), rows(2), rows(2), rows(2), rows(2, 3), 1, 2)
+    wider = DecodeBatch(**{**vars(b), "block_table": rows(4, 3)})
+    assert graph_key(b, 1.0) != graph_key(wider, 1.0)
+    assert graph_key(b, 1.0) == graph_key(b, 0.7) != graph_key(b, 0.0)
+
+
+def test_decode_graphs_survive_steps_lengths_and_temperatures():
+    """Graphed decoding (padded steps; on a CPU run eagerly) gives the eager sampler's rollouts through requests
+    of other lengths and temperatures, with release_kv between them as a run's steps do; on a GPU a request of
+    shapes seen before captures nothing again, whatever its temperature."""
+    model = tiny_model("qwen2", seed=3).to(DEVICE)
+    shapes, weights = ModelConfig.from_hf(model.config), model.state_dict()
+    prompts = random_prompts(256, [7, 21], seed=2)
+    graphed = Sampler(shapes, weights, DEVICE, dtype=torch.float32, cuda_graphs=True)
+    eager = Sampler(shapes, weights, DEVICE, dtype=torch.float32, cuda_graphs=False)
+    captures = []
+    for max_new, temperature in ((8, 1.0), (8, 1.0), (40, 1.0), (8, 0.7), (8, 0.0)):
+        want, got = (s.generate(prompts, [3, 2], max_new, temperature, seed=5) for s in (eager, graphed))
+        assert got.tokens == want.tokens
+        for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        graphed.release_kv()
+        captures.append(graphed.captures)
+    if DEVICE == "cuda":
+        assert graphed.cuda_graphs and captures[1] == captures[0] > 0 and captures[3] == captures[2] > captures[1]
+        assert captures[4] > captures[3]  # greedy decoding is another graph
+    else:
+        assert captures == [0] * 5
+
+
+def test_a_tied_head_is_held_and_handed_over_once():
+    """A tied LM head is the embedding: the sampler holds it once, the broadcast carries it once, and a change to
+    the embedding reaches the head through the hand-off; an untied head is a tensor of its own."""
+    lm = tiny_model("qwen2", seed=1).to(DEVICE)
+    sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), DEVICE, dtype=torch.float32)
+    assert lm.config.tie_word_embeddings and "lm_head.weight" not in sampler.weights
+    names = cluster.weight_names(lm, sampler.weights)
+    assert cluster.pack_weights(lm, names).numel() == sum(p.numel() for p in lm.parameters())  # each once
+    with torch.no_grad():
+        lm.model.embed_tokens.weight.mul_(1.5)
+    trainer.sync_sampler(sampler, trainer.Policy(lm))
+    prompt = random_prompts(256, [11], seed=4)[0]
+    with torch.no_grad():
+        want = lm(torch.tensor([prompt], device=DEVICE)).logits[0, -1]
+    sampler.generate([prompt], [1], 1, temperature=0.0)
+    torch.testing.assert_close(sampler.prefill([prompt], [list(range(2))])[0], want, atol=1e-4, rtol=1e-4)
+    untied = tiny_model("llama", seed=1)
+    assert "lm_head.weight" in Sampler(ModelConfig.from_hf(untied.config), untied.state_dict(), "cpu").weights
+
+
+def test_the_hand_off_writes_every_sampler_tensor():
+    """A sampler tensor the trained model does not have (a renamed parameter) would keep its first value unseen:
+    the hand-off names it instead."""
+    lm = tiny_model("llama", seed=2)
+    sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), "cpu", dtype=torch.float32)
+    sampler.weights["model.layers.0.mlp.renamed.weight"] = sampler.weights.pop("model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(RuntimeError, match="has no model.layers.0.mlp.renamed.weight"):
+        trainer.sync_sampler(sampler, trainer.Policy(lm))
+

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ import config
 import explore
 import outputs
 import trainer
-from kernels.test_kernels import random_prompts, tiny_config, tiny_model
+import reward
+from kernels.test_kernels import DEVICE, random_prompts, tiny_config, tiny_model
 
 
 ROOT = Path(__file__).parent
@@ -186,13 +188,17 @@ def test_gpu_check_dry_run_prints_every_stage_and_builds_the_model_folder(tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     stages = [line.split(" (")[0].removeprefix("[dry-run] ") for line in run.stdout.splitlines()
               if line.startswith("[dry-run]")]
-    assert stages == ["kernels", "model", "train", "bench trainer", "bench logprob", "bench sampler"]
+    assert stages == ["kernels", "gpu paths", "model", "train", "train async", "bench trainer", "bench logprob",
+                      "bench sampler"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["dry_run"] and sum(s["seconds_cap"] for s in summary["stages"]) <= 8 * 60
-    command = next(s["command"] for s in summary["stages"] if s["stage"] == "train")
-    assert command[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py"]
-    cfg = config.parse_config(command[6:])  # the training stage's flags make a valid grpo config
-    assert (cfg.model, cfg.steps, cfg.save_every) == (str(tmp_path / "model"), 2, 2)
+    runs = {s["stage"]: s["command"] for s in summary["stages"] if s["stage"].startswith("train")}
+    for command in runs.values():
+        assert command[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py"]
+    sync, tba = (config.parse_config(runs[name][6:]) for name in ("train", "train async"))  # valid configs
+    assert (sync.model, sync.steps, sync.save_every, sync.searchers) == (str(tmp_path / "model"), 2, 2, 0)
+    assert (tba.searchers, tba.loss, tba.steps) == (1, "ppo", 1)
+    assert sync.tis_cap == tba.tis_cap == 2 and sync.entropy_coef > 0 and tba.entropy_coef > 0  # TIS on content
     hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "model")
     assert (hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size) == (28, 1536, 151936)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
@@ -380,24 +386,41 @@ def test_learning_rate_schedules():
     assert math.isclose(config.brorl_lr(1e-6, 512 * 16, 128 * 512), 1e-6 * math.sqrt(8))
 
 
-def test_async_ppo_takes_the_samplers_logprobs_as_pi_old():
-    """--loss ppo with searchers: the ratio is pi / pi_sampler (stale weights), so a sampler that gave each
-    token e^-1 of the trainer's probability clips every token of a positive advantage; synchronously, pi_old is
-    the trainer's own (detached), the ratio 1, nothing clipped."""
+@pytest.mark.parametrize("searchers", [0, 2])
+def test_sampler_logprobs_meet_the_trainers_on_its_device(searchers):
+    """The sampler's per-token logprobs, on the sampler's device (a GPU's, in a run there), meet the trainer's in
+    the loss: TIS in a synchronous step (pi_old = the trainer's, e^0.5 above the sampler's here: every weight is
+    e^0.5) and async PPO's pi_old (the sampler's itself: TIS weights 1, every ratio e^0.5, so positive advantages
+    clip). FANOUT_TEST_DEVICE=cuda (./run.sh gpu-check) runs this on a GPU."""
     seqs, prompt_lens = grouped_sequences(seed=4)
     keys = {}
     group = torch.tensor([keys.setdefault(tuple(s[:p]), len(keys)) for s, p in zip(seqs, prompt_lens)])
-    rewards = torch.tensor([float(i % 2) for i in range(len(seqs))])
-    clipped = {}
-    for searchers in (0, 2):
-        policy = trainer.Policy(tiny_model("llama", seed=6))
-        with torch.no_grad():
-            logp = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32)[0]
-        per_response = list(logp.split([len(s) - p for s, p in zip(seqs, prompt_lens)]))
-        batch = trainer.Batch(seqs, prompt_lens, group, rewards, [x - 1.0 for x in per_response],
-                              [torch.zeros_like(x) for x in per_response], torch.ones(len(seqs), dtype=torch.bool), {})
-        cfg = config.Config(loss="ppo", searchers=searchers, prompts_per_step=3, rollouts_per_prompt=3)
-        stats = trainer.train_on_batch(cfg, policy, None, torch.optim.AdamW(policy.parameters(), lr=0.0), batch, 1.0,
-                                       torch.float32)
-        clipped[searchers] = stats["clip_frac"]
-    assert clipped[0] == 0 and clipped[2] > 0
+    policy = trainer.Policy(tiny_model("llama", seed=6).to(DEVICE))
+    with torch.no_grad():
+        logp = trainer.response_logprobs(policy, seqs, prompt_lens, 1.0, torch.float32)[0]
+    sampler_logp = [x - 0.5 for x in logp.split([len(s) - p for s, p in zip(seqs, prompt_lens)])]
+    assert sampler_logp[0].device.type == DEVICE
+    batch = trainer.Batch(seqs, prompt_lens, group, torch.tensor([float(i % 2) for i in range(len(seqs))]),
+                          sampler_logp, [torch.zeros_like(x) for x in sampler_logp],
+                          torch.ones(len(seqs), dtype=torch.bool), {})
+    cfg = config.Config(loss="ppo", searchers=searchers, tis_cap=2.0, prompts_per_step=3, rollouts_per_prompt=3)
+    stats = trainer.train_on_batch(cfg, policy, None, torch.optim.SGD(policy.parameters(), lr=0.0), batch, 1.0,
+                                   torch.float32)
+    assert stats["tis_weight"] == pytest.approx(1.0 if searchers else math.exp(0.5), rel=1e-4)
+    assert (stats["clip_frac"] > 0) == bool(searchers)
+
+
+def test_evaluation_counts_a_pass_as_training_does(monkeypatch):
+    """A held-out sample passes when its reward reaches --success, the same rule as the training metrics (with
+    partial credit, 0.6 passes at --success 0.5 and not at 1)."""
+    def sampled(cfg, sampler, tokenizer, task, items, prompts, n, temperature, seed, keys):
+        index = [p for p, k in enumerate(n) for _ in range(k)]
+        return SimpleNamespace(prompt_index=index), [0.6 if p == 0 else 0.3 for p in index], 0, 0
+
+    monkeypatch.setattr(collect, "generate_and_score", sampled)
+    monkeypatch.setattr(collect, "encode_prompts", lambda tokenizer, template, items: [[1]] * len(items))
+    task = reward.Task("x.jsonl", [{"question": "a"}, {"question": "b"}])
+    for success, passed in ((0.5, 0.5), (1.0, 0.0)):
+        result = collect.evaluate(config.Config(success=success, eval_samples=2), None, None, task, seed=0)
+        assert result["pass@1"] == result["greedy_acc"] == passed and result["pass@2"] == passed
+

@@ -264,7 +264,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     n, tb = len(batch.sequences), cfg.loss == "tb"
     lengths = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
     adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl, group)
-    batches, run = plan_step(cfg, model, batch, adv, temperature, autocast_dtype, group)
+    plans, run = plan_step(cfg, model, batch, adv, temperature, autocast_dtype, group)
+    batches = [sorted(i for row in rows for piece in row for i in piece) for rows in plans]  # each one's order
     per_response = partial(split_responses, batches, lengths)
     groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
     log_z_pass = tb and all_max(int(sum(map(len, groups)) > len(set().union(*groups))), group) > 0  # all ranks or none
@@ -312,9 +313,9 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
 
 
 def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocast_dtype, group):
-    """The step's micro-batches (each a sorted list of responses, the order of its values) and run(model, k): the
-    (logprob, entropy) of micro-batch k's response tokens under `model`. A zero-advantage response adds nothing to
-    a plain PPO gradient: its forward pass is skipped (its tokens still count in the global token count)."""
+    """The step's micro-batches (plan's rows) and run(model, k): the (logprob, entropy) of micro-batch k's response
+    tokens under `model`, in response order. A zero-advantage response adds nothing to a plain PPO gradient: its
+    forward pass is skipped (its tokens still count in the global token count)."""
     every = cfg.loss == "tb" or cfg.kl_coef > 0 or cfg.entropy_coef > 0
     active = [i for i in range(len(batch.sequences)) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
     # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
@@ -331,7 +332,7 @@ def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocas
             return [x[:0] for x in response_logprobs(m, [[0, 0]], [1], temperature, autocast_dtype)]
         return response_logprobs(m, batch.sequences, batch.prompt_lens, temperature, autocast_dtype, share, plans[k])
 
-    return [sorted(i for row in rows for piece in row for i in piece) for rows in plans], run
+    return plans, run
 
 
 def split_responses(batches: list[list[int]], lengths: list[int], values: list[torch.Tensor]) -> dict:
