@@ -213,12 +213,14 @@ def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
 @dataclass
 class Roles:
     """Who does what in an async (TBA) run: ranks [0, n_trainers) train as one FSDP2 group, the others
-    search. A world of one plays every role: its searchers are virtual and take turns with the trainer."""
+    search. A world of one plays every role: its searchers are virtual and take turns with the trainer.
+    Weights and rounds travel as CPU tensors over gloo, whatever the trainers' own backend (nccl on GPUs)."""
     searching: bool  # this rank is a searcher
     n_trainers: int
     trainers: object = None  # the trainer ranks' process group (None: one process)
-    handoff: object = None   # trainer rank 0 and the searcher ranks: weights out, rounds in
+    handoff: object = None   # trainer rank 0 and the searcher ranks, over gloo: weights out, rounds in
     rank: int = 0            # this rank among the trainers, or among the searchers
+    trainers_gloo: object = None  # the trainer ranks over gloo: a round's tensors from trainer rank 0 to all
 
 
 def make_roles(searchers: int, rank: int, world: int) -> Roles:
@@ -227,13 +229,13 @@ def make_roles(searchers: int, rank: int, world: int) -> Roles:
     if world == 1 or not searchers:
         return Roles(False, world, rank=rank)
     n_trainers = world - searchers
-    trainers = dist.new_group(list(range(n_trainers)))
-    handoff = dist.new_group([0, *range(n_trainers, world)])
+    trainers, trainers_gloo = (dist.new_group(list(range(n_trainers)), backend=b) for b in (None, "gloo"))
+    handoff = dist.new_group([0, *range(n_trainers, world)], backend="gloo")
     searching = rank >= n_trainers
-    return Roles(searching, n_trainers, trainers, handoff, rank - n_trainers if searching else rank)
+    return Roles(searching, n_trainers, trainers, handoff, rank - n_trainers if searching else rank, trainers_gloo)
 
 
-BUCKET = 1 << 25  # elements per broadcast: 64 MiB of bf16
+BUCKET = 1 << 26  # bytes per broadcast: 64 MiB
 
 
 def weight_names(lm, weights: dict) -> list[str]:
@@ -242,12 +244,12 @@ def weight_names(lm, weights: dict) -> list[str]:
 
 
 def pack_weights(lm, names: list[str]) -> torch.Tensor:
-    """The trainer's weights as one flat bf16 tensor in `names` order; with FSDP2 every trainer rank takes
-    part (each parameter is gathered whole)."""
+    """The trainer's weights as one flat bf16 CPU tensor (the hand-off's gloo sends it) in `names` order; with
+    FSDP2 every trainer rank takes part (each parameter is gathered whole)."""
     state = lm.state_dict()
     with torch.no_grad():
         return torch.cat([(state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).to(torch.bfloat16)
-                          .flatten() for n in names])
+                          .flatten() for n in names]).cpu()
 
 
 def checksum(flat: torch.Tensor) -> int:
@@ -257,13 +259,12 @@ def checksum(flat: torch.Tensor) -> int:
 
 def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int]:
     """Global rank 0 sends flat (bf16) and its version to the group in BUCKET-sized pieces; the other ranks
-    pass a flat of the same size, filled in place. gloo has no bf16 (nor int16: "Invalid scalar type"), so
-    there the bytes travel as uint8, exactly. Returns (version, checksum), checked on arrival."""
+    pass a flat of the same size, filled in place. gloo has no bf16 (nor int16: "Invalid scalar type"), so the
+    bytes travel as uint8, exactly. Returns (version, checksum), checked on arrival."""
     sending = dist.get_rank() == 0
-    header = torch.tensor([version, checksum(flat) if sending else 0], dtype=torch.int64, device=flat.device)
+    header = torch.tensor([version, checksum(flat) if sending else 0], dtype=torch.int64)
     dist.broadcast(header, 0, group)
-    bits = flat.view(torch.uint8) if dist.get_backend(group) == "gloo" else flat
-    for piece in bits.split(2 * BUCKET if bits.dtype == torch.uint8 else BUCKET):
+    for piece in flat.view(torch.uint8).split(BUCKET):
         dist.broadcast(piece, 0, group)
     version, sent = header.tolist()
     if not sending and checksum(flat) != sent:

@@ -49,18 +49,30 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(row)
 
-    def plot(self, keys=("reward", "pass_rate", "entropy")):
+    def plot(self) -> None:
+        """plot.png: the training reward with held-out pass@1 before and after; the sampler's entropy (and E3's
+        target); the response length; and the temperature, where E3's controller moves it."""
         if not self.enabled:
             return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         steps = [r for r in self.rows if "step" in r]
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-        for ax, key in zip(axes, keys):
-            ax.plot([r["step"] for r in steps], [r[key] for r in steps])
-            ax.set_xlabel("step")
-            ax.set_title(key)
+        panels = {"reward": ("reward",), "entropy": ("entropy", "entropy_target"), "response length": ("response_len",)}
+        if len({r.get("temperature") for r in steps}) > 1:
+            panels["temperature"] = ("temperature",)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+        for ax, (title, keys) in zip(axes[0], panels.items()):
+            for key in keys:
+                ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key)
+            ax.set(title=title, xlabel="step")
+        evals = {r["eval"]: r["pass@1"] for r in self.rows if "eval" in r}
+        last = max([r["step"] for r in steps], default=0)
+        axes[0][0].plot([x for x, e in ((0, "before"), (last, "after")) if e in evals], list(evals.values()), "o--",
+                        label="held-out pass@1")
+        for ax in axes[0]:
+            if len(ax.lines) > 1:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.dir / "plot.png", dpi=100)
         self.file.close()

@@ -165,7 +165,7 @@ class Searchers:
         if self.roles.n_trainers > 1:
             due = due or [empty_round(self.cfg) for _ in range(self.cfg.searchers)]
             for t in (t for round_ in due for t in round_):
-                dist.broadcast(t, 0, self.roles.trainers)
+                dist.broadcast(t, 0, self.roles.trainers_gloo)
         self.waited = time.time() - t0
         return due
 
