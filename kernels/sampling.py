@@ -53,13 +53,11 @@ def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
     return ((x >> 8).float() + 0.5).mul_(2.0 ** -24).clamp_(max=_U_MAX)
 
 
-def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float,
+def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
                      chunk_elements: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, V] (float32 or bf16), keys [B] int64 holding uint32 -> (tokens, logprob, entropy).
-    Row chunks of about 2 MB of int64 keep every [chunk, vocab] temporary in a core's cache (12x faster than
-    the whole batch at once on CPU; 64 x 49k rows on a Xeon with 2 MB of L2 a core: 15 ms for the noise in
-    chunks of 5 rows, 24 ms in chunks of 16)."""
-    rows = max(1, chunk_elements // logits.shape[-1])
+    """logits [B, V] (float32 or bf16), keys [B] int64 holding uint32 -> (tokens, logprob, entropy). Rows go in
+    chunks of about 2 MB of int64, so that every [chunk, vocab] temporary stays in a core's cache."""
+    temperature, rows = float(temperature), max(1, chunk_elements // logits.shape[-1])
     token_hash = hash32(torch.arange(logits.shape[-1], device=logits.device))
     out = [torch.empty(len(logits), dtype=dtype, device=logits.device) for dtype in (torch.long, torch.float32,
                                                                                    torch.float32)]
@@ -88,10 +86,11 @@ def _hash32(x):
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, keys_ptr, tokens_ptr, logprob_ptr, entropy_ptr, V, row_stride, temperature,
+def _sample_kernel(logits_ptr, keys_ptr, temperature_ptr, tokens_ptr, logprob_ptr, entropy_ptr, V, row_stride,
                    NOISE: tl.constexpr, U_MAX: tl.constexpr, BLOCK_V: tl.constexpr):
     """One program per row: a running Gumbel-max and an online log-sum-exp over tiles of the vocabulary."""
     row = tl.program_id(0)
+    temperature = tl.load(temperature_ptr)
     key = tl.load(keys_ptr + row).to(tl.uint32)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
     best, best_idx, best_z = float("-inf"), 0, 0.0  # best noisy score so far, its token and its z
@@ -124,14 +123,18 @@ def _sample_kernel(logits_ptr, keys_ptr, tokens_ptr, logprob_ptr, entropy_ptr, V
 
 
 def sample(logits: torch.Tensor, keys: torch.Tensor,
-           temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of reference_sample: same tokens up to float rounding at near-ties."""
+           temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of reference_sample: same tokens up to float rounding at near-ties. The kernel reads the
+    temperature from device memory, so a CUDA graph can be handed a one-element float32 tensor (> 0) and replayed
+    at any temperature; a float is put there for it (0: greedy)."""
     logits, keys = logits.contiguous(), keys.contiguous()
     B, V = logits.shape
+    noise = isinstance(temperature, torch.Tensor) or temperature > 0
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.full((1,), temperature if noise else 1.0, device=logits.device)
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     logprob = torch.empty(B, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(B, dtype=torch.float32, device=logits.device)
-    _sample_kernel[(B,)](logits, keys, tokens, logprob, entropy, V, logits.stride(0),
-                         temperature if temperature > 0 else 1.0, NOISE=temperature > 0, U_MAX=_U_MAX,
-                         BLOCK_V=min(2048, triton.next_power_of_2(V)), num_warps=8)
+    _sample_kernel[(B,)](logits, keys, temperature, tokens, logprob, entropy, V, logits.stride(0), NOISE=noise,
+                         U_MAX=_U_MAX, BLOCK_V=min(2048, triton.next_power_of_2(V)), num_warps=8)
     return tokens, logprob, entropy

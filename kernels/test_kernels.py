@@ -78,11 +78,13 @@ def random_logits(B: int, V: int, dtype: torch.dtype, gen: torch.Generator) -> t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [1000, 3000, 5000])
 def test_triton_sample_matches_reference(poisoned_empty, dtype, V):
+    """Also with the temperature as a one-element tensor, as a CUDA graph hands it over to be read at replay."""
     gen = torch.Generator().manual_seed(V)
-    for temperature in (0.0, 0.7, 1.0):
+    for temperature in (0.0, 0.7, 1.0, 1.3):
         logits = random_logits(6, V, dtype, gen).to(DEVICE)
         keys = torch.randint(0, 2 ** 32, (6,), generator=gen).to(DEVICE)
-        tokens, logprob, entropy = sample(logits, keys, temperature)
+        tokens, logprob, entropy = sample(logits, keys, torch.tensor([temperature], device=DEVICE)
+                                          if temperature == 1.3 else temperature)
         ref_tokens, ref_logprob, ref_entropy = reference_sample(logits, keys, temperature)
         assert torch.equal(tokens, ref_tokens), (temperature, tokens, ref_tokens)
         torch.testing.assert_close(logprob, ref_logprob, atol=1e-4, rtol=0)
