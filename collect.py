@@ -14,53 +14,7 @@ from config import Config
 from trainer import Batch
 
 
-# ---- what to sample (explore.py) and sampling one step ----
-
-class Explore:
-    """The run's exploration state, saved in checkpoints: data position (prompts drawn so far), E3's
-    difficulty stats and the sampling temperature (ALGORITHMS.md 0, 3)."""
-
-    def __init__(self, cfg: Config, n_items: int, vocab_size: int):
-        self.cfg, self.n_items, self.position = cfg, n_items, 0
-        self.difficulty = explore.Difficulty(n_items)
-        self.controller = explore.TemperatureController(
-            cfg.temperature, vocab_size, cfg.steps, cfg.tau_min, cfg.tau_max, cfg.tau_anneal_eta) \
-            if cfg.temperature_control else None
-
-    @property
-    def tau(self) -> float:
-        return self.controller.tau if self.controller is not None else self.cfg.temperature
-
-    def next_prompts(self) -> tuple[list[int], list[int]]:
-        """The next prompts_per_step training prompts and their rollout budgets (E3 when bounds are set)."""
-        cfg = self.cfg
-        picked = explore.pick_prompts(self.n_items, self.position, cfg.prompts_per_step, cfg.seed)
-        budgets = [cfg.rollouts_per_prompt] * len(picked)
-        if cfg.budget_min or cfg.budget_max:
-            lo, hi = explore.budget_bounds(self.position // self.n_items, cfg.rollouts_per_prompt, cfg.budget_min,
-                                           cfg.budget_max)
-            budgets = explore.allocate_budgets(self.difficulty.epoch_ranks[picked], cfg.rollouts_per_prompt, lo, hi)
-        return picked, budgets
-
-    def record(self, picked: list[int], rewards: list[list[float]]) -> None:
-        """Every rank records the whole global batch (so all agree on budgets); ranks refresh at epoch end."""
-        epoch = self.position // self.n_items
-        for item, r in zip(picked, rewards):
-            self.difficulty.record([item] * len(r), torch.tensor(r, dtype=torch.float64))
-        self.position += len(picked)
-        if self.position // self.n_items > epoch:
-            self.difficulty.end_epoch()
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "difficulty": self.difficulty.state_dict(),
-                "controller": self.controller.state_dict() if self.controller is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
-        self.difficulty.load_state_dict(state["difficulty"])
-        if self.controller is not None and state["controller"] is not None:
-            self.controller.load_state_dict(state["controller"])
-
+# ---- sampling one step ----
 
 def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int]]:
     chats = [[{"role": "user", "content": template.format(question=item["question"])}] for item in items]
@@ -93,7 +47,7 @@ def scores_to_rewards(cfg: Config, scores: list[float]) -> torch.Tensor:
     return rewards
 
 
-def sample_step(cfg: Config, state: Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
+def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
                 rank: int, world: int) -> tuple[Batch, dict]:
     """One step's rollouts on this rank, and the step's sampling metrics over all ranks. With dynamic
     sampling, groups whose rewards all equal are dropped and further rounds of prompts are sampled until

@@ -145,27 +145,24 @@ class Config:
                        "satisfy 0 < min <= max"),
                       (self.tau_min <= self.temperature <= self.tau_max, f"--temperature {self.temperature} is "
                        f"outside --tau-min {self.tau_min} .. --tau-max {self.tau_max}, where E3's controller starts")]
-        if self.searchers:
-            rules += self.async_rules()
+        if self.searchers:  # TBA (ALGORITHMS.md 2)
+            rules += [
+                (self.searchers >= -1, f"--searchers {self.searchers} must be >= 0 (or -1: every rank but one)"),
+                (self.sync_every >= 1, f"--sync-every {self.sync_every} must be at least 1 trainer step"),
+                (0 <= self.fresh_prob <= 1, f"--fresh-prob {self.fresh_prob} is a probability; use a value in [0, 1]"),
+                (self.replay_capacity >= self.rollouts_per_prompt, f"--replay-capacity {self.replay_capacity} is "
+                 f"below --rollouts-per-prompt {self.rollouts_per_prompt}; a prompt must hold a whole group"),
+                (self.max_staleness == 0 or self.max_staleness >= 2 * self.sync_every - 1, f"--max-staleness "
+                 f"{self.max_staleness} would drop fresh rounds, which are used up to 2 x --sync-every - 1 = "
+                 f"{2 * self.sync_every - 1} steps after their weights; use at least that, or 0 (never)"),
+                (self.search_oversample > 0 and self.search_prompts >= 0, f"--search-oversample "
+                 f"{self.search_oversample} must be > 0 and --search-prompts {self.search_prompts} >= 0"),
+                (self.loss == "tb" or self.kl_coef == 0, f"--kl-coef {self.kl_coef}: async PPO has no per-token "
+                 "reference logprobs (searchers keep sequence sums); use --loss tb or --kl-coef 0"),
+                (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
+                      or self.echo_coef), "dynamic sampling, E3 budgets and temperature, and EchoRL are "
+                 "synchronous only; drop them or --searchers")]
         return rules
-
-    def async_rules(self) -> list[tuple[bool, str]]:
-        return [
-            (self.searchers >= -1, f"--searchers {self.searchers} must be >= 0 (or -1: every rank but one)"),
-            (self.sync_every >= 1, f"--sync-every {self.sync_every} must be at least 1 trainer step"),
-            (0 <= self.fresh_prob <= 1, f"--fresh-prob {self.fresh_prob} is a probability; use a value in [0, 1]"),
-            (self.replay_capacity >= self.rollouts_per_prompt, f"--replay-capacity {self.replay_capacity} is "
-             f"below --rollouts-per-prompt {self.rollouts_per_prompt}; a prompt must hold a whole group"),
-            (self.max_staleness == 0 or self.max_staleness >= 2 * self.sync_every - 1, f"--max-staleness "
-             f"{self.max_staleness} would drop fresh rounds, which are used up to 2 x --sync-every - 1 = "
-             f"{2 * self.sync_every - 1} steps after their weights; use at least that, or 0 (never)"),
-            (self.search_oversample > 0 and self.search_prompts >= 0, f"--search-oversample "
-             f"{self.search_oversample} must be > 0 and --search-prompts {self.search_prompts} >= 0"),
-            (self.loss == "tb" or self.kl_coef == 0, f"--kl-coef {self.kl_coef}: async PPO has no per-token "
-             "reference logprobs (searchers keep sequence sums); use --loss tb or --kl-coef 0"),
-            (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
-                  or self.echo_coef), "dynamic sampling, E3 budgets and temperature, and EchoRL are "
-             "synchronous only; drop them or --searchers")]
 
 
 def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:

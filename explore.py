@@ -15,25 +15,17 @@ import numpy as np
 import torch
 
 import loss
-
-
-def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
-    order = list(range(n_items))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+from config import Config
 
 
 def pick_prompts(n_items: int, position: int, count: int, seed: int) -> list[int]:
-    """Indices of the `count` prompts from `position` in the endless sequence of epochs (position =
-    prompts drawn before: the trainer's data position, saved in checkpoints); may straddle two epochs."""
+    """Indices of the `count` prompts from `position` in the endless sequence of epochs, each a fresh seeded
+    order (position = prompts drawn before: the trainer's data position, saved in checkpoints)."""
     orders = {}
-    picked = []
-    for k in range(position, position + count):
-        epoch, index = divmod(k, n_items)
-        if epoch not in orders:
-            orders[epoch] = epoch_order(n_items, epoch, seed)
-        picked.append(orders[epoch][index])
-    return picked
+    for epoch in range(position // n_items, (position + count - 1) // n_items + 1):
+        orders[epoch] = list(range(n_items))
+        random.Random(seed * 1_000_003 + epoch).shuffle(orders[epoch])
+    return [orders[k // n_items][k % n_items] for k in range(position, position + count)]
 
 
 # ---- dynamic sampling (ALGORITHMS.md 0) and degenerate groups (ALGORITHMS.md 4) ----
@@ -56,45 +48,66 @@ def group_outcomes(rewards: torch.Tensor, group: torch.Tensor,
 
 # ---- E3: difficulty ranks, rollout budgets, temperature (ALGORITHMS.md 3) ----
 
-class Difficulty:
-    """Each training prompt's reward sum and rollout count over all epochs, and the ranks k_i
-    (0 = easiest) this epoch's budgets use: end_epoch() refreshes them, so epoch e uses those from
-    the end of e-1 and epoch 1 none (all 0: uniform). Every process must record the whole global
-    batch, or processes disagree on the budgets."""
+class Explore:
+    """What a synchronous run samples next, and what it keeps for that (saved in checkpoints): the data position
+    (prompts drawn so far), each prompt's reward sum and rollout count over all epochs, the difficulty ranks k_i
+    this epoch's budgets use (refreshed at each epoch's end: epoch 1 has none, all 0, so budgets are uniform) and
+    E3's temperature controller (ALGORITHMS.md 3). Every rank records the whole global batch, so all agree."""
 
-    def __init__(self, n_items: int):
-        self.reward_sum = torch.zeros(n_items, dtype=torch.float64)
-        self.count = torch.zeros(n_items, dtype=torch.long)
-        self.epoch_ranks = torch.zeros(n_items, dtype=torch.float64)
+    def __init__(self, cfg: Config, n_items: int, vocab_size: int):
+        self.cfg, self.n_items, self.position = cfg, n_items, 0
+        self.reward_sum, self.count, self.epoch_ranks = (torch.zeros(n_items, dtype=dtype) for dtype in
+                                                         (torch.float64, torch.long, torch.float64))
+        self.controller = TemperatureController(cfg.temperature, vocab_size, cfg.steps, cfg.tau_min, cfg.tau_max,
+                                                cfg.tau_anneal_eta) if cfg.temperature_control else None
 
-    def record(self, prompt_ids: Sequence[int] | torch.Tensor, rewards: torch.Tensor) -> None:
-        """Add one reward per response; prompt_ids[i] is the training prompt of response i."""
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu()
-        self.reward_sum.index_add_(0, ids, rewards.detach().to("cpu", torch.float64))
-        self.count.index_add_(0, ids, torch.ones_like(ids))
+    @property
+    def tau(self) -> float:
+        return self.controller.tau if self.controller is not None else self.cfg.temperature
 
-    def ranks(self) -> torch.Tensor:
-        """k_i = position / |D| after sorting prompts by mean reward, descending. A never-sampled
-        prompt counts as mean 0 (with rewards in [0, 1], as hard as an all-wrong one); ties keep
-        prompt-index order (stable sort), so the ranks are deterministic."""
-        mean = self.reward_sum / self.count.clamp(min=1)
-        order = torch.sort(mean, descending=True, stable=True).indices
-        k = torch.empty_like(mean)
-        k[order] = torch.arange(len(mean), dtype=torch.float64) / len(mean)
-        return k
+    def next_prompts(self) -> tuple[list[int], list[int]]:
+        """The next prompts_per_step training prompts and their rollout budgets (E3 when bounds are set)."""
+        cfg = self.cfg
+        picked = pick_prompts(self.n_items, self.position, cfg.prompts_per_step, cfg.seed)
+        if not (cfg.budget_min or cfg.budget_max):
+            return picked, [cfg.rollouts_per_prompt] * len(picked)
+        lo, hi = budget_bounds(self.position // self.n_items, cfg.rollouts_per_prompt, cfg.budget_min, cfg.budget_max)
+        return picked, allocate_budgets(self.epoch_ranks[picked], cfg.rollouts_per_prompt, lo, hi)
 
-    def end_epoch(self) -> None:
-        self.epoch_ranks = self.ranks()
+    def record(self, picked: list[int], rewards: list[list[float]]) -> None:
+        """The rewards of each picked prompt's responses; at an epoch's end, the ranks for the next."""
+        epoch = self.position // self.n_items
+        for item, r in zip(picked, rewards):
+            self.reward_sum.index_add_(0, torch.tensor([item] * len(r)), torch.tensor(r, dtype=torch.float64))
+            self.count[item] += len(r)
+        self.position += len(picked)
+        if self.position // self.n_items > epoch:
+            self.epoch_ranks = difficulty_ranks(self.reward_sum, self.count)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).clone() for name in ("reward_sum", "count", "epoch_ranks")}
+    def state_dict(self) -> dict:
+        return {"position": self.position, "reward_sum": self.reward_sum.clone(), "count": self.count.clone(),
+                "epoch_ranks": self.epoch_ranks.clone(),
+                "controller": self.controller.state_dict() if self.controller is not None else None}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if len(state["count"]) != len(self.count):
-            raise ValueError(f"the checkpoint's difficulty stats cover {len(state['count'])} prompts, "
-                             f"this task has {len(self.count)}; resume with the same --task and --task-size")
-        for name, value in state.items():
-            setattr(self, name, value.clone())
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["count"]) != self.n_items:
+            raise ValueError(f"the checkpoint's difficulty stats cover {len(state['count'])} prompts, this task has "
+                             f"{self.n_items}; resume with the same --task and --task-size")
+        self.position = state["position"]
+        self.reward_sum, self.count, self.epoch_ranks = (state[k].clone() for k in ("reward_sum", "count",
+                                                                                   "epoch_ranks"))
+        if self.controller is not None and state["controller"] is not None:
+            self.controller.load_state_dict(state["controller"])
+
+
+def difficulty_ranks(reward_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """k_i = position / |D| after sorting prompts by mean reward, descending (0 = easiest). A never-sampled prompt
+    counts as mean 0 (with rewards in [0, 1], as hard as an all-wrong one); ties keep prompt-index order (a stable
+    sort), so the ranks are deterministic."""
+    mean = reward_sum / count.clamp(min=1)
+    k = torch.empty_like(mean)
+    k[torch.sort(mean, descending=True, stable=True).indices] = torch.arange(len(mean), dtype=mean.dtype) / len(mean)
+    return k
 
 
 def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int]:

@@ -44,10 +44,6 @@ class ModelConfig:
             rms_norm_eps=cfg.rms_norm_eps, rope_theta=rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)),
             tied=bool(getattr(cfg, "tie_word_embeddings", False)))
 
-    def sampler_weights(self, weights: dict) -> dict:
-        """The weights the forward pass reads: all but a tied LM head, which is the embedding itself."""
-        return {name: w for name, w in weights.items() if not (self.tied and name == "lm_head.weight")}
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()

@@ -84,23 +84,11 @@ def tis_weight(trainer_old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: 
     return (trainer_old_logp - sampler_logp).exp().clamp(max=cap).detach()
 
 
-def entropy_bonus(entropy: torch.Tensor, coef: float) -> torch.Tensor:
-    """Per-token -coef * H_t, added to the policy loss (ALGORITHMS.md 0). `entropy` must come from the
-    trainer's forward with gradients; the sampler's recorded entropies are constants and would do nothing."""
-    return -coef * entropy
-
-
 def kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimators on d = log pi - log pi_ref: k1 = d, k2 = d^2 / 2, and k3 (low
     variance, non-negative)."""
     d = logp - ref_logp
     return {"k1": lambda: d, "k2": lambda: d ** 2 / 2, "k3": lambda: torch.exp(-d) - 1 + d}[kind]()
-
-
-def token_mean(token_loss: torch.Tensor, global_tokens: int) -> torch.Tensor:
-    """Sum over this micro-batch's tokens over the token count of the whole global batch (all
-    micro-batches, all ranks): summing the micro-batch losses gives the global token mean."""
-    return token_loss.sum() / max(global_tokens, 1)
 
 
 def seq_token_means(token_values: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
@@ -118,7 +106,7 @@ def aggregate(token_loss: torch.Tensor, seq_ids: torch.Tensor, mode: str, global
     seq-mean-token-sum-norm (Dr.GRPO): sum of each sequence's token sum / norm_len (a constant such as
     --max-new-tokens, so long answers are not down-weighted) / global sequence count."""
     if mode == "token-mean":
-        return token_mean(token_loss, global_tokens)
+        return token_loss.sum() / max(global_tokens, 1)
     if mode == "seq-mean-token-mean":
         return seq_token_means(token_loss, seq_ids).sum() / max(global_seqs, 1)
     assert mode == "seq-mean-token-sum-norm", mode

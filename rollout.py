@@ -80,8 +80,8 @@ class Sampler:
         self.cfg, self.device, self.dtype = c, torch.device(device), dtype
         self.block_size, self.max_slots = block_size, max_slots
         self.num_blocks = kv_budget_tokens // block_size
-        self.weights = {name: w.detach().to(self.device, dtype).clone()
-                        for name, w in c.sampler_weights(weights).items()}
+        self.weights = {name: w.detach().to(self.device, dtype).clone() for name, w in weights.items()
+                        if not (c.tied and name == "lm_head.weight")}  # a tied head is the embedding: held once
         # One block past the pool's own is scratch: padded rows of a graphed step write there.
         self.scratch_block = self.num_blocks
         self.kv_shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)

@@ -85,14 +85,11 @@ def to_responses(ints: torch.Tensor, floats: torch.Tensor) -> list[dict]:
     return out
 
 
-def round_shapes(cfg: Config) -> list[tuple[int, ...]]:
-    rows = prompts_per_searcher(cfg) * samples_per_prompt(cfg)
-    return [(rows, INTS + cfg.max_new_tokens), (rows, FLOATS + cfg.max_new_tokens), (len(STATS),)]
-
-
 def empty_round(cfg: Config) -> list[torch.Tensor]:
-    return [torch.zeros(shape, dtype=dtype) for shape, dtype in
-            zip(round_shapes(cfg), (torch.long, torch.float32, torch.float64))]
+    """A round's fixed shapes, zeros: the buffers it is gathered into."""
+    rows = prompts_per_searcher(cfg) * samples_per_prompt(cfg)
+    return [torch.zeros(rows, INTS + cfg.max_new_tokens, dtype=torch.long),
+            torch.zeros(rows, FLOATS + cfg.max_new_tokens), torch.zeros(len(STATS), dtype=torch.float64)]
 
 
 def gather_round(cfg: Config, mine: list[torch.Tensor] | None, roles: Roles) -> list[list[torch.Tensor]] | None:

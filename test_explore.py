@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+import config
 import explore
 
 
@@ -140,40 +141,38 @@ def test_budget_bounds_schedule():
 # ---- difficulty ----
 
 def test_difficulty_ranks_hand_example():
-    d = explore.Difficulty(5)
-    d.record([0, 0, 1], torch.tensor([1.0, 1.0, 0.0]))
-    d.record(torch.tensor([1, 3, 3, 3, 4]), torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5]))
+    reward_sum = torch.tensor([2.0, 1.0, 0.0, 0.0, 0.5], dtype=torch.float64)
+    count = torch.tensor([2, 2, 0, 3, 1])
     # means: p0 1.0, p1 0.5, p2 never sampled -> 0, p3 0.0, p4 0.5.
     # descending, ties by prompt index: p0, p1, p4, p2, p3 -> positions 0, 1, 2, 3, 4 over |D| = 5
-    expected = [0.0, 0.2, 0.6, 0.8, 0.4]
-    assert d.ranks().tolist() == pytest.approx(expected)
-    assert d.epoch_ranks.tolist() == [0.0] * 5  # epoch 1: uniform until the first epoch ends
-    d.end_epoch()
-    assert d.epoch_ranks.tolist() == pytest.approx(expected)
-    d.record([3] * 4, torch.ones(4))  # p3 now 4/7: easier than p1, p4; epoch_ranks wait for end_epoch
-    assert d.epoch_ranks.tolist() == pytest.approx(expected)
-    # p0 1.0, p3 0.571, p1 0.5, p4 0.5, p2 0
-    assert d.ranks().tolist() == pytest.approx([0.0, 0.4, 0.8, 0.2, 0.6])
-    assert d.count.tolist() == [2, 2, 0, 7, 1]
+    assert explore.difficulty_ranks(reward_sum, count).tolist() == pytest.approx([0.0, 0.2, 0.6, 0.8, 0.4])
+    reward_sum[3], count[3] = 4.0, 7  # p3 now 4/7: easier than p1, p4
+    assert explore.difficulty_ranks(reward_sum, count).tolist() == pytest.approx([0.0, 0.4, 0.8, 0.2, 0.6])
 
 
-def test_difficulty_state_dict_round_trip():
-    d = explore.Difficulty(6)
-    d.record([0, 2, 2, 5], torch.tensor([0.3, 1.0, 0.0, 0.7]))
-    d.end_epoch()
-    d.record([1, 2], torch.tensor([1.0, 1.0]))
+def test_explore_ranks_at_each_epochs_end_and_round_trips():
+    """Ranks from all epochs' rewards so far, refreshed when an epoch ends (epoch 1 uses none: all 0); a resumed
+    state goes on identically; a state for another task size is one sentence naming the fix."""
+    cfg = config.Config(prompts_per_step=3, rollouts_per_prompt=2)
+    state = explore.Explore(cfg, 5, 100)
+    picked, budgets = state.next_prompts()
+    assert len(picked) == 3 and budgets == [2, 2, 2]
+    state.record(picked, [[1.0, 1.0], [0.0, 0.5], [0.0, 0.0]])
+    assert state.epoch_ranks.tolist() == [0.0] * 5 and state.count.sum() == 6  # epoch 1: no ranks yet
+    state.record(state.next_prompts()[0], [[1.0, 0.0], [0.5, 0.5], [1.0, 1.0]])  # into epoch 2: ranks
+    assert state.position == 6 and state.count.sum() == 12
+    want = explore.difficulty_ranks(state.reward_sum, state.count)
+    assert torch.equal(state.epoch_ranks, want) and want.max() > 0
     buf = io.BytesIO()
-    torch.save(d.state_dict(), buf)
+    torch.save(state.state_dict(), buf)
     buf.seek(0)
-    e = explore.Difficulty(6)
-    e.load_state_dict(torch.load(buf))
-    assert torch.equal(e.epoch_ranks, d.epoch_ranks) and torch.equal(e.ranks(), d.ranks())
-    for x in (d, e):  # and they go on identically
-        x.record([4], torch.tensor([0.9]))
-        x.end_epoch()
-    assert torch.equal(e.epoch_ranks, d.epoch_ranks)
+    resumed = explore.Explore(cfg, 5, 100)
+    resumed.load_state_dict(torch.load(buf))
+    for s in (state, resumed):  # and they go on identically
+        s.record(s.next_prompts()[0], [[0.9, 0.1]] * 3)
+    assert resumed.next_prompts() == state.next_prompts() and torch.equal(resumed.reward_sum, state.reward_sum)
     with pytest.raises(ValueError, match="--task-size"):
-        explore.Difficulty(7).load_state_dict(d.state_dict())
+        explore.Explore(cfg, 7, 100).load_state_dict(state.state_dict())
 
 
 # ---- temperature ----

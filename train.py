@@ -28,7 +28,7 @@ import explore
 import loss
 import reward
 from cluster import check_world_size, make_roles, my_share, pick_dtype, searcher_count, setup_process, shard
-from collect import Explore, encode_prompts, evaluate, sample_step
+from collect import encode_prompts, evaluate, sample_step
 from config import Config, parse_config
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from rollout import ModelConfig, Sampler
@@ -124,7 +124,7 @@ def set_lr(optimizer, lr: float) -> None:
 def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
                saved, log) -> None:
     """The synchronous loop: each rank samples and scores its share of the step, then all train on it."""
-    state = Explore(cfg, len(task.items), model.lm.config.vocab_size)
+    state = explore.Explore(cfg, len(task.items), model.lm.config.vocab_size)
     if saved:
         state.load_state_dict(saved)
     step_ids = loss.step_token_ids(tokenizer) if cfg.echo_coef > 0 else None

@@ -376,14 +376,21 @@ def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: di
             add_moments(sums, z)
         micro = (loss.tb_loss(seq_logp, seq_ref, rewards, group, step.beta, z) * in_rl).sum() / max(step.seqs, 1)
         sums["kl"] += ((seq_logp.detach() - seq_ref) * in_rl).sum().item() * per_token_mean
-    else:
-        sampler_logp = cat_on([batch.sampler_logp[i] for i in b], dev) if cfg.tis_cap > 0 else None
-        per_token, logged = ppo_token_loss(cfg, logp, entropy, old, ref,
-                                           cat_on([step.adv[i].expand(step.lengths[i]) for i in b], dev), sampler_logp)
+    else:  # the PPO family: clip-higher, dual clip, TIS, KL in the loss and an entropy bonus, as configured
+        weight = loss.tis_weight(old, cat_on([batch.sampler_logp[i] for i in b], dev), cfg.tis_cap) \
+            if cfg.tis_cap > 0 else None
+        adv = cat_on([step.adv[i].expand(step.lengths[i]) for i in b], dev)
+        per_token, clipped = loss.policy_loss(logp, old, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip, weight)
+        logged = {"clip_frac": clipped, **({"tis_weight": weight} if weight is not None else {})}
+        if ref is not None and not cfg.kl_in_reward:
+            logged["kl"] = loss.kl(logp, ref, cfg.kl_kind)
+            per_token = per_token + cfg.kl_coef * logged["kl"]
+        if cfg.entropy_coef > 0:  # the trainer's entropy, with its gradient (the sampler's is a constant)
+            per_token = per_token - cfg.entropy_coef * entropy
         micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, step.tokens, step.seqs, cfg.max_new_tokens)
         for name, value in logged.items():  # TIS weight: a sum here, a mean over the tokens run at the end
-            sums[name] += (value * rl).sum().item() * (per_token_mean if name != "tis_weight" else
-                                                       1 / cfg.updates_per_step)
+            sums[name] += (value.detach() * rl).sum().item() * (per_token_mean if name != "tis_weight" else
+                                                                1 / cfg.updates_per_step)
     sums["entropy"] += (entropy.detach() * rl).sum().item() / cfg.updates_per_step
     sums["forwarded"] += rl.sum().item() / cfg.updates_per_step
     if cfg.echo_coef > 0:
@@ -408,21 +415,6 @@ def step_stats(cfg: Config, sums: dict, has_ref: bool, group) -> dict:
     off = {"kl": (not has_ref and not tb) or (cfg.kl_in_reward and not tb), "tis_weight": not cfg.tis_cap,
            "echo_loss": not cfg.echo_coef, "log_z_std": not tb, "clip_frac": tb}
     return {k: v for k, v in stats.items() if not off.get(k)}
-
-
-def ppo_token_loss(cfg: Config, logp, entropy, old, ref, adv, sampler_logp) -> tuple[torch.Tensor, dict]:
-    """Per-token loss of the PPO family (ALGORITHMS.md 0): clip-higher, dual clip, TIS weight, KL in the
-    loss, entropy bonus, each as configured; and the per-token values to log (clipped, TIS weight, KL)."""
-    weight = loss.tis_weight(old, sampler_logp, cfg.tis_cap) if cfg.tis_cap > 0 else None
-    per_token, clipped = loss.policy_loss(logp, old, adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip, weight)
-    logged = {"clip_frac": clipped, **({"tis_weight": weight} if weight is not None else {})}
-    if ref is not None and not cfg.kl_in_reward:
-        kl = loss.kl(logp, ref, cfg.kl_kind)
-        per_token = per_token + cfg.kl_coef * kl
-        logged["kl"] = kl.detach()
-    if cfg.entropy_coef > 0:
-        per_token = per_token + loss.entropy_bonus(entropy, cfg.entropy_coef)
-    return per_token, logged
 
 
 def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor,
