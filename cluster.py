@@ -1,6 +1,5 @@
-"""fanout's processes: torchrun set-up, the compute dtype and threads of a CPU, collectives over ranks,
-FSDP2 sharding, TBA's roles and its flat bf16 weight broadcast. The one place that knows about
-torch.distributed's process groups; it moves tensors and modules, whatever model they belong to.
+"""fanout's processes: torchrun set-up, a CPU's compute dtype and threads, collectives, FSDP2 sharding, TBA's roles
+and weight broadcast. The one place that knows torch.distributed; it moves tensors and modules, whoever's they are.
 """
 
 import hashlib
@@ -36,17 +35,14 @@ def setup_process():
 
 
 def set_threads() -> None:
-    """torch's intra-op threads: OMP_NUM_THREADS when set (torchrun sets 1 when it starts several ranks),
-    else this rank's share of the physical cores the process may run on; a thread per hyper-thread only
-    makes two threads fight over one core's units. The scoring workers (reward.py) sit idle, blocked on
-    their queue, while the model samples or trains, so they take nothing from these threads."""
+    """torch's intra-op threads: OMP_NUM_THREADS when set (torchrun sets 1 when it starts several ranks), else this
+    rank's share of the physical cores it may run on (a thread per hyper-thread makes two fight over one core)."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def physical_cores() -> int:
-    """Cores (not hyper-threads) among the CPUs this process may run on (its affinity, as taskset or a
-    container sets it); on systems without Linux's topology files, the CPUs themselves."""
+    """Cores (not hyper-threads) among the CPUs this process may run on (its affinity: taskset's, a container's)."""
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
     cores = set()
     for cpu in cpus:
@@ -62,9 +58,8 @@ def physical_cores() -> int:
 
 def pick_dtype(requested: str, device, hidden: int, intermediate: int, cache_dir: str) -> tuple[torch.dtype, str]:
     """The compute dtype and why. auto: bfloat16 on CUDA; on a CPU whichever of bfloat16 and float32 ran the
-    model's own MLP product faster (forward and both backward products), probed once per CPU, torch build
-    and model shape, and cached. Without bf16 units (AVX-512 BF16, AMX) a bf16 product falls back to a
-    generic kernel: measured 40x slower than float32 in the backward on an AVX2 CPU."""
+    model's own MLP product faster, probed once per CPU, torch build and shape and cached, so a resumed run
+    computes alike. Without bf16 units (AVX-512 BF16, AMX) a bf16 product falls back to a slow generic kernel."""
     if requested != "auto":
         return getattr(torch, requested), f"--dtype {requested}"
     if device.type == "cuda":
@@ -86,8 +81,8 @@ def pick_dtype(requested: str, device, hidden: int, intermediate: int, cache_dir
 
 
 def cpu_identity() -> str:
-    """The CPU's model name and a digest of its feature flags, and the kernel set torch and oneDNN may use
-    (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower it): what decides the speed of a bf16 product."""
+    """What decides a bf16 product's speed: the CPU's model and feature flags, and the kernels torch and oneDNN
+    may use (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
                                if line.startswith(name)), "")
@@ -97,10 +92,9 @@ def cpu_identity() -> str:
 
 
 def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int = 3) -> dict:
-    """Milliseconds of x @ W.T, dy @ W and dy.T @ x for a [rows, hidden] x [intermediate, hidden] product
-    (the MLP's shape), best of `repeats` each, summed, per dtype. bfloat16 stops as soon as the best of two
-    tries leaves it slower than float32 was in all three (stopped=True): on a CPU without bf16 units that
-    is within the first product, so the probe takes a few tens of milliseconds."""
+    """Milliseconds of x @ W.T, dy @ W and dy.T @ x at the MLP's shape, best of `repeats` each, summed, per dtype.
+    bfloat16 stops (stopped=True) once it is slower than float32's three together: on a CPU without bf16 units,
+    within its first product."""
     gen = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(shape, generator=gen) for shape in ((rows, hidden), (intermediate, hidden),
                                                                 (rows, intermediate)))
@@ -183,9 +177,8 @@ def check_world_size(cfg: Config, world: int) -> None:
 
 
 def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
-    """Prompt positions per rank, balanced by rollouts: the largest budget first, each onto the rank
-    with the fewest rollouts so far (ties: fewer prompts, then the lower rank). Every rank samples its
-    prompts' groups whole, so each prompt's KV is stored once, on one rank."""
+    """Prompt positions per rank, balanced by rollouts: the largest budget first, each onto the rank with the fewest
+    so far (ties: fewer prompts, the lower rank). Groups stay whole: each prompt's KV is stored once, on one rank."""
     shares, load = [[] for _ in range(world)], [0] * world
     for i in sorted(range(len(budgets)), key=lambda i: -budgets[i]):
         r = min(range(world), key=lambda r: (load[r], len(shares[r]), r))
@@ -197,9 +190,8 @@ def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
 # ---- FSDP2 ----
 
 def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
-    """FSDP2 over `group`'s ranks (None: all): each of `layers` (the decoder layers), then the root. On GPU, bf16
-    parameters with float32 gradient reduction; on CPU the float32 weights stay and autocast does the bf16
-    compute."""
+    """FSDP2 over `group`'s ranks (None: all): each of `layers`, then the root. On GPU, bf16 parameters and float32
+    gradient reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
     mesh = DeviceMesh.from_group(group, device.type) if group is not None else None
@@ -212,9 +204,8 @@ def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
 
 @dataclass
 class Roles:
-    """Who does what in an async (TBA) run: ranks [0, n_trainers) train as one FSDP2 group, the others
-    search. A world of one plays every role: its searchers are virtual and take turns with the trainer.
-    Weights and rounds travel as CPU tensors over gloo, whatever the trainers' own backend (nccl on GPUs)."""
+    """Who does what in an async (TBA) run: ranks [0, n_trainers) train as one FSDP2 group, the others search (a
+    world of one plays every role). Weights and rounds travel as CPU tensors over gloo, whatever the trainers use."""
     searching: bool  # this rank is a searcher
     n_trainers: int
     trainers: object = None  # the trainer ranks' process group (None: one process)
@@ -258,9 +249,8 @@ def checksum(flat: torch.Tensor) -> int:
 
 
 def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int]:
-    """Global rank 0 sends flat (bf16) and its version to the group in BUCKET-sized pieces; the other ranks
-    pass a flat of the same size, filled in place. gloo has no bf16 (nor int16: "Invalid scalar type"), so the
-    bytes travel as uint8, exactly. Returns (version, checksum), checked on arrival."""
+    """Global rank 0 sends flat (bf16) and its version to the group in BUCKET-sized pieces, as uint8 (gloo has no
+    bf16 nor int16); the others pass a flat of that size, filled in place. Returns (version, checksum), checked."""
     sending = dist.get_rank() == 0
     header = torch.tensor([version, checksum(flat) if sending else 0], dtype=torch.int64)
     dist.broadcast(header, 0, group)

@@ -1,6 +1,5 @@
-"""What each step collects: the prompts and rollout budgets explore.py picks, their rollouts sampled
-and scored on this rank, the step's sampling metrics over all ranks; and held-out evaluation.
-"""
+"""What each step collects: explore.py's prompts and budgets sampled and scored on this rank, the step's sampling
+metrics over all ranks; and held-out evaluation."""
 
 import math
 

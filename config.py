@@ -107,19 +107,20 @@ class Config:
                 raise ValueError(message)
 
     def rules(self) -> list[tuple[bool, str]]:
-        flag = lambda name: "--" + name.replace("_", "-")
-        rules = [(getattr(self, name) in options, f"{flag(name)} {getattr(self, name)} is unknown; use one of "
-                                                  f"{', '.join(options)}") for name, options in CHOICES.items()]
+        flag = lambda name: f"--{name.replace('_', '-')} {getattr(self, name)}"
+        rules = [(getattr(self, name) in options, f"{flag(name)} is unknown; use one of {', '.join(options)}")
+                 for name, options in CHOICES.items()]
+        rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
+            "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "eval_samples", "max_gen_rounds",
+            "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens")]
+        rules += [(getattr(self, name) > 0, f"{flag(name)} must be above 0") for name in (
+            "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample")]
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max
         rules += [
-            (self.prompts_per_step >= 1 and G >= 1, f"--prompts-per-step {self.prompts_per_step} and "
-             f"--rollouts-per-prompt {G} must be at least 1"),
-            (self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens} must be at least 1"),
             (self.temperature >= 0, f"--temperature {self.temperature} is negative; use 0 for greedy decoding or a "
              "positive value to sample"),
             (0 < self.top_p <= 1, f"--top-p {self.top_p} is outside (0, 1]; use 1.0 to sample from the whole "
              "distribution"),
-            (self.eval_samples >= 1, f"--eval-samples {self.eval_samples} must be at least 1"),
             (self.adam_eps > 0, f"--adam-eps {self.adam_eps} must be positive (AdamW divides by sqrt(v) + eps)"),
             (0 <= self.eps_low < 1, f"--eps-low {self.eps_low} must be in [0, 1): the lower ratio bound is "
              "1 - eps_low"),
@@ -127,14 +128,9 @@ class Config:
              f"--eps-high {self.eps_high} is below --eps-low {self.eps_low}; clip-higher needs eps_high >= eps_low"),
             (self.dual_clip == 0 or self.dual_clip > 1, f"--dual-clip {self.dual_clip} must be 0 (off) or above 1"),
             (self.tis_cap >= 0, f"--tis-cap {self.tis_cap} must be 0 (off) or a positive cap on the weight"),
-            (self.tb_beta_start > 0 and self.tb_beta_end > 0, f"--tb-beta-start {self.tb_beta_start} and "
-             f"--tb-beta-end {self.tb_beta_end} must be > 0 (TB divides rewards by beta)"),
             (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
              "response ever succeeds and EchoRL has nothing to learn from; use 1"),
-            (self.max_gen_rounds >= 1, f"--max-gen-rounds {self.max_gen_rounds} must be at least 1"),
-            (self.score_timeout > 0 and self.sandbox_memory_mb > 0 and self.score_workers >= 0, f"--score-timeout "
-             f"{self.score_timeout} and --sandbox-memory-mb {self.sandbox_memory_mb} must be above 0, --score-workers "
-             f"{self.score_workers} at least 0 (the CPU count)")]
+            (self.score_workers >= 0, f"--score-workers {self.score_workers} must be at least 0 (the CPU count)")]
         if lo or hi:  # E3's budgets (ALGORITHMS.md 3): every batch keeps B x G rollouts within the bounds
             rules += [(lo >= 1, f"--budget-min {lo} must be at least 1 rollout per prompt"),
                       (lo <= hi, f"--budget-min {lo} is above --budget-max {hi}; pass a min <= max"),
@@ -155,8 +151,7 @@ class Config:
                 (self.max_staleness == 0 or self.max_staleness >= 2 * self.sync_every - 1, f"--max-staleness "
                  f"{self.max_staleness} would drop fresh rounds, which are used up to 2 x --sync-every - 1 = "
                  f"{2 * self.sync_every - 1} steps after their weights; use at least that, or 0 (never)"),
-                (self.search_oversample > 0 and self.search_prompts >= 0, f"--search-oversample "
-                 f"{self.search_oversample} must be > 0 and --search-prompts {self.search_prompts} >= 0"),
+                (self.search_prompts >= 0, f"--search-prompts {self.search_prompts} must be >= 0"),
                 (self.loss == "tb" or self.kl_coef == 0, f"--kl-coef {self.kl_coef}: async PPO has no per-token "
                  "reference logprobs (searchers keep sequence sums); use --loss tb or --kl-coef 0"),
                 (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control

@@ -1,9 +1,6 @@
-"""What to sample next (DESIGN.md data flow, steps 1 and 5): which prompts, how many rollouts each,
-at what temperature, and which sampled groups carry a learning signal.
-
-Each epoch visits every training prompt once in a fresh seeded order, a pure function of (data
-position, seed), so a resumed run picks the same prompts; the state that depends on rewards has
-state_dict().
+"""What to sample next (DESIGN.md data flow, steps 1 and 5): which prompts, how many rollouts each, at what
+temperature, which groups carry a learning signal; and TBA's replay buffer. The prompts are a pure function of
+(data position, seed), so a resumed run picks the same ones; what depends on rewards has state_dict().
 """
 
 import copy
@@ -39,9 +36,8 @@ def informative_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tens
 
 def group_outcomes(rewards: torch.Tensor, group: torch.Tensor,
                    success: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all_right, all_wrong), bool [R] each: every reward of the response's group is >= `success`,
-    or none is. all_right marks EchoRL's groups (ALGORITHMS.md 4), which dynamic sampling would drop;
-    with partial credit a group can be all wrong (no success) and still informative."""
+    """(all_right, all_wrong), bool [R]: every reward of the response's group is >= `success`, or none is (with
+    partial credit an all-wrong group can be informative). all_right marks EchoRL's groups (ALGORITHMS.md 4)."""
     lo, hi = loss.group_min_max(rewards, group)
     return lo >= success, hi < success
 
@@ -101,9 +97,8 @@ class Explore:
 
 
 def difficulty_ranks(reward_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """k_i = position / |D| after sorting prompts by mean reward, descending (0 = easiest). A never-sampled prompt
-    counts as mean 0 (with rewards in [0, 1], as hard as an all-wrong one); ties keep prompt-index order (a stable
-    sort), so the ranks are deterministic."""
+    """k_i = position / |D| after a stable sort by mean reward, descending (0 = easiest; ties in prompt order). A
+    never-sampled prompt counts as mean 0: as hard as an all-wrong one."""
     mean = reward_sum / count.clamp(min=1)
     k = torch.empty_like(mean)
     k[torch.sort(mean, descending=True, stable=True).indices] = torch.arange(len(mean), dtype=mean.dtype) / len(mean)
@@ -117,9 +112,8 @@ def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int
 
 
 def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, G_max: int) -> list[int]:
-    """E3's rollouts for each prompt of a batch with difficulty ranks `ranks` (k_i in [0, 1), higher =
-    harder), exactly as the released code's get_rollout_n_per_prompt (ALGORITHMS.md 3) but for the cap in
-    step 2; the total stays B*G and every budget stays within [G_min, G_max] (1 <= G_min <= G <= G_max)."""
+    """E3's rollouts per prompt of a batch with difficulty ranks k_i (higher = harder), as the released code's
+    get_rollout_n_per_prompt (ALGORITHMS.md 3) but for the cap in step 2: B*G in all, each in [G_min, G_max]."""
     k = np.asarray([float(x) for x in ranks], dtype=np.float64)
     if not len(k):
         return []
@@ -140,9 +134,8 @@ def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, 
 
 
 class TemperatureController:
-    """E3's entropy-holding sampling temperature (ALGORITHMS.md 3), in place of an entropy bonus; the
-    target H0 is the first batch's mean token entropy. Feed it H_t every step: the original release
-    silently froze tau by measuring entropy only when an entropy bonus was on."""
+    """E3's entropy-holding temperature (ALGORITHMS.md 3); H0 is the first batch's mean token entropy. Feed it H_t
+    every step (the original release froze tau by measuring entropy only with an entropy bonus on)."""
 
     def __init__(self, tau0: float, vocab_size: int, total_steps: int, tau_min: float = 0.5,
                  tau_max: float = 2.0, eta: float = 0.9, anneal_last: float = 0.4):
@@ -184,12 +177,10 @@ class TemperatureController:
 # ---- TBA's replay buffer (ALGORITHMS.md 2) ----
 
 class ReplayBuffer:
-    """Responses per prompt, as the searchers hand them over at each sync. Per prompt at most `capacity`,
-    an exact duplicate of a newer response removed (the newest kept), the oldest weights version evicted
-    first; responses whose weights are more than `max_staleness` trainer steps old are dropped. Each
-    response is a dict: prompt, tokens (tuple), logp (per-token sampler logprobs), reward, ref and sampler
-    (sequence logprobs), version (the trainer step of its weights), round. Every trainer rank holds the
-    same buffer and, given the same generator, draws the same batch."""
+    """Responses per prompt as the searchers hand them over: at most `capacity` a prompt, exact duplicates removed
+    (the newest kept), the oldest weights evicted first, and those over `max_staleness` steps old dropped. A
+    response: prompt, tokens, logp (per token), reward, ref and sampler (sequence logprobs), version (the step of
+    its weights), round. Every trainer rank holds the same buffer and draws the same batch from the same seed."""
 
     def __init__(self, capacity: int, max_staleness: int):
         self.capacity, self.max_staleness = capacity, max_staleness
@@ -230,9 +221,8 @@ class ReplayBuffer:
 
     def draw(self, prompts: int, k: int, fresh_prob: float, inv_temp: float, generator: torch.Generator,
              ) -> list[tuple[int, bool, list[dict]]]:
-        """`prompts` slots of (prompt, fresh, k responses): with probability fresh_prob a prompt of the last
-        sync and k of its responses from that sync, uniformly; otherwise any prompt held and k responses with
-        probability proportional to exp(inv_temp * reward). With replacement only when a prompt has fewer."""
+        """`prompts` slots of (prompt, fresh, k responses): with probability fresh_prob a prompt of the last sync and
+        k of its new responses; else any prompt and k responses drawn with p ~ exp(inv_temp * reward)."""
         if not self.items:
             raise RuntimeError("the replay buffer is empty: every response is older than --max-staleness")
         slots = []

@@ -1,6 +1,5 @@
-"""The sampler's forward pass (rollout.py's first part): our own Llama / Qwen2 / Qwen3-shaped decoder over a dict
-of weights with HF's names, the model's shapes as data. Attention is the caller's: prefill and decode attend
-differently, over the paged KV pool (rollout.py, kernels/attention.py).
+"""The sampler's forward pass: a Llama / Qwen2 / Qwen3-shaped decoder over a dict of weights with HF's names, the
+shapes as data, attention the caller's (prefill and decode attend differently over the paged KV pool).
 
     logits = forward(ModelConfig.from_hf(hf_config), weights, tokens, positions, attend)
 """

@@ -1,11 +1,7 @@
-"""fanout's objectives: pure tensor functions, named as in ALGORITHMS.md sections 0 (base family),
-2 (trajectory balance) and 4 (EchoRL).
-
-Shapes: per-response tensors are [R] (R responses, `group` holds each one's prompt id);
-per-token tensors are [N] over the concatenated response tokens of a micro-batch, and `seq_ids` [N]
-says which sequence of the micro-batch each token belongs to. Functions that end in a division by a
-global count (tokens, sequences, clips over all micro-batches and ranks) are built so that summing
-their micro-batch values gives the global value. The options they take are checked once, in config.py.
+"""fanout's objectives, pure tensor functions named as in ALGORITHMS.md 0 (base family), 2 (TB) and 4 (EchoRL).
+Per-response tensors are [R] (`group`: each one's prompt id); per-token ones [N] over a micro-batch's response
+tokens, `seq_ids` naming each token's sequence. A division by a global count (over all micro-batches and ranks)
+makes the micro-batches' values sum to the global one. Options are checked once, in config.py.
 """
 
 import torch
@@ -36,12 +32,9 @@ def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tenso
 
 def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", batch_stats=None,
                eps: float = 1e-6) -> torch.Tensor:
-    """A_i for each response (ALGORITHMS.md 0).
-
-    grpo: (r - mean_g) / (std_g + eps); drgrpo: r - mean_g; rloo: r - mean of the other G-1;
-    reinforce++: r - mean_g, then z-scored over the whole batch. `batch_stats` = (mean, std) of
-    those centred advantages over all ranks (train.py all-reduces them); None = this batch.
-    A group of one, or of equal rewards, gets 0 (except reinforce++, which shifts by the batch mean)."""
+    """A_i per response (ALGORITHMS.md 0): grpo (r - mean_g) / (std_g + eps); drgrpo r - mean_g; rloo r - mean
+    of the other G-1; reinforce++ r - mean_g z-scored over the batch, `batch_stats` its (mean, std) over all
+    ranks (None: this batch). A group of one or of equal rewards gets 0 (but reinforce++'s batch shift)."""
     mean, std, count = group_stats(rewards, group)
     centred = rewards - mean
     if kind == "grpo":
@@ -58,12 +51,9 @@ def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", b
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.2,
                 eps_high: float = 0.28, dual_clip: float = 0.0,
                 tis_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO-clip loss with decoupled bounds ("clip-higher"), and a float mask of clipped tokens.
-
-    l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), rho_t = pi / pi_old.
-    dual_clip c > 1 (0 = off): for A < 0, l_t = min(l_t, c |A|), so a huge ratio on a bad token cannot
-    blow up the loss. tis_weight: per-token truncated-IS weight (see `tis_weight`), multiplied in
-    detached. The mask counts tokens whose gradient either clip removed."""
+    """Per-token PPO-clip loss with decoupled bounds (clip-higher), and a float mask of the tokens either clip cut:
+    l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), rho_t = pi / pi_old. dual_clip c > 1 (0: off):
+    for A < 0, l_t <= c |A|, so a huge ratio on a bad token cannot blow up the loss. tis_weight: multiplied in."""
     ratio = (logp - old_logp).exp()
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv
@@ -99,12 +89,9 @@ def seq_token_means(token_values: torch.Tensor, seq_ids: torch.Tensor) -> torch.
 
 def aggregate(token_loss: torch.Tensor, seq_ids: torch.Tensor, mode: str, global_tokens: int, global_seqs: int,
               norm_len: int | None = None) -> torch.Tensor:
-    """This micro-batch's share of the global loss (ALGORITHMS.md 0); the shares sum to the global value.
-
-    token-mean: sum / global token count. seq-mean-token-mean: sum of each sequence's token mean /
-    global sequence count (a sequence must lie within one micro-batch, as in train.py).
-    seq-mean-token-sum-norm (Dr.GRPO): sum of each sequence's token sum / norm_len (a constant such as
-    --max-new-tokens, so long answers are not down-weighted) / global sequence count."""
+    """This micro-batch's share of the global loss (ALGORITHMS.md 0): token-mean, sum / global tokens;
+    seq-mean-token-mean, each sequence's token mean (a sequence lies in one micro-batch) / global sequences;
+    seq-mean-token-sum-norm (Dr.GRPO), token sums / norm_len (a constant: long answers keep their weight)."""
     if mode == "token-mean":
         return token_loss.sum() / max(global_tokens, 1)
     if mode == "seq-mean-token-mean":
@@ -129,9 +116,8 @@ def tb_log_z(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.
 
 def tb_loss(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Tensor, group: torch.Tensor,
             beta: float, log_z: torch.Tensor | None = None) -> torch.Tensor:
-    """[R]: (log Z + s)^2 per response; the caller divides the sum by the global response count.
-    On-policy its gradient is 2/beta times mean-baseline REINFORCE's with advantage
-    (r - mean_g r) - beta (KL - mean_g KL); off-policy it needs no importance ratio."""
+    """[R]: (log Z + s)^2 per response, to be summed and divided by the global response count. On-policy its
+    gradient is 2/beta x REINFORCE's with advantage (r - mean_g r) - beta (KL - mean_g KL); off-policy, no ratio."""
     s = _tb_s(seq_logp, seq_ref_logp, rewards, beta)
     if log_z is None:
         log_z = tb_log_z(seq_logp, seq_ref_logp, rewards, group, beta)
@@ -170,10 +156,9 @@ def _steps(tokens: list[int], entropies: list[float], newline_ids: set[int], bla
 
 def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: torch.Tensor,
               newline_ids: set[int], blank_ids: set[int], success: float = 1.0, mode: str = "all") -> dict[int, int]:
-    """{response index: clip length}, one EchoClip per selected group: over every step of every successful
-    response, the step of highest mean sampler entropy (ties: the first), and the clip is its response's
-    prefix through that step. mode "all" selects groups where every response succeeded (reward >= success),
-    whose advantages are all 0; "any" selects groups with at least one success."""
+    """{response index: clip length}, one EchoClip per selected group: the step of highest mean sampler entropy
+    among all successful responses' steps (ties: the first), the clip its response's prefix through it. mode
+    "all": groups whose responses all succeeded (advantages all 0); "any": groups with a success."""
     ok, groups = (rewards >= success).tolist(), group.tolist()
     failed = {g for g, o in zip(groups, ok) if not o}
     best = {}  # group id -> (step entropy, response index, clip length)
@@ -190,7 +175,6 @@ def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: 
 
 
 def echo_loss(logp: torch.Tensor, clip_mask: torch.Tensor, seq_ids: torch.Tensor, n_clips: int) -> torch.Tensor:
-    """This micro-batch's share of the mean over clips of each clip's token-mean NLL (n_clips counts all
-    micro-batches and ranks; a clip lies in one sequence, so it is never split). The caller adds
-    lambda (1e-3) times the summed shares to the RL loss."""
+    """This micro-batch's share of the mean over all clips (n_clips: every micro-batch and rank) of each clip's
+    token-mean NLL; the caller adds lambda (1e-3) x the sum to the RL loss."""
     return seq_token_means(-logp[clip_mask], seq_ids[clip_mask]).sum() / max(n_clips, 1)

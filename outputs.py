@@ -84,9 +84,8 @@ class Logger:
 
 def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, explore_state=None,
                     group=None) -> None:
-    """Sharded model and optimizer (torch.distributed.checkpoint) plus every rank's trainer state,
-    written into step_N.tmp and renamed to step_N once complete: a checkpoint cut off while being
-    written is never picked up by --resume auto. `group`: the ranks holding the model (None: all)."""
+    """Sharded model and optimizer (torch.distributed.checkpoint) and every rank's trainer state, written into
+    step_N.tmp and renamed once complete, so --resume auto never picks up a cut-off one. `group`: the model's ranks."""
     root = Path(cfg.out_dir) / "checkpoints"
     tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
     if rank == 0:

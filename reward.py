@@ -307,13 +307,11 @@ def _pool(workers: int) -> multiprocessing.pool.Pool:
 
 def score(task: Task, items: list[dict], responses: list[str], timeout: float = 5.0, workers: int = 0,
           verifier: Callable[[str, dict], float] | None = None, memory_mb: int = 1024) -> tuple[list[float], int, int]:
-    """(rewards aligned with responses, verifier failures, programs out of time), scored by `workers` processes
-    (0: default_workers()). An item with "tests" is code: the response's last fenced code block runs against them
-    in the sandbox with `timeout` wall-clock and CPU seconds and `memory_mb` of memory, reward 1 if every test
-    passed. Other items are answers, scored by reasoning-gym (which may give partial credit) or math-verify. A
-    response with no program or answer scores 0.0 without a call. A verifier that raises or hangs scores 0 and
-    is a failure, a program out of time scores 0 and is a timeout: counted, never fatal. `verifier(answer, item)
-    -> float`, a top-level function so it can be pickled, replaces the task's own."""
+    """(rewards, verifier failures, programs out of time), scored by `workers` processes (0: default_workers()). A
+    code item's program (the response's last fenced block) runs in the sandbox, `timeout` seconds and `memory_mb`,
+    reward 1 if every test passed; an answer is scored by reasoning-gym (maybe partial credit) or math-verify; no
+    program or answer: 0 without a call. A verifier that raises or hangs, or a program out of time, scores 0,
+    counted. `verifier(answer, item) -> float` (top-level, to pickle) replaces the task's own."""
     if len(items) != len(responses):
         raise ValueError(f"score() got {len(items)} items but {len(responses)} responses; "
                          "pass one item per response")

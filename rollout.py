@@ -4,12 +4,9 @@ paged KV cache in which each prompt's KV is stored once and shared by all of its
     sampler = Sampler(ModelConfig.from_hf(hf_config), model.state_dict(), "cuda", kv_budget_tokens=1 << 20)
     out = sampler.generate([[1, 2, 3]], n=[512], max_new_tokens=1024, temperature=1.0, stop_token_ids=[2])
 
-Memory: the pool holds fixed-size blocks. A prompt's KV fills blocks once (P tokens); each
-rollout owns blocks for its own tokens (T each), so N rollouts cost P + N*T tokens, not
-N*(P+T). At every decode step a rollout attends to (a) its prompt's KV, computed for all
-running rollouts of that prompt together as one matrix product, and (b) its own blocks
-(paged decode attention); the partials are merged with their log-sum-exps (kernels/attention.py).
-Which rollouts run, and the blocks each holds, is the scheduler's (scheduler.py: continuous batching).
+A prompt's KV fills blocks once (P tokens) and each rollout owns blocks for its own (T each): N rollouts cost
+P + N*T tokens, not N*(P+T). A decode step attends to the prompt's KV for all its running rollouts at once and to
+each rollout's own blocks, merged by log-sum-exp (kernels/attention.py); which rollouts run is scheduler.py's.
 """
 
 import warnings
@@ -113,9 +110,8 @@ class Sampler:
     # -- prefill and sampling --
 
     def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> torch.Tensor:
-        """Run the prompts once, right-padded into one batch, writing their KV into their blocks;
-        returns each prompt's last-position logits. Causal attention never lets a real position
-        see the padding."""
+        """Each prompt's last-position logits, the prompts run once, right-padded into one batch (causal attention
+        never lets a real position see the padding), their KV written into their blocks."""
         c, bs = self.cfg, self.block_size
         lengths = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)
@@ -220,11 +216,9 @@ class Sampler:
 
     def generate(self, prompts: list[list[int]], n: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_keys: list[int] | None = None) -> Rollouts:
-        """n[i] rollouts of prompts[i]; returns them ordered by (prompt index, sample index).
-
-        Prompt i is keyed as prompt_keys[i] (default i): a request split over several calls (or ranks),
-        each passing its prompts' positions in the whole request, samples exactly the same tokens as
-        the whole request in one call."""
+        """n[i] rollouts of prompts[i], ordered by (prompt index, sample index). Prompt i is keyed as prompt_keys[i]
+        (default i): a request split over calls or ranks, each passing its prompts' places in the whole, samples
+        the same tokens as the whole in one call."""
         if len(n) != len(prompts) or (prompt_keys is not None and len(prompt_keys) != len(prompts)):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts and "
                              f"{len(prompt_keys or prompts)} prompt keys; pass one of each per prompt")
@@ -251,9 +245,8 @@ class Sampler:
                         entropies=[results[k][2] for k in keys], finish_reason=[results[k][3] for k in keys])
 
     def clear_blocks(self, blocks: list[int]) -> None:
-        """Zero blocks as they are handed out, on the torch path: cpu_attention reads whole blocks and masks the
-        slots past a length, and a slot never written must hold 0, not a NaN that survives its zero weight.
-        (The Triton kernels read only written slots; zeroing the whole pool would touch all of its memory.)"""
+        """Zero blocks as they are handed out, on the torch path: it reads whole blocks and masks the slots past a
+        length, and a slot never written must hold 0, not a NaN that survives its zero weight."""
         if not self.use_triton and blocks:
             index = torch.tensor(blocks, device=self.device)
             self.k_pool[:, index] = 0

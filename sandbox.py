@@ -1,17 +1,14 @@
-"""Untrusted programs (README, "The sandbox"): the program runs in a sandboxed child, its tests in a separate
-trusted process that alone decides the verdict, and one narrow channel joins the two: only plain data crosses it.
+"""Untrusted programs (README, "The sandbox"): the program runs in a sandboxed child, its tests in a trusted
+process that alone decides the verdict, and only plain data crosses the one channel between them.
 
-    run_program("def f(x):\n    return 2 * x\n", "assert f(3) == 6")  # Run(passed=True, timed_out=False, ...)
+    run_program(program, tests)  # Run(passed, timed_out, output); e.g. "def f(x): ..." against "assert f(3) == 6"
 
 A run is one `python -I -S -B -u -c <PROCESS>` process (unbuffered: what it prints survives its kill), trusted
-up to a fork. It takes new mount, network, PID and IPC namespaces where the OS gives them (as root, or in a user
-namespace as an ordinary user) and makes the machine read-only. The child drops to a user of its own (as root) or to no capabilities (in a user namespace),
-under rlimits, runs setup and program, and then serves calls: a function's name and plain arguments in, a plain
-value or an exception's name and message out. The parent is the trusted side. It reads the tests only after the
-fork, so the child never holds them, and runs setup and tests in its own namespace, each of the program's
-functions there a proxy that calls across the channel, every value that comes back checked. The program cannot
-signal, trace, read or write it: it is another user or has no capabilities, and in its PID namespace the parent
-does not exist. The verdict goes to the worker on a pipe only the parent holds.
+up to a fork, in new mount (the machine read-only), network, PID and IPC namespaces where the OS gives them. The
+child, another user (as root) or without capabilities (in a user namespace), under rlimits, runs setup and
+program, then serves calls: a name and plain arguments in, a plain value or an exception out. The parent reads
+the tests only after the fork and runs them, each program function a proxy across the channel; the program
+cannot signal, trace, read or write it. The verdict goes to the worker on a pipe only the parent holds.
 """
 
 import builtins
@@ -63,9 +60,8 @@ class Run:
 
 def run_program(program: str, tests: str, setup: str = "", entry_point: str | None = None,
                 limits: Limits = Limits()) -> Run:
-    """Setup and the program in the sandboxed child; setup and the tests in the trusted process, and with an entry
-    point the tests' check(candidate) called with the program's function. A pass is a random token the trusted
-    process writes on a pipe of its own after the last test."""
+    """Setup and the program in the sandboxed child, setup and the tests in the trusted process (with an entry
+    point, check(candidate) called with it). A pass is this run's random token on the trusted process's pipe."""
     token, folder = secrets.token_hex(16), tempfile.mkdtemp(prefix="fanout-sandbox-")
     verdict, verdict_w = os.pipe()
     orders = {"folder": folder, "limits": {**dataclasses.asdict(limits), "cpu_s": math.ceil(limits.cpu_s)},
@@ -101,12 +97,10 @@ PROBE = "import os, socket\nopen('/tmp/{marker}', 'w').close()\nprint(os.getuid(
 
 @functools.cache
 def check_sandbox() -> dict:
-    """What a program in the sandbox gets on this machine: its user; the network (does it reach a port this
-    process listens on?); a PID namespace of its own; a private /tmp; and so the mode: "root" (a user of its
-    own, and namespaces where the OS gives them), "user namespaces" (an ordinary user: every namespace, no
-    capabilities) or "weak" (neither: the program runs as you, and could write your files, signal the trainer and
-    reach the network). Raises if Python cannot even start in it (e.g. an interpreter its user may not read, and
-    no mount namespace to show it one)."""
+    """What a program in the sandbox gets here: its user, the network (a port this process listens on), its own
+    PIDs, a private /tmp, and so the mode: "root" (a user of its own), "user namespaces" (an ordinary user, all
+    four namespaces) or "weak" (neither: it runs as you, could write your files and signal the trainer). Raises if
+    Python cannot even start in it."""
     marker = f"fanout-probe-{secrets.token_hex(8)}"
     with socket.create_server(("127.0.0.1", 0)) as server:
         run = run_program(PROBE.format(port=server.getsockname()[1], marker=marker), "")
@@ -132,12 +126,9 @@ def frame(value) -> bytes:
 
 # ---- the sandbox's process: the source of these is its whole program (PROCESS), the standard library alone ----
 
-class Deadline(BaseException):
-    """The wall clock ran out; a BaseException, so that no test's `except Exception` swallows it."""
-
-
-class Broken(BaseException):
-    """Something other than plain data came over the channel, or the child went away in a call."""
+class Failed(BaseException):
+    """Out of time, or something other than plain data crossed the channel: a BaseException, so that no test's
+    `except Exception` swallows it (and the verdict fails whatever the tests catch)."""
 
 
 def read_frame(fd: int, limit: int = 1 << 26):
@@ -163,11 +154,11 @@ def write_frame(fd: int, value) -> None:
 
 
 def plain(value, depth: int = 0):
-    """`value` if it is plain data all the way down, by exact type (no subclass with an odd __eq__); else Broken."""
+    """`value` if it is plain data all the way down, by exact type (no subclass with an odd __eq__); else Failed."""
     kind = type(value)
     if kind not in (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset) \
             or depth > 100:
-        raise Broken(f"a {kind.__name__} crossed the channel, where only plain data may")
+        raise Failed(f"a {kind.__name__} crossed the channel, where only plain data may")
     for part in (*value, *value.values()) if kind is dict else value if kind in (tuple, list, set, frozenset) else ():
         plain(part, depth + 1)
     return value
@@ -313,15 +304,14 @@ def program_side(orders: dict, spaces: set, uid: int, requests: int, reply: int,
 
 
 def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
-    """The trusted process's part: (passed, timed out, the verdict's token). The tests, read only now, and setup
-    run in a namespace of this process, where each function the program named (the entry point, or a name setup
-    does not define) is a proxy that calls it across the channel. Passed: every test ran and none failed, no call
-    timed out or brought back anything but plain data, whatever the tests caught."""
+    """The trusted side: (passed, timed out, token). Setup and the tests run here, each function the program named
+    (the entry point, or a name setup does not define) a proxy calling it across the channel. Passed: every test
+    ran and none failed, and no call timed out or brought back anything but plain data."""
     state = {"timed_out": False, "broken": False}
 
     def expire(*_):
         state["timed_out"] = True
-        raise Deadline
+        raise Failed("out of time")
 
     def proxy(name: str):
         def call(*args, **kwargs):
@@ -333,10 +323,10 @@ def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
                 kind = getattr(builtins, answer[2], None) if answer[0] == "raise" and len(answer) == 4 else None
                 if not (isinstance(kind, type) and issubclass(kind, Exception) and type(answer[1]) is str
                         and type(answer[3]) is str):
-                    raise Broken(f"{name}: {answer!r:.200}")
-            except (Broken, Exception) as e:
+                    raise Failed(f"{name}: {answer!r:.200}")
+            except (Failed, Exception) as e:
                 state["broken"] = True
-                raise Broken(f"the call of {name}: {e}") from None
+                raise Failed(f"the call of {name}: {e}") from None
             raise (kind if answer[1] == kind.__name__ else type(answer[1], (kind,), {}))(answer[3])
         return call
 
@@ -362,5 +352,5 @@ def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
 
 
 PROCESS = "import builtins, ctypes, marshal, os, resource, signal, sys\n" + "\n".join(
-    inspect.getsource(f) for f in (frame, Deadline, Broken, read_frame, write_frame, plain, mount, sandbox_main,
-                                   isolate, program_side, test_side)) + "\nsandbox_main()\n"
+    inspect.getsource(f) for f in (frame, Failed, read_frame, write_frame, plain, mount, sandbox_main, isolate,
+                                   program_side, test_side)) + "\nsandbox_main()\n"

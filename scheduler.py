@@ -1,8 +1,7 @@
-"""The sampler's scheduler (rollout.py's second part): continuous batching over a fixed number of decode slots
-and a paged KV pool. A finished rollout frees its slot and blocks and the next waiting rollout takes them; a
-prompt's blocks are freed when its last rollout ends; when blocks run out, idle prompts' KV goes first, then the
-newest running rollout is preempted and restarted later. Randomness is keyed by (seed, prompt, sample, position),
-so none of this changes which tokens come out.
+"""The sampler's scheduler: continuous batching over decode slots and a paged KV pool. A finished rollout frees
+its slot and blocks for the next; when blocks run out, idle prompts' KV goes first, then the newest running
+rollout is preempted and restarted later. Randomness is keyed by (seed, prompt, sample, position), so none of
+this changes which tokens come out.
 """
 
 from collections import Counter, deque

@@ -1,8 +1,7 @@
-"""TBA's searchers (ALGORITHMS.md 2; DESIGN.md async mode). Each round gives every searcher a fixed set
-of prompts, dealt by a seeded rule; it samples each ceil(oversample x K) times with the weights of the
-last sync, scores the responses and computes their sequence logprobs under the frozen initial model (so
-the trainer holds no reference model). A round travels as three fixed-shape tensors; `serve` is a
-searcher rank's whole life, `Searchers` the trainer's side, which plays them itself in a one-process run.
+"""TBA's searchers (ALGORITHMS.md 2; DESIGN.md async mode). A round deals each searcher a seeded set of prompts;
+it samples each ceil(oversample x K) times with the last sync's weights, scores them, and sums their logprobs
+under the frozen initial model (the trainer holds no reference). A round travels as three fixed-shape tensors.
+`serve` is a searcher rank's life; `Searchers` the trainer's side, playing them itself in a one-process run.
 """
 
 import math
@@ -44,9 +43,8 @@ def round_prompts(cfg: Config, n_items: int, round_: int, searcher: int) -> list
 
 def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: int, version: int, dtype,
            waited: float = 0.0) -> list[torch.Tensor]:
-    """One searcher's round as [ints, floats, stats]: rows of (prompt, version, round, length, tokens...)
-    and (reward, ref logprob, sampler logprob, summed entropy, per-token sampler logprobs...), padded to
-    max_new_tokens. Randomness is keyed by the round and the prompt's place in it, as in a synchronous step."""
+    """One searcher's round as [ints, floats, stats]: rows of (prompt, version, round, length, tokens...) and
+    (reward, ref logprob, sampler logprob, summed entropy, per-token sampler logprobs...), padded to max_new_tokens."""
     t0 = time.time()
     P, n, width = prompts_per_searcher(cfg), samples_per_prompt(cfg), cfg.max_new_tokens
     picked = round_prompts(cfg, len(task.items), round_, searcher)
@@ -127,11 +125,9 @@ def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -
 
 
 class Searchers:
-    """The trainer's side of the hand-off: `open` at the first sync of a run (w0) and `sync` at every later
-    one; each sends the trainer's weights of that sync (version = trainer steps taken) and returns the
-    searchers' round that is due, as one list of [ints, floats, stats] per searcher (None: nothing due).
-    Remote searchers are ranks; virtual ones run in this process, one after another, on its sampler, so both
-    produce the same rounds."""
+    """The trainer's side: `open` at a run's first sync (w0) and `sync` at every later one send the weights
+    (version = trainer steps taken) and return the round that is due, [ints, floats, stats] per searcher (None:
+    nothing due). Virtual searchers run here in turn on this sampler, and make the same rounds as ranks."""
 
     def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, dtype):
         self.cfg, self.roles, self.sampler, self.ref, self.lm = cfg, roles, sampler, ref, lm

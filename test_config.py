@@ -25,7 +25,9 @@ import reward
     (dict(eps_low=1.0, eps_high=1.2), "--eps-low 1.0 must be in [0, 1)"),
     (dict(tis_cap=-2.0), "--tis-cap -2.0 must be 0 (off)"),
     (dict(kl_kind="k4"), "--kl-kind k4 is unknown"),
-    (dict(loss="tb", tb_beta_start=-0.01), "--tb-beta-start -0.01 and --tb-beta-end 0.004 must be > 0"),
+    (dict(loss="tb", tb_beta_start=-0.01), "--tb-beta-start -0.01 must be above 0"),
+    (dict(updates_per_step=0), "--updates-per-step 0 must be at least 1"),
+    (dict(score_workers=-1), "--score-workers -1 must be at least 0"),
     (dict(echo_coef=1e-3, success=2.0), "--success 2.0: rewards are at most 1"),
     (dict(echo_mode="some"), "--echo-mode some is unknown"),
     (dict(budget_min=10, budget_max=6), "--budget-min 10 is above --budget-max 6"),
@@ -43,7 +45,7 @@ import reward
     (dict(max_new_tokens=0), "--max-new-tokens 0 must be at least 1"),
     (dict(eval_samples=0), "--eval-samples 0 must be at least 1"),
     (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2 must be at least 1"),
-    (dict(prompts_per_step=0), "--prompts-per-step 0 and --rollouts-per-prompt 8 must be at least 1")])
+    (dict(prompts_per_step=0), "--prompts-per-step 0 must be at least 1")])
 def test_bad_config_is_one_sentence(fields, message):
     """Every rule, checked once, in config.py: a Config that breaks one raises the sentence that names it."""
     with pytest.raises(ValueError, match=re.escape(message)):

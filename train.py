@@ -5,12 +5,8 @@
     torchrun --nproc_per_node 1 train.py grpo --model /path/to/hf_model --task rg:chain_sum
     torchrun --nproc_per_node 8 train.py grpo --model /path/to/hf_model   # one node, 8 GPUs
 
-One step (DESIGN.md, data flow): pick prompts -> hand the weights to the sampler -> sample
-n rollouts per prompt (prompt KV shared) -> score -> advantages -> optimizer update(s) on
-token-budgeted micro-batches -> metrics (tqdm, JSONL, wandb, a plot at the end). The mechanisms live
-in files named for what they are: cluster.py (processes, collectives, FSDP2), trainer.py (the policy, its
-update and the weight hand-off), collect.py (what a step samples, and evaluation), search.py (TBA's
-searchers), outputs.py (metrics, checkpoints, export).
+One step (DESIGN.md, data flow): pick prompts -> hand the weights to the sampler -> sample n rollouts per prompt
+(prompt KV shared) -> score -> advantages -> optimizer update(s) on token-budgeted micro-batches -> metrics.
 """
 
 import copy
@@ -86,8 +82,8 @@ def main(cfg: Config):
 
 
 def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
-    """(training task, held-out task); the task first: it is cheap and the likeliest thing to be mistyped. A code
-    task runs only where the sandbox keeps programs from the machine, unless --allow-weak-sandbox."""
+    """(training task, held-out task), first: cheap, and the likeliest thing to be mistyped. A code task runs only
+    where the sandbox keeps programs from the machine, unless --allow-weak-sandbox."""
     try:
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
         if "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
@@ -156,10 +152,9 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
 
 def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
                 saved, log) -> None:
-    """TBA (ALGORITHMS.md 2; DESIGN.md async mode): searchers generate round after round into the replay
-    buffer, the trainer draws each step's batch from it. At sync w (every sync_every steps) the trainer's
-    weights (version = its steps so far) go to the searchers, and round w comes back, sampled with the
-    weights of sync w - 1 (round 0: the initial ones); a checkpoint is taken at a sync."""
+    """TBA (ALGORITHMS.md 2): searchers fill the replay buffer, the trainer draws each step's batch from it. At
+    sync w (every sync_every steps) its weights (version = its steps so far) go out, and round w comes back,
+    sampled with the weights of sync w - 1 (round 0: the initial ones); checkpoints are taken at syncs."""
     k = cfg.sync_every
     buffer, sent = explore.ReplayBuffer(cfg.replay_capacity, cfg.max_staleness), {}  # sent: the last round's figures
     if saved:
@@ -205,8 +200,8 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
 
 
 def replay_figures(cfg: Config, step: int, slots) -> dict:
-    """A drawn batch's rewards, entropy, lengths and staleness (trainer step - the step of its weights), over all
-    its responses and over the fresh and the replayed ones apart."""
+    """A drawn batch's rewards, entropy, lengths and staleness (this step - its weights' step), over all its
+    responses and over the fresh and the replayed ones apart."""
     drawn = [(fresh, r) for _, fresh, rs in slots for r in rs]
 
     def mean(value, which=(True, False)):

@@ -63,8 +63,7 @@ def load_model(cfg: Config, device):
     disable_progress_bar()  # its "Loading weights" bar, once per model: the run's own bar is the one to read
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # Packed rows (lay_out) keep sequences apart by their restarting positions alone: sdpa builds a mask from them,
-    # flash-attn (used when installed, never required; not yet run here) takes them as its varlen boundaries.
+    # packed rows (lay_out) keep sequences apart by their restarting positions: sdpa and flash-attn's varlen read them
     attention = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # float32 master weights
                                                  attn_implementation=attention).to(device)
@@ -79,18 +78,16 @@ def checkpoint_layers(lm) -> None:
 
 
 class Policy(torch.nn.Module):
-    """The trained HF model as one module whose forward returns response-token logprobs and entropies:
-    with FSDP2 the root's hooks gather the embedding, final norm and LM head only around a forward of the
-    root module itself."""
+    """The trained HF model as one module whose forward gives response-token logprobs and entropies (FSDP2's root
+    hooks gather the embedding, final norm and LM head only around a forward of the root itself)."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, ids, mask, positions, rows, cols, targets, temperature: float, dot_dtype=None):
-        """kernels/logprob on the final hidden states at (rows, cols), the positions that predict `targets`
-        (DESIGN.md step 7): the LM head is applied in vocabulary chunks, never as a [tokens, vocab] float32
-        tensor."""
+        """kernels/logprob on the final hidden states at (rows, cols), the positions that predict `targets`: the LM
+        head in vocabulary chunks, never a [tokens, vocab] float32 tensor (DESIGN.md step 7)."""
         states = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
         # index_select, not states[rows, cols]: a shared prompt's last position predicts the first token of every
@@ -108,9 +105,8 @@ class Policy(torch.nn.Module):
 
 def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False,
                       rows=None):
-    """Trainer (logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), for the
-    responses in `rows`, one micro-batch of `plan` (default: all of them in one), in the order of `sequences`.
-    share_prompts: the rows were planned with shared prompts."""
+    """(logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), for the responses in
+    `rows`, a micro-batch of `plan` (default: all in one, planned as share_prompts says), in sequence order."""
     device = next(policy.parameters()).device
     rows = rows if rows is not None else plan(sequences, prompt_lens, math.inf, share_prompts)[0]
     ids, positions, mask, where = lay_out(sequences, prompt_lens, rows, share_prompts)
@@ -132,12 +128,10 @@ CPU_ROW_TOKENS = 512
 
 def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_groups: bool = False,
          pack: bool = True, among=None, row_tokens: float = math.inf) -> list[list[list[list[int]]]]:
-    """Micro-batches of `sequences`' responses, each a list of rows, each row a list of pieces: the responses
-    (indices) that follow one copy of their prompt, all of them that fit the budget with share_prompts, else
-    one. A unit, laid out whole in one row, is a piece, or with whole_groups all the pieces of one prompt (a
-    group: TB's log Z needs it whole in one micro-batch); a unit over the budget is split. A response's last
-    token predicts nothing and is left out. among: the responses to plan (default: all). row_tokens: where a
-    shared prompt's unit ends unless whole_groups (its row's width: attention under a mask costs width^2)."""
+    """Micro-batches of the responses `among` (default: all), each a list of rows, each row a list of pieces: the
+    responses following one copy of their prompt (with share_prompts, all that fit; else one). A unit, laid out
+    whole in a row, is a piece, or with whole_groups a prompt's pieces (TB's log Z needs whole groups); a unit over
+    the budget, or past row_tokens unless whole_groups, is split. A response's last token predicts nothing."""
     cap = budget if whole_groups else min(budget, row_tokens)
     units, sizes, open_unit = [], [], {}  # open_unit: key -> the unit still taking responses
     for i in range(len(sequences)) if among is None else among:
@@ -158,10 +152,9 @@ def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_group
 
 
 def microbatches(sizes: list[int], budget: float, pack: bool = True) -> list[list[list[int]]]:
-    """Micro-batches of rows of unit indices (units of `sizes` tokens): rows x width <= budget, the width being
-    the micro-batch's largest unit, since attention under a mask costs width^2 per row whatever the mask hides.
-    Each row takes the largest units left that fit; pack=False: one unit per row, padded (the layout before
-    packing, bench.py's baseline)."""
+    """Micro-batches of rows of unit indices (units of `sizes` tokens): rows x width <= budget, width the largest
+    unit (attention under a mask costs width^2 a row, whatever it hides). A row takes the largest units left that
+    fit; pack=False: one unit a row, padded (bench.py's baseline)."""
     left = sorted(range(len(sizes)), key=lambda u: sizes[u])
     batches = []
     while left:
@@ -177,12 +170,10 @@ def microbatches(sizes: list[int], budget: float, pack: bool = True) -> list[lis
 
 
 def lay_out(sequences, prompt_lens, rows, share_prompts: bool):
-    """Model inputs for one micro-batch of `plan`: token ids and positions, rows padded to the longest, the
-    attention mask; and per response the (row, column) of each token that predicts one of its tokens, the
-    prompt's last for the first. Every piece starts at position 0, so without shared prompts the positions
-    alone keep the pieces apart (the mask is None: transformers starts a new sequence wherever they restart,
-    in its sdpa, flex and flash-attn varlen paths); a shared prompt's responses each continue from its end,
-    which only a 4D mask can say: a token sees its prompt and its own response, causally."""
+    """One micro-batch of `plan` as model inputs: ids and positions, rows padded to the longest, the mask; and per
+    response the (row, column) of each token that predicts one of its tokens. Every piece starts at position 0,
+    so without shared prompts the restarting positions keep pieces apart (no mask); a shared prompt's responses
+    all continue from its end, which only a 4D mask can say: a token sees its prompt and its own response."""
     where, rows_out = {}, []
     for r, row in enumerate(rows):
         cells = []  # (token, position, piece, part: 0 for the prompt, j for the piece's j-th response) per column
@@ -233,8 +224,7 @@ class Batch:
 
 @dataclass
 class Step:
-    """What every micro-batch's loss reads: the step's per-response values and its global counts (over every
-    micro-batch and trainer rank), by which each loss term is divided."""
+    """What each micro-batch's loss reads: the step's per-response values and global counts (its denominators)."""
     cfg: Config
     batch: Batch
     lengths: list[int]        # response tokens of each response
@@ -249,18 +239,12 @@ class Step:
 
 def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, temperature: float, autocast_dtype,
                    beta: float = 0.0, group=None) -> dict:
-    """`updates_per_step` optimizer steps on this rank's responses. Every loss term ends in a division by
-    a count over the whole global batch (tokens, responses or clips, all-reduced over `group`, the trainer
-    ranks), so the sum over micro-batches and ranks is the global loss (ALGORITHMS.md 0, aggregation).
-
-    The passes over the micro-batches, and the configurations that need each:
-    - the update pass, with gradients: every update;
-    - pi_ref, no grad, once: a reference model (--kl-coef > 0, or synchronous TB);
-    - pi_old, no grad, once: only --kl-in-reward, whose rewards (so advantages) need the KL before any update.
-      Otherwise pi_old is the weights of the first update, and that update's pass gives its values (detached)
-      to TIS and to the ratio of later updates (--updates-per-step > 1); async PPO takes the sampler's;
-    - TB's log Z, no grad, every update: only when a group spans micro-batches (a group over the token budget);
-      else each micro-batch holds whole groups (plan's whole_groups) and log Z comes from its update pass."""
+    """`updates_per_step` optimizer steps on this rank's responses. Every loss term is divided by a count over the
+    global batch (all-reduced over `group`, the trainer ranks), so micro-batches and ranks sum to the global loss.
+    The passes over the micro-batches: the update pass, every update; pi_ref (no grad, once) with a reference
+    model; pi_old (no grad, once) only for --kl-in-reward, whose advantages need the KL first, else pi_old is the
+    first update's pass, detached (async PPO: the sampler's); TB's log Z (no grad, each update) only when a group
+    spans micro-batches, else each holds whole groups and log Z comes from its update pass."""
     n, tb = len(batch.sequences), cfg.loss == "tb"
     lengths = [len(s) - p for s, p in zip(batch.sequences, batch.prompt_lens)]
     adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl, group)
@@ -313,9 +297,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
 
 
 def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocast_dtype, group):
-    """The step's micro-batches (plan's rows) and run(model, k): the (logprob, entropy) of micro-batch k's response
-    tokens under `model`, in response order. A zero-advantage response adds nothing to a plain PPO gradient: its
-    forward pass is skipped (its tokens still count in the global token count)."""
+    """The step's micro-batches (plan's rows) and run(model, k), micro-batch k's (logprob, entropy) under `model`. A
+    zero-advantage response adds nothing to a plain PPO gradient: it is not run (its tokens still count)."""
     every = cfg.loss == "tb" or cfg.kl_coef > 0 or cfg.entropy_coef > 0
     active = [i for i in range(len(batch.sequences)) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
     # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
@@ -439,9 +422,8 @@ def lr_at(cfg: Config, step: int) -> float:
 
 
 def sync_sampler(sampler, model: Policy) -> None:
-    """Hand the trainer's weights to the sampler (DESIGN.md step 2) tensor by tensor: each shard is cast to the
-    sampler's dtype, gathered, and copied into the sampler's buffer on the device (no files, no CPU). Every sampler
-    tensor is written: one the model lacks (a renamed parameter) would otherwise keep its first value unseen."""
+    """The trainer's weights into the sampler's buffers (DESIGN.md step 2), each shard cast, gathered and copied on
+    the device. Every sampler tensor is written: one the model lacks (renamed) would keep its first value unseen."""
     state = model.lm.state_dict()
     missing = sorted(sampler.weights.keys() - state.keys())
     if missing:

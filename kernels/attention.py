@@ -1,22 +1,16 @@
-"""Shared-prefix attention over a paged KV pool, for decoding many rollouts of each prompt.
-
-A decode query attends to its prompt's keys, stored once and shared by every rollout of that
-prompt, and to its own generated keys; the two partials are merged by their log-sum-exps
-(DESIGN.md, "Shared-prefix attention"):
+"""Shared-prefix attention over a paged KV pool (DESIGN.md): a decode query attends to its prompt's keys, stored
+once for all of the prompt's rollouts, and to its own keys; the partials merge by their log-sum-exps.
 
     o1, lse1 = prefix_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale)
     o2, lse2 = decode_attention(q, k_pool, v_pool, seq_len, block_table, scale, num_splits)
     o = merge_attention(o1, lse1, o2, lse2, q.dtype)
 
-One layer's pool is `k_pool, v_pool: [num_blocks, block_size, kv_heads, head_dim]`; position p of a
-sequence whose block-table row is `table` lives in slot `table[p // block_size] * block_size +
-p % block_size` (write_kv fills slots). Query head h reads kv head h // (heads // kv_heads). Rows of
-q are sorted by prompt: group g owns rows group_start[g] .. group_start[g] + group_count[g] - 1.
-
-Each launcher has a plain-torch `reference_*` twin with the same signature: what runs on a CPU (through torch's
-CPU flash attention), and the one reference the kernels are tested against. Constraints: block_size a power of
-two >= 16; pools contiguous; write_kv's k, v in the pool's dtype; for the torch twins, pool slots past a length
-hold finite values (the sampler zeroes a block as it hands it out; the kernels never read such slots).
+A layer's pool is [num_blocks, block_size, kv_heads, head_dim]; position p of a sequence with block-table row
+`table` is slot table[p // block_size] * block_size + p % block_size. Query head h reads kv head h // rep. Rows
+are sorted by prompt: group g owns rows group_start[g] .. + group_count[g] - 1. Each launcher has a torch
+`reference_*` twin with the same signature, the CPU's path and the kernels' reference; it reads whole blocks, so
+slots past a length must hold finite values (the sampler zeroes blocks it hands out). block_size: a power of
+two >= 16.
 """
 
 import torch
@@ -28,9 +22,8 @@ import triton.language as tl
 def _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr, first, last, seq_len, scale, kv_head,
                    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of the query tile q [BLOCK_Q, D_PAD] over the keys in blocks table[first:last].
-
-    Returns the unnormalised output, the running max and the running sum of exponentials."""
+    """Online softmax of the query tile q [BLOCK_Q, D_PAD] over the keys in blocks table[first:last]: the
+    unnormalised output, the running max and the running sum of exponentials."""
     offset, d = tl.arange(0, BLOCK_SIZE), tl.arange(0, D_PAD)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
@@ -98,9 +91,8 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      group_count: torch.Tensor, seq_len: torch.Tensor, block_table: torch.Tensor, scale: float,
                      num_splits: int, block_q: int, tiles: int,
                      rows_outside_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch one program per (group, kv head x split, query tile); o [R, heads, S, d], lse [R, heads, S].
-    rows_outside_groups: some rows (a CUDA graph's padding) belong to no group, so no program writes them;
-    they start as o = 0, lse = -inf ("no keys", as in the torch twin) instead of whatever memory held."""
+    """One program per (group, kv head x split, query tile): o [R, heads, S, d], lse [R, heads, S]. Rows outside
+    groups (a CUDA graph's padding), which no program writes, start as o = 0, lse = -inf: no keys."""
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pool.shape
     assert heads % kv_heads == 0 and block_size >= 16 and block_size & (block_size - 1) == 0, \
@@ -126,10 +118,8 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 def prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
                      group_count: torch.Tensor, prompt_len: torch.Tensor, prompt_blocks: torch.Tensor,
                      scale: float, max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of every row over its prompt's keys: o [R, heads, d] float32, lse [R, heads] float32.
-
-    max_count bounds the rows of the largest group; None reads it from group_count, a device-to-host
-    sync on CUDA (a captured CUDA graph passes it). Rows in no group get o = 0, lse = -inf."""
+    """Attention of every row over its prompt's keys: o [R, heads, d], lse [R, heads], float32. max_count bounds
+    the largest group (None: read from group_count, a host sync a CUDA graph avoids). No group: o 0, lse -inf."""
     rep = q.shape[1] // k_pool.shape[2]
     tile_rows = (int(group_count.max()) if max_count is None else max_count) * rep
     block_q = min(64, max(16, triton.next_power_of_2(tile_rows)))
@@ -153,9 +143,9 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                      flash: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T x scale + mask) v and its log-sum-exp, q [N, H, M, d], k and v [N, H, keys, d] (any strides), mask
-    [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU (flash=None), plain products elsewhere
-    (a GPU). A query whose keys are all masked gets o = 0, lse = -inf."""
+    """softmax(q k^T x scale + mask) v and its log-sum-exp, q [N, H, M, d], k and v [N, H, keys, d] (any strides),
+    mask [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU (flash=None), plain products on a
+    GPU. A query with every key masked gets o = 0, lse = -inf."""
     empty = mask.isneginf().all(-1)
     if q.device.type == "cpu" if flash is None else flash:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -169,10 +159,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def _paged_keys(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, length: torch.Tensor,
                 splits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's keys and values, [N, kv_heads, blocks x block_size, d] float32 views read as whole blocks of its
-    table row, and a mask [N, 1, splits, blocks x block_size]: 0 on a key below length[n] in split s's blocks, -inf
-    elsewhere. Table columns past a row's last block may hold anything: its first block is read there, masked.
-    Slots past a length are read too, so they must hold finite values (the sampler zeroes blocks it hands out)."""
+    """Each row's keys and values as whole blocks of its table row, [N, kv_heads, blocks x block_size, d] float32,
+    and a mask [N, 1, splits, keys]: 0 on a key below length[n] in split s's blocks, -inf elsewhere. A table column
+    past a row's last block may hold anything: its first block is read there instead, masked."""
     block_size, dev = k_pool.shape[1], table.device
     length = length.long()
     n = -(-int(length.max()) // block_size)
@@ -189,9 +178,8 @@ def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
                                group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
                                prompt_blocks: torch.Tensor, scale: float,
                                max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of prefix_attention: the rows of each group, padded to the widest (max_count), attend to their
-    prompt's keys in one call, so the keys are read once per group, not once per rollout. Rows in no group get
-    o = 0, lse = -inf."""
+    """Torch twin of prefix_attention: each group's rows, padded to max_count, attend to their prompt's keys in
+    one call, so the keys are read once per group, not once per rollout."""
     rows, heads, d = q.shape
     groups, kv = len(group_start), k_pool.shape[2]
     rep, width = heads // kv, int(group_count.max()) if max_count is None else max_count

@@ -1,23 +1,16 @@
-"""Fused LM-head log-probs and entropies from the final hidden states, never a [tokens, vocab] tensor.
-
-For N response tokens with hidden states h [N, D], the LM-head weight W [V, D] (tied to the embedding
-or not) and a temperature T > 0, with z = (h @ W^T) / T:
+"""Fused LM-head log-probs and entropies from the final hidden states, never a [tokens, vocab] tensor (DESIGN.md,
+data flow step 7). With h [N, D], the head W [V, D] and T > 0, z = (h @ W^T) / T:
 
     logprob_t = z[t, y_t] - logsumexp(z[t]),    entropy_t = -sum_v p_tv log p_tv = lse_t - sum_v p_tv z_tv
 
-(DESIGN.md, data flow step 7). The vocabulary is visited in chunks with an online log-sum-exp: a running
-max m, s = sum exp(z - m) and t = sum exp(z - m) z, both rescaled when m grows; lse = m + log s and
-entropy = lse - t / s. The backward recomputes z chunk by chunk from h, W and the saved lse and entropy:
+The vocabulary goes in chunks with an online log-sum-exp (a running max m, s = sum exp(z - m), t = sum exp(z - m) z,
+rescaled when m grows: lse = m + log s, entropy = lse - t / s). The backward recomputes z chunk by chunk:
 
     d logprob_t / d z_tv = (1[v = y_t] - p_tv) / T,    d entropy_t / d z_tv = -p_tv (log p_tv + entropy_t) / T
 
-    logprob, entropy = logprob(hidden, weight, targets, temperature)            # Triton (CUDA)
-    logprob, entropy = reference_logprob(hidden, weight, targets, temperature)  # plain torch (CPU, tests)
-
-Both are differentiable w.r.t. hidden and weight and return float32 [N] tensors (float64 for float64
-inputs, which gradcheck needs); gradients come back in the inputs' dtypes. z is always accumulated in
-float32: bf16 inputs are cast up before the product, never multiplied into bf16 logits, whose rounding
-(up to 0.06 at |z| = 30) would swamp the logprob. Constraints: targets in [0, V); temperature > 0.
+`logprob` (Triton) and `reference_logprob` (torch: CPU, tests) return float32 [N] (float64 for float64 inputs,
+which gradcheck needs), differentiable in hidden and weight. z is accumulated in float32, never as bf16 logits,
+whose rounding (up to 0.06 at |z| = 30) would swamp the logprob.
 """
 
 from functools import partial
@@ -134,10 +127,9 @@ def _backward_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logpr
                      grad_h_ptr, grad_w_ptr, N, V, D, temperature,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    """One program per [BLOCK_N tokens, BLOCK_V vocab] tile: recompute z, form g = dloss/dz, then add
-    g @ W[cols] into grad_h[rows] and g^T @ h[rows] into grad_w[cols], BLOCK_D columns at a time.
-    Every tile touches both, so the sums are float32 atomics, as in Cut Cross-Entropy (Wijmans et al.
-    2024): one recompute of z and no [N, V] buffer, at the price of a run-to-run varying summation order."""
+    """One program per [BLOCK_N tokens, BLOCK_V vocab] tile: recompute z, g = dloss/dz, then add g @ W[cols] to
+    grad_h[rows] and g^T @ h[rows] to grad_w[cols] with float32 atomics, as Cut Cross-Entropy does (Wijmans et
+    al. 2024): no [N, V] buffer, at the price of a summation order that varies run to run."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < N

@@ -1,13 +1,8 @@
 """Keyed Gumbel-max sampling: each row's token, its logprob and the entropy, in one pass over the vocabulary.
-
-Randomness is counter-based. Row r with uint32 key k gets, for token id j, the uniform
-u = ((hash32(hash32(j) ^ k) >> 8) + 0.5) * 2^-24 and samples argmax(z - log(-log u)) with
-z = logits / temperature: the Gumbel-max trick, an exact draw from softmax(z). A row's token depends
-only on its logits and its key, never on the batch it runs in (DESIGN.md, "Sampler contract").
-
-`sample` is the Triton kernel (CUDA); `reference_sample` is its plain-torch twin (CPU and tests).
-Both return (tokens int64 [B], logprob float32 [B], entropy float32 [B]); temperature 0 is greedy,
-with the logprob and entropy of softmax(logits).
+Row r with uint32 key k gets, for token j, u = ((hash32(hash32(j) ^ k) >> 8) + 0.5) * 2^-24 and samples
+argmax(z - log(-log u)), z = logits / temperature: an exact draw from softmax(z) that depends on the row's logits
+and key alone, never on its batch (DESIGN.md, Sampler contract). `sample` (Triton) and `reference_sample` (torch)
+return (tokens, logprob, entropy) per row; temperature 0 is greedy.
 """
 
 import torch
@@ -45,10 +40,8 @@ def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position:
 
 
 def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key).
-
-    Two rows share a value only where hash32(i) ^ hash32(j) equals their keys' xor: about
-    vocab^2 / 2^32 pairs, under one for a 50k vocabulary, so rows are independent in practice."""
+    """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key); two rows share a value at about
+    vocab^2 / 2^32 pairs, under one for a 50k vocabulary."""
     x = hash32(token_hash[None] ^ keys[:, None])
     return ((x >> 8).float() + 0.5).mul_(2.0 ** -24).clamp_(max=_U_MAX)
 
