@@ -60,7 +60,7 @@ def run_fanout(sampler: Sampler, prompts, n, new_tokens, device):
     """Rollouts with no stop token, so every one is exactly new_tokens long."""
     sampler.generate(prompts[:1], [min(n[0], 4)], 4, seed=1)  # warm-up
     out, seconds = timed(lambda: sampler.generate(prompts, n, new_tokens, temperature=1.0, seed=0), device)
-    return {"tokens_per_s": sum(map(len, out.tokens)) / seconds, "samples_per_s": len(out) / seconds,
+    return {"tokens_per_s": sum(map(len, out.tokens)) / seconds, "samples_per_s": len(out.tokens) / seconds,
             "seconds": seconds, "kv_bytes": sampler.stats["peak_kv_tokens"] * sampler.kv_bytes_per_token,
             "preemptions": sampler.stats["preemptions"]}
 

@@ -20,8 +20,6 @@ from torch.distributed.tensor import DTensor
 from config import Config
 
 
-# ---- process setup ----
-
 def setup_process():
     """(rank, world size, device); nccl on CUDA, gloo on CPU, when launched by torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -35,8 +33,7 @@ def setup_process():
 
 
 def set_threads() -> None:
-    """torch's intra-op threads: OMP_NUM_THREADS when set (torchrun sets 1 when it starts several ranks), else this
-    rank's share of the physical cores it may run on (a thread per hyper-thread makes two fight over one core)."""
+    """torch's threads: OMP_NUM_THREADS, else this rank's share of the physical cores it may run on."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
@@ -81,8 +78,7 @@ def pick_dtype(requested: str, device, hidden: int, intermediate: int, cache_dir
 
 
 def cpu_identity() -> str:
-    """What decides a bf16 product's speed: the CPU's model and feature flags, and the kernels torch and oneDNN
-    may use (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them)."""
+    """The CPU's model, flags and the kernels torch and oneDNN may use: what decides a bf16 product's speed."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
                                if line.startswith(name)), "")
@@ -92,9 +88,8 @@ def cpu_identity() -> str:
 
 
 def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int = 3) -> dict:
-    """Milliseconds of x @ W.T, dy @ W and dy.T @ x at the MLP's shape, best of `repeats` each, summed, per dtype.
-    bfloat16 stops (stopped=True) once it is slower than float32's three together: on a CPU without bf16 units,
-    within its first product."""
+    """Milliseconds of the MLP's forward and backward products, best of `repeats`, per dtype; bfloat16 stops
+    (stopped=True) once slower than float32's three together: without bf16 units, in its first product."""
     gen = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(shape, generator=gen) for shape in ((rows, hidden), (intermediate, hidden),
                                                                 (rows, intermediate)))
@@ -177,8 +172,7 @@ def check_world_size(cfg: Config, world: int) -> None:
 
 
 def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
-    """Prompt positions per rank, balanced by rollouts: the largest budget first, each onto the rank with the fewest
-    so far (ties: fewer prompts, the lower rank). Groups stay whole: each prompt's KV is stored once, on one rank."""
+    """Prompt positions per rank, balanced by rollouts (largest first, to the least loaded), groups whole."""
     shares, load = [[] for _ in range(world)], [0] * world
     for i in sorted(range(len(budgets)), key=lambda i: -budgets[i]):
         r = min(range(world), key=lambda r: (load[r], len(shares[r]), r))
@@ -187,11 +181,8 @@ def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-# ---- FSDP2 ----
-
 def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
-    """FSDP2 over `group`'s ranks (None: all): each of `layers`, then the root. On GPU, bf16 parameters and float32
-    gradient reduction; on CPU the float32 weights stay and autocast does the bf16 compute."""
+    """FSDP2 over `group` (None: all ranks): each layer, then the root; bf16 parameters on GPU, float32 on CPU."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
     mesh = DeviceMesh.from_group(group, device.type) if group is not None else None
@@ -204,8 +195,7 @@ def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
 
 @dataclass
 class Roles:
-    """Who does what in an async (TBA) run: ranks [0, n_trainers) train as one FSDP2 group, the others search (a
-    world of one plays every role). Weights and rounds travel as CPU tensors over gloo, whatever the trainers use."""
+    """Who does what in a TBA run (ranks [0, n_trainers) train); weights and rounds travel over gloo."""
     searching: bool  # this rank is a searcher
     n_trainers: int
     trainers: object = None  # the trainer ranks' process group (None: one process)
@@ -215,8 +205,7 @@ class Roles:
 
 
 def make_roles(searchers: int, rank: int, world: int) -> Roles:
-    """Every rank creates the same groups in the same order (torch.distributed requires it). A synchronous run:
-    every rank trains, in the default group."""
+    """The same groups on every rank, in the same order (torch.distributed requires it); sync: every rank trains."""
     if world == 1 or not searchers:
         return Roles(False, world, rank=rank)
     n_trainers = world - searchers
@@ -235,8 +224,7 @@ def weight_names(lm, weights: dict) -> list[str]:
 
 
 def pack_weights(lm, names: list[str]) -> torch.Tensor:
-    """The trainer's weights as one flat bf16 CPU tensor (the hand-off's gloo sends it) in `names` order; with
-    FSDP2 every trainer rank takes part (each parameter is gathered whole)."""
+    """The trainer's weights as one flat bf16 CPU tensor in `names` order (every FSDP2 rank takes part)."""
     state = lm.state_dict()
     with torch.no_grad():
         return torch.cat([(state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).to(torch.bfloat16)
@@ -249,8 +237,7 @@ def checksum(flat: torch.Tensor) -> int:
 
 
 def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int]:
-    """Global rank 0 sends flat (bf16) and its version to the group in BUCKET-sized pieces, as uint8 (gloo has no
-    bf16 nor int16); the others pass a flat of that size, filled in place. Returns (version, checksum), checked."""
+    """Rank 0's flat (bf16, as uint8: gloo has neither bf16 nor int16) and version to all; (version, checksum)."""
     sending = dist.get_rank() == 0
     header = torch.tensor([version, checksum(flat) if sending else 0], dtype=torch.int64)
     dist.broadcast(header, 0, group)

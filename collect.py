@@ -13,8 +13,6 @@ from config import Config
 from trainer import Batch
 
 
-# ---- sampling one step ----
-
 def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int]]:
     chats = [[{"role": "user", "content": template.format(question=item["question"])}] for item in items]
     return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -23,8 +21,7 @@ def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int
 
 def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_key: int, temperature: float,
                  seed: int, rank: int, world: int) -> tuple[Batch, int, int]:
-    """This rank's share of one round of prompts (balanced by budget), sampled and scored; prompt i of the
-    round is keyed first_key + i, so the tokens do not depend on the number of ranks."""
+    """This rank's share of a round (balanced by budget), sampled and scored; prompt i keyed first_key + i."""
     mine = split_by_budget(budgets, world)[rank]
     items = [task.items[picked[i]] for i in mine]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
@@ -48,10 +45,9 @@ def scores_to_rewards(cfg: Config, scores: list[float]) -> torch.Tensor:
 
 def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
                 rank: int, world: int) -> tuple[Batch, dict]:
-    """One step's rollouts on this rank, and the step's sampling metrics over all ranks. With dynamic
-    sampling, groups whose rewards all equal are dropped and further rounds of prompts are sampled until
-    prompts_per_step informative groups are held or max_gen_rounds is reached (ALGORITHMS.md 0);
-    all-right groups stay for the echo term only (ALGORITHMS.md 4)."""
+    """One step's rollouts on this rank and its sampling metrics over all ranks. Dynamic sampling drops groups of
+    equal rewards and samples more rounds until prompts_per_step are held (ALGORITHMS.md 0); all-right groups stay
+    for the echo term (ALGORITHMS.md 4)."""
     B, parts, held, all_budgets = cfg.prompts_per_step, [], 0, []
     sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "timeouts", "groups",
                           "informative", "kept", "all_right", "all_wrong"), 0.0)
@@ -64,8 +60,7 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
         for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
             per_prompt[key - round_ * B].append(r)
         state.record(picked, [sum(x, []) for x in zip(*all_gather(per_prompt))])
-        all_right, all_wrong = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
-        informative = explore.informative_groups(batch.rewards, batch.group)
+        informative, all_right, all_wrong = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
         keys = batch.group.unique().tolist()
         first = {g: (batch.group == g).nonzero()[0, 0].item() for g in keys}
         kept = [g for g in keys if informative[first[g]]] if cfg.dynamic_sampling else keys
@@ -112,8 +107,6 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
     return batch, row
 
 
-# ---- evaluation ----
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (ALGORITHMS.md 5)."""
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -121,8 +114,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
                        prompt_keys: list[int]):
-    """n[i] rollouts of each prompt (items[i], encoded as prompt_ids[i]) and every response's verifier
-    score: (rollouts, scores, verifier failures, programs out of time)."""
+    """(rollouts, scores, verifier failures, programs out of time) for n[i] rollouts of each prompt."""
     r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
                          prompt_keys=prompt_keys)
     texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
@@ -132,8 +124,7 @@ def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids,
 
 
 def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1, group=None) -> dict:
-    """pass@1 and pass@k over eval_samples samples per held-out prompt, and greedy accuracy;
-    each rank (of `group`, None: all) evaluates its share of the prompts."""
+    """pass@1, pass@k and greedy accuracy on the held-out prompts, each rank (of `group`) taking its share."""
     start, stop = my_share(len(task.items), rank, world)
     items = task.items[start:stop]
     prompts = encode_prompts(tokenizer, cfg.prompt_template, items)

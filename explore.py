@@ -16,8 +16,7 @@ from config import Config
 
 
 def pick_prompts(n_items: int, position: int, count: int, seed: int) -> list[int]:
-    """Indices of the `count` prompts from `position` in the endless sequence of epochs, each a fresh seeded
-    order (position = prompts drawn before: the trainer's data position, saved in checkpoints)."""
+    """The `count` prompts from `position` (prompts drawn before) in the endless sequence of seeded epochs."""
     orders = {}
     for epoch in range(position // n_items, (position + count - 1) // n_items + 1):
         orders[epoch] = list(range(n_items))
@@ -25,30 +24,21 @@ def pick_prompts(n_items: int, position: int, count: int, seed: int) -> list[int
     return [orders[k // n_items][k % n_items] for k in range(position, position + count)]
 
 
-# ---- dynamic sampling (ALGORITHMS.md 0) and degenerate groups (ALGORITHMS.md 4) ----
-
-def informative_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Bool [R]: True for the responses of groups whose rewards are not all equal (std > 0), the ones
-    dynamic sampling keeps. Min != max is exact; torch.std of three 0.1s is 1.7e-17, not 0."""
-    lo, hi = loss.group_min_max(rewards, group)
-    return lo != hi
-
-
 def group_outcomes(rewards: torch.Tensor, group: torch.Tensor,
-                   success: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all_right, all_wrong), bool [R]: every reward of the response's group is >= `success`, or none is (with
-    partial credit an all-wrong group can be informative). all_right marks EchoRL's groups (ALGORITHMS.md 4)."""
+                   success: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(informative, all_right, all_wrong), bool [R] per response's group: rewards not all equal (what dynamic
+    sampling keeps, ALGORITHMS.md 0; min != max is exact, where a float std of equal 0.1s is not 0), all >=
+    `success` (EchoRL's groups, ALGORITHMS.md 4), none (with partial credit, maybe still informative)."""
     lo, hi = loss.group_min_max(rewards, group)
-    return lo >= success, hi < success
+    return lo != hi, lo >= success, hi < success
 
 
 # ---- E3: difficulty ranks, rollout budgets, temperature (ALGORITHMS.md 3) ----
 
 class Explore:
-    """What a synchronous run samples next, and what it keeps for that (saved in checkpoints): the data position
-    (prompts drawn so far), each prompt's reward sum and rollout count over all epochs, the difficulty ranks k_i
-    this epoch's budgets use (refreshed at each epoch's end: epoch 1 has none, all 0, so budgets are uniform) and
-    E3's temperature controller (ALGORITHMS.md 3). Every rank records the whole global batch, so all agree."""
+    """A synchronous run's sampling state (saved in checkpoints): the data position, each prompt's reward sum and
+    rollout count, the ranks k_i of the epoch (refreshed at its end; none in epoch 1) and E3's temperature
+    controller (ALGORITHMS.md 3). Every rank records the whole global batch, so all agree on budgets."""
 
     def __init__(self, cfg: Config, n_items: int, vocab_size: int):
         self.cfg, self.n_items, self.position = cfg, n_items, 0
@@ -56,10 +46,6 @@ class Explore:
                                                          (torch.float64, torch.long, torch.float64))
         self.controller = TemperatureController(cfg.temperature, vocab_size, cfg.steps, cfg.tau_min, cfg.tau_max,
                                                 cfg.tau_anneal_eta) if cfg.temperature_control else None
-
-    @property
-    def tau(self) -> float:
-        return self.controller.tau if self.controller is not None else self.cfg.temperature
 
     def next_prompts(self) -> tuple[list[int], list[int]]:
         """The next prompts_per_step training prompts and their rollout budgets (E3 when bounds are set)."""
@@ -97,8 +83,7 @@ class Explore:
 
 
 def difficulty_ranks(reward_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """k_i = position / |D| after a stable sort by mean reward, descending (0 = easiest; ties in prompt order). A
-    never-sampled prompt counts as mean 0: as hard as an all-wrong one."""
+    """k_i = position / |D| by mean reward, descending (stable); a never-sampled prompt counts as 0."""
     mean = reward_sum / count.clamp(min=1)
     k = torch.empty_like(mean)
     k[torch.sort(mean, descending=True, stable=True).indices] = torch.arange(len(mean), dtype=mean.dtype) / len(mean)
@@ -106,25 +91,21 @@ def difficulty_ranks(reward_sum: torch.Tensor, count: torch.Tensor) -> torch.Ten
 
 
 def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int]:
-    """(G_min, G_max) for `epoch` (0 = the first): G..G at first, then 2 wider on each side per
-    epoch until n_low..n_high, so budgets only spread once ranks exist (config.py checks n_low <= G <= n_high)."""
+    """(G_min, G_max) for `epoch` (0 = the first): G..G, then 2 wider each side per epoch up to n_low..n_high."""
     return max(n_low, G - 2 * epoch), min(n_high, G + 2 * epoch)
 
 
 def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, G_max: int) -> list[int]:
-    """E3's rollouts per prompt of a batch with difficulty ranks k_i (higher = harder), as the released code's
-    get_rollout_n_per_prompt (ALGORITHMS.md 3) but for the cap in step 2: B*G in all, each in [G_min, G_max]."""
+    """E3's rollouts per prompt by difficulty ranks, as the released get_rollout_n_per_prompt but for a cap."""
     k = np.asarray([float(x) for x in ranks], dtype=np.float64)
     if not len(k):
         return []
-    # Step 2 in numpy's float64, as the original: the shares, its 1e-8, numpy's pairwise sum and the floor
-    # all decide which prompts reach the next whole rollout.
+    # step 2 in numpy's float64, as the original: its 1e-8, pairwise sum and floor decide who gets a whole rollout
     total = k.sum()
     w = k / (total + 1e-8) if total > 0 else np.zeros_like(k)
     budgets = np.floor(np.full(len(k), float(G_min)) + float(len(k) * (G - G_min)) * w).astype(np.int64)
     budgets = np.minimum(budgets, G_max).tolist()  # the cap is ours: the original can exceed G_max here
-    # Step 3: the leftover to the hardest prompt first (ties: batch order), each filled up to G_max before
-    # the next is served; B*G <= B*G_max, so one pass always places it all.
+    # step 3: the leftover to the hardest first (ties: batch order), each up to G_max; B*G <= B*G_max, so one pass
     left = len(k) * G - sum(budgets)
     for i in sorted(range(len(k)), key=lambda i: -w[i]):
         take = min(left, G_max - budgets[i])
@@ -134,8 +115,7 @@ def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, 
 
 
 class TemperatureController:
-    """E3's entropy-holding temperature (ALGORITHMS.md 3); H0 is the first batch's mean token entropy. Feed it H_t
-    every step (the original release froze tau by measuring entropy only with an entropy bonus on)."""
+    """E3's entropy-holding temperature (ALGORITHMS.md 3), fed H_t every step; H0: the first batch's."""
 
     def __init__(self, tau0: float, vocab_size: int, total_steps: int, tau_min: float = 0.5,
                  tau_max: float = 2.0, eta: float = 0.9, anneal_last: float = 0.4):
@@ -221,8 +201,8 @@ class ReplayBuffer:
 
     def draw(self, prompts: int, k: int, fresh_prob: float, inv_temp: float, generator: torch.Generator,
              ) -> list[tuple[int, bool, list[dict]]]:
-        """`prompts` slots of (prompt, fresh, k responses): with probability fresh_prob a prompt of the last sync and
-        k of its new responses; else any prompt and k responses drawn with p ~ exp(inv_temp * reward)."""
+        """`prompts` slots of (prompt, fresh, k responses): the last sync's new ones with probability fresh_prob, else
+        any prompt's, drawn with p ~ exp(inv_temp * reward)."""
         if not self.items:
             raise RuntimeError("the replay buffer is empty: every response is older than --max-staleness")
         slots = []

@@ -62,8 +62,7 @@ def linear(w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tensor, attend,
             keep=None) -> torch.Tensor:
-    """Logits [..., T, vocab] (float32) of `tokens` at `positions`, or of the positions x[keep] only (the LM head is
-    a large share of the work); attend(layer, q, k, v) -> [..., T, heads, d]."""
+    """Float32 logits of `tokens` at `positions` (of x[keep] alone, if given); attend(layer, q, k, v) -> o."""
     embed = w["model.embed_tokens.weight"]
     x = embed[tokens]
     half = c.head_dim // 2

@@ -69,14 +69,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, e
 
 
 def tis_weight(trainer_old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
-    """Truncated importance weight min(pi_old_trainer / pi_sampler, C) per token (ALGORITHMS.md 0): the
-    sampler's kernels and precision differ from the trainer's, so its samples are slightly off-policy."""
+    """Truncated importance weight min(pi_old_trainer / pi_sampler, C) per token (ALGORITHMS.md 0), detached."""
     return (trainer_old_logp - sampler_logp).exp().clamp(max=cap).detach()
 
 
 def kl(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimators on d = log pi - log pi_ref: k1 = d, k2 = d^2 / 2, and k3 (low
-    variance, non-negative)."""
+    """Per-token KL(pi || pi_ref) estimators on d = log pi - log pi_ref: k1 = d, k2 = d^2 / 2, k3 = e^-d - 1 + d."""
     d = logp - ref_logp
     return {"k1": lambda: d, "k2": lambda: d ** 2 / 2, "k3": lambda: torch.exp(-d) - 1 + d}[kind]()
 
@@ -109,8 +107,7 @@ def _tb_s(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Ten
 
 def tb_log_z(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.Tensor, group: torch.Tensor,
              beta: float) -> torch.Tensor:
-    """[R]: the VarGrad log Z of each response's group, -mean_g s, detached. Compute it over whole groups
-    (never assume a micro-batch holds one prompt) and hand it to `tb_loss` when a group is split."""
+    """[R]: the VarGrad log Z of each response's group, -mean_g s, detached (over whole groups)."""
     return -group_stats(_tb_s(seq_logp, seq_ref_logp, rewards, beta).detach(), group)[0]
 
 
@@ -125,8 +122,7 @@ def tb_loss(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.T
 
 
 def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> float:
-    """beta: linear from beta_start to beta_end over beta_steps steps, then constant (GSM8K: 0.014 -> 0.004
-    over 500)."""
+    """beta, linear from beta_start to beta_end over beta_steps steps, then constant."""
     if step >= beta_steps:
         return beta_end
     return beta_start + (beta_end - beta_start) * step / beta_steps
@@ -135,16 +131,14 @@ def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> f
 # ---- EchoRL (ALGORITHMS.md 4) ----
 
 def step_token_ids(tokenizer) -> tuple[set[int], set[int]]:
-    """(ids whose text ends in "\\n": step ends, ids whose text is whitespace-only). Decoded, not read from
-    the vocabulary strings, because byte-level BPE stores "\\n" as "Ċ"."""
+    """(ids whose text ends in a newline, ids whose text is blank), decoded (byte-level BPE stores a newline as Ċ)."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     return ({i for i, t in enumerate(texts) if t.endswith("\n")},
             {i for i, t in enumerate(texts) if not t.strip()})
 
 
 def _steps(tokens: list[int], entropies: list[float], newline_ids: set[int], blank_ids: set[int]):
-    """Yield (end, mean entropy) of each step that ends at a newline token or at the response end,
-    skipping whitespace-only steps and steps shorter than 2 tokens."""
+    """(end, mean entropy) of each step (to a newline or the end), not blank and at least 2 tokens long."""
     start = 0
     for t, tok in enumerate(tokens):
         if tok in newline_ids or t == len(tokens) - 1:
@@ -156,9 +150,8 @@ def _steps(tokens: list[int], entropies: list[float], newline_ids: set[int], bla
 
 def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: torch.Tensor,
               newline_ids: set[int], blank_ids: set[int], success: float = 1.0, mode: str = "all") -> dict[int, int]:
-    """{response index: clip length}, one EchoClip per selected group: the step of highest mean sampler entropy
-    among all successful responses' steps (ties: the first), the clip its response's prefix through it. mode
-    "all": groups whose responses all succeeded (advantages all 0); "any": groups with a success."""
+    """{response index: clip length}, one EchoClip per selected group ("all": every response succeeded; "any"):
+    the step of highest mean sampler entropy among its successful responses, the clip that response's prefix."""
     ok, groups = (rewards >= success).tolist(), group.tolist()
     failed = {g for g, o in zip(groups, ok) if not o}
     best = {}  # group id -> (step entropy, response index, clip length)
@@ -175,6 +168,5 @@ def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: 
 
 
 def echo_loss(logp: torch.Tensor, clip_mask: torch.Tensor, seq_ids: torch.Tensor, n_clips: int) -> torch.Tensor:
-    """This micro-batch's share of the mean over all clips (n_clips: every micro-batch and rank) of each clip's
-    token-mean NLL; the caller adds lambda (1e-3) x the sum to the RL loss."""
+    """This micro-batch's share of the mean over all clips of each clip's token-mean NLL."""
     return seq_token_means(-logp[clip_mask], seq_ids[clip_mask]).sum() / max(n_clips, 1)

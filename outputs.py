@@ -18,8 +18,6 @@ from cluster import barrier
 from config import Config
 
 
-# ---- metrics ----
-
 class Logger:
     """Metrics to a JSONL file (rank 0), wandb when enabled, and a plot at the end."""
 
@@ -50,8 +48,7 @@ class Logger:
             self.wandb.log(row)
 
     def plot(self) -> None:
-        """plot.png: the training reward with held-out pass@1 before and after; the sampler's entropy (and E3's
-        target); the response length; and the temperature, where E3's controller moves it."""
+        """plot.png: reward with held-out pass@1, entropy (and E3's target), response length, moving temperature."""
         if not self.enabled:
             return
         import matplotlib
@@ -80,12 +77,9 @@ class Logger:
             self.wandb.finish()
 
 
-# ---- checkpoints and export ----
-
-def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, explore_state=None,
+def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, loop_state=None,
                     group=None) -> None:
-    """Sharded model and optimizer (torch.distributed.checkpoint) and every rank's trainer state, written into
-    step_N.tmp and renamed once complete, so --resume auto never picks up a cut-off one. `group`: the model's ranks."""
+    """Sharded model and optimizer, every rank's state, in step_N.tmp renamed when complete (never half-read)."""
     root = Path(cfg.out_dir) / "checkpoints"
     tmp, final = root / f"step_{step:06d}.tmp", root / f"step_{step:06d}"
     if rank == 0:
@@ -93,9 +87,7 @@ def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: i
     barrier(group)
     dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, process_group=group,
              no_dist=not dist.is_initialized())
-    # The explore state: data position, difficulty stats, sampler temperature (see main); the RNG is saved
-    # for code that draws from it.
-    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "explore": explore_state},
+    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "explore": loop_state},
                tmp / f"trainer_rank{rank}.pt")
     barrier(group)
     if rank == 0:
@@ -118,8 +110,7 @@ def find_checkpoint(cfg: Config) -> Path | None:
 
 
 def checkpoint_state(model, optimizer, ref_model) -> dict:
-    """The sharded tensors a checkpoint holds: model, optimizer and (when there is one) the reference,
-    which reference resets move away from the initial model."""
+    """The sharded tensors a checkpoint holds: model, optimizer and the reference (resets move it), if any."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     if ref_model is not None:
@@ -128,8 +119,7 @@ def checkpoint_state(model, optimizer, ref_model) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=None) -> tuple[int, dict | None]:
-    """Restore model, optimizer, reference and this rank's RNG; returns the step to run next and the
-    explore state."""
+    """Restore model, optimizer, reference and this rank's RNG: (the step to run next, the loop's saved state)."""
     state = checkpoint_state(model, optimizer, ref_model)
     try:
         dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks

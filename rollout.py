@@ -30,24 +30,17 @@ class Rollouts:
     entropies: list[torch.Tensor]  # entropy of the sampling distribution at each token
     finish_reason: list[str]       # "stop" or "length"
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-# ---- sampling ----
 
 def check_request(n: list[int], max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """One sentence for each request that would otherwise sample nonsense (top_p = 0 gives token 0 with NaN
-    logprobs) or fail deep inside (max_new_tokens = 0), or silently mean something else."""
-    checks = [(min(n, default=0) >= 0, f"a rollout count is negative ({min(n, default=0)}); ask for 0 or more "
-                                       "rollouts per prompt"),
-              (max_new_tokens >= 1, f"max_new_tokens={max_new_tokens} must be at least 1"),
-              (temperature >= 0, f"temperature={temperature} is negative; use 0 for greedy decoding or a positive "
-                                 "value to sample"),
-              (0 < top_p <= 1, f"top_p={top_p} is outside (0, 1]; use 1.0 to sample from the whole distribution")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    """One sentence for each request that would otherwise sample nonsense or fail deep inside."""
+    if min(n, default=0) < 0:
+        raise ValueError(f"a rollout count is negative ({min(n)}); ask for 0 or more rollouts per prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is negative; use 0 for greedy decoding or a positive value")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is outside (0, 1]; use 1.0 to sample from the whole distribution")
 
 
 def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -62,8 +55,7 @@ def next_pow2(x: int) -> int:
 
 
 def graph_key(b: DecodeBatch, temperature: float) -> tuple:
-    """What a captured decode step is fixed to: the shape of every input tensor and every other field of the batch
-    (a block table's width follows max_new_tokens), and whether it samples; the temperature is read at replay."""
+    """What a captured step is fixed to: every input's shape (the block table's too) and whether it samples."""
     return tuple(v.shape if isinstance(v, torch.Tensor) else v for v in vars(b).values()) + (temperature > 0,)
 
 
@@ -90,34 +82,29 @@ class Sampler:
         for name in ("write_kv", "prefix_attention", "decode_attention", "merge_attention"):
             setattr(self, name, getattr(attention, prefix + name))
         self.sample = getattr(sampling, prefix + "sample")
-        # Decode steps padded to power-of-two sizes and replayed as CUDA graphs, one per shape, kept for the run:
-        # the temperature is an input they read at replay (on CPU, cuda_graphs=True pads and runs eagerly: that is
-        # how the padding is tested).
+        # decode steps padded to powers of two, replayed as CUDA graphs kept for the run, the temperature an input
+        # (on CPU, cuda_graphs=True pads and runs eagerly: how the padding is tested)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs, self.captures = {}, 0
         self.graph_temperature = torch.ones(1, device=self.device)
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs and self.device.type == "cuda" else None
 
     def release_kv(self) -> None:
-        """Free the KV pool so that training can use its memory; the next generate() allocates it again. Not once
-        CUDA graphs point into it: then the pool stays for the run, and so do the graphs (README, memory)."""
+        """Free the KV pool for training until the next generate(), unless CUDA graphs point into it (kept then)."""
         if self.graphs:
             return
         self.k_pool = self.v_pool = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # -- prefill and sampling --
-
     def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> torch.Tensor:
-        """Each prompt's last-position logits, the prompts run once, right-padded into one batch (causal attention
-        never lets a real position see the padding), their KV written into their blocks."""
+        """Each prompt's last-position logits, the prompts run right-padded in one batch, their KV into their blocks."""
         c, bs = self.cfg, self.block_size
         lengths = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p, device=self.device)
-        valid = torch.arange(max(lengths), device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        valid = torch.arange(tokens.shape[1], device=self.device) < torch.tensor(lengths, device=self.device)[:, None]
         slots = torch.tensor([bl[t // bs] * bs + t % bs for bl, n in zip(blocks, lengths) for t in range(n)],
                              device=self.device)
         rep = c.num_heads // c.num_kv_heads
@@ -136,8 +123,6 @@ class Sampler:
         if top_p < 1.0 and temperature > 0:  # nucleus on the tempered distribution (evaluation)
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
         return self.sample(logits, keys, temperature)
-
-    # -- one decode step, eager or as a CUDA graph --
 
     def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):
         """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row."""
@@ -178,8 +163,7 @@ class Sampler:
         return self.sample_tokens(logits, b.keys, temperature, top_p)
 
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
-        """b with rows, groups, prompt-block width and largest group rounded up to powers of two.
-        Padded rows belong to no group and read and write only the scratch block."""
+        """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""
         rows, groups = len(b.tokens), len(b.group_start)
         extra_rows, extra_groups = next_pow2(rows) - rows, next_pow2(groups) - groups
         width = next_pow2(b.prompt_blocks.shape[1])
@@ -198,8 +182,7 @@ class Sampler:
             num_splits=b.num_splits, max_count=min(next_pow2(b.max_count), next_pow2(rows)))
 
     def _capture(self, static: DecodeBatch, sampled: bool):
-        """Record one padded decode step as a CUDA graph; `static`'s tensors and graph_temperature (when it samples:
-        greedy decoding is another graph) become its inputs."""
+        """One padded decode step as a CUDA graph; `static`'s tensors and graph_temperature become its inputs."""
         temperature = self.graph_temperature if sampled else 0.0
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -212,13 +195,11 @@ class Sampler:
         self.captures += 1
         return graph, static, out
 
-    # -- generation --
-
     def generate(self, prompts: list[list[int]], n: list[int], max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_keys: list[int] | None = None) -> Rollouts:
-        """n[i] rollouts of prompts[i], ordered by (prompt index, sample index). Prompt i is keyed as prompt_keys[i]
-        (default i): a request split over calls or ranks, each passing its prompts' places in the whole, samples
-        the same tokens as the whole in one call."""
+                 top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_keys: list[int] | None = None
+                 ) -> Rollouts:
+        """n[i] rollouts of prompts[i], ordered by (prompt index, sample index). Prompt i is keyed prompt_keys[i]
+        (default i): a request split over calls or ranks samples the tokens of the whole in one call."""
         if len(n) != len(prompts) or (prompt_keys is not None and len(prompt_keys) != len(prompts)):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts and "
                              f"{len(prompt_keys or prompts)} prompt keys; pass one of each per prompt")
@@ -245,8 +226,7 @@ class Sampler:
                         entropies=[results[k][2] for k in keys], finish_reason=[results[k][3] for k in keys])
 
     def clear_blocks(self, blocks: list[int]) -> None:
-        """Zero blocks as they are handed out, on the torch path: it reads whole blocks and masks the slots past a
-        length, and a slot never written must hold 0, not a NaN that survives its zero weight."""
+        """Zero blocks as they are handed out: the torch path reads them whole, and NaN would survive a zero weight."""
         if not self.use_triton and blocks:
             index = torch.tensor(blocks, device=self.device)
             self.k_pool[:, index] = 0

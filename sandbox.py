@@ -60,8 +60,7 @@ class Run:
 
 def run_program(program: str, tests: str, setup: str = "", entry_point: str | None = None,
                 limits: Limits = Limits()) -> Run:
-    """Setup and the program in the sandboxed child, setup and the tests in the trusted process (with an entry
-    point, check(candidate) called with it). A pass is this run's random token on the trusted process's pipe."""
+    """Setup and program in the sandboxed child, setup and tests in the trusted process; pass: this run's token."""
     token, folder = secrets.token_hex(16), tempfile.mkdtemp(prefix="fanout-sandbox-")
     verdict, verdict_w = os.pipe()
     orders = {"folder": folder, "limits": {**dataclasses.asdict(limits), "cpu_s": math.ceil(limits.cpu_s)},
@@ -97,10 +96,8 @@ PROBE = "import os, socket\nopen('/tmp/{marker}', 'w').close()\nprint(os.getuid(
 
 @functools.cache
 def check_sandbox() -> dict:
-    """What a program in the sandbox gets here: its user, the network (a port this process listens on), its own
-    PIDs, a private /tmp, and so the mode: "root" (a user of its own), "user namespaces" (an ordinary user, all
-    four namespaces) or "weak" (neither: it runs as you, could write your files and signal the trainer). Raises if
-    Python cannot even start in it."""
+    """What a program in the sandbox gets here: its user, the network, its own PIDs, a private /tmp, and the
+    mode: "root" (its own user), "user namespaces" or "weak" (neither: it runs as you). Raises if Python cannot run."""
     marker = f"fanout-probe-{secrets.token_hex(8)}"
     with socket.create_server(("127.0.0.1", 0)) as server:
         run = run_program(PROBE.format(port=server.getsockname()[1], marker=marker), "")
@@ -118,8 +115,7 @@ def check_sandbox() -> dict:
 
 
 def frame(value) -> bytes:
-    """A value as the channel and the orders carry it: ten digits of length, then marshal's bytes (marshal, not
-    json: the sandbox starts without json's imports, and tuples, sets and bytes stay what they are)."""
+    """A value as the channel carries it: ten digits of length, then marshal's bytes (plain data stays plain)."""
     data = marshal.dumps(value)
     return b"%010d" % len(data) + data
 
@@ -127,8 +123,7 @@ def frame(value) -> bytes:
 # ---- the sandbox's process: the source of these is its whole program (PROCESS), the standard library alone ----
 
 class Failed(BaseException):
-    """Out of time, or something other than plain data crossed the channel: a BaseException, so that no test's
-    `except Exception` swallows it (and the verdict fails whatever the tests catch)."""
+    """Out of time, or not plain data over the channel: a BaseException, which no test's `except Exception` takes."""
 
 
 def read_frame(fd: int, limit: int = 1 << 26):
@@ -169,8 +164,7 @@ def mount(libc, source: str, target: str, kind: str, flags: int, options: str = 
 
 
 def sandbox_main() -> None:
-    """Orders, isolation, the child (the program), this process (the tests), the verdict. Exits 124 when the program
-    ran out of time, else 0."""
+    """Orders, isolation, the child, the tests, the verdict; exits 124 when the program ran out of time."""
     libc = ctypes.CDLL(None, use_errno=True)
     orders = read_frame(0)
     root = os.geteuid() == 0
@@ -207,8 +201,7 @@ def sandbox_main() -> None:
 
 
 def isolate(orders: dict, libc, root: bool) -> set:
-    """New mount, network, PID and IPC namespaces where the OS gives them, returned by name; in the mount namespace
-    the machine is read-only and /tmp, /var/tmp, /dev/shm and the program's folder are empty, bounded tmpfs."""
+    """New mount, network, PID and IPC namespaces where the OS gives them; the machine read-only, /tmp empty."""
     RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18  # MS_*
     flags = {"mount": 0x20000, "network": 0x40000000, "pid": 0x20000000, "ipc": 0x8000000}
     if root:
@@ -253,8 +246,7 @@ def isolate(orders: dict, libc, root: bool) -> set:
 
 
 def program_side(orders: dict, spaces: set, uid: int, requests: int, reply: int, libc) -> None:
-    """The sandboxed child, the program's process: it holds nothing but its two ends of the channel (not the
-    tests' pipe, not the verdict's), runs setup and program, names its functions, then serves each call."""
+    """The child: holding only its ends of the channel, it runs setup and program, then serves each call."""
     try:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: it dies with the parent, whoever kills that
         os.setpgid(0, 0)
@@ -304,9 +296,8 @@ def program_side(orders: dict, spaces: set, uid: int, requests: int, reply: int,
 
 
 def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
-    """The trusted side: (passed, timed out, token). Setup and the tests run here, each function the program named
-    (the entry point, or a name setup does not define) a proxy calling it across the channel. Passed: every test
-    ran and none failed, and no call timed out or brought back anything but plain data."""
+    """The trusted side: (passed, timed out, token). Setup and tests run here, each function the program named (the
+    entry point, or not setup's) a proxy across the channel. Passed: every test ran, none failed, no call broke."""
     state = {"timed_out": False, "broken": False}
 
     def expire(*_):

@@ -39,8 +39,7 @@ class BlockPool:
 
 @dataclass
 class DecodeBatch:
-    """The inputs of one decode step. Rows are sorted by prompt: group g owns rows
-    group_start[g] .. group_start[g] + group_count[g] - 1 and attends to prompt_blocks[g]."""
+    """One decode step's inputs; rows sorted by prompt, group g's from group_start[g] on, its KV prompt_blocks[g]."""
     tokens: torch.Tensor         # [R] the token each row feeds
     positions: torch.Tensor      # [R] its absolute position
     keys: torch.Tensor           # [R] randomness keys of the token each row samples next
@@ -76,8 +75,7 @@ class _Rollout:
 
 
 class Generation:
-    """The state of one generate() call: waiting prompts, running slots, results. `s` is the Sampler (rollout.py),
-    whose prefill, decode_step and sample_tokens compute what this schedules."""
+    """The state of one generate() call; `s` is the Sampler, whose prefill and decode steps it schedules."""
 
     def __init__(self, s, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys):
         self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
@@ -107,8 +105,6 @@ class Generation:
                 self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.pool.free))
                 self.decode()
         return self.results
-
-    # -- admission --
 
     def admit(self) -> int:
         """Start waiting rollouts while slots and blocks allow, prefilling new prompts as needed."""
@@ -148,8 +144,6 @@ class Generation:
             self.active.extend(batch)
         return bool(batch)
 
-    # -- memory --
-
     def reserve_blocks(self) -> None:
         """Give every running rollout the block its next token goes into."""
         writes, i = [], 0
@@ -168,8 +162,7 @@ class Generation:
             self.slot_blocks[slot, index] = block.to(torch.int32)
 
     def alloc_block(self, rollout: _Rollout) -> int | None:
-        """A free block; when none is left, first drop the KV of prompts with no running rollout
-        (newest first), then preempt the newest running rollout (it restarts later)."""
+        """A free block, made by dropping idle prompts' KV (newest first), then preempting the newest rollout."""
         while not (got := self.pool.alloc(1)):
             idle = [p for p in self.active if p.running == 0]
             if idle:
@@ -192,8 +185,6 @@ class Generation:
         prompt.blocks = prompt.logits = None
         self.active.remove(prompt)
         self.pending.appendleft(prompt)  # evicted newest-first, so pending stays in prompt order
-
-    # -- decoding --
 
     def keys(self, rollouts: list[_Rollout]) -> torch.Tensor:
         rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, r.length) for r in rollouts],

@@ -43,8 +43,7 @@ def round_prompts(cfg: Config, n_items: int, round_: int, searcher: int) -> list
 
 def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: int, version: int, dtype,
            waited: float = 0.0) -> list[torch.Tensor]:
-    """One searcher's round as [ints, floats, stats]: rows of (prompt, version, round, length, tokens...) and
-    (reward, ref logprob, sampler logprob, summed entropy, per-token sampler logprobs...), padded to max_new_tokens."""
+    """One searcher's round as [ints, floats, stats], rows padded to max_new_tokens (INTS, FLOATS name them)."""
     t0 = time.time()
     P, n, width = prompts_per_searcher(cfg), samples_per_prompt(cfg), cfg.max_new_tokens
     picked = round_prompts(cfg, len(task.items), round_, searcher)
@@ -103,8 +102,7 @@ def gather_round(cfg: Config, mine: list[torch.Tensor] | None, roles: Roles) -> 
 
 
 def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -> None:
-    """A searcher rank's life: take the weights at the opening (a fresh run then samples round 0 with them),
-    then sample round w + 1 with the weights of sync w and hand it over at sync w + 1."""
+    """A searcher rank's life: round w + 1 sampled with the weights of sync w, handed over at sync w + 1."""
     names = weight_names(lm, sampler.weights)
     flat = torch.empty(sum(sampler.weights[n].numel() for n in names), dtype=torch.bfloat16)
     opening = torch.zeros(1, dtype=torch.long)
@@ -125,9 +123,8 @@ def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -
 
 
 class Searchers:
-    """The trainer's side: `open` at a run's first sync (w0) and `sync` at every later one send the weights
-    (version = trainer steps taken) and return the round that is due, [ints, floats, stats] per searcher (None:
-    nothing due). Virtual searchers run here in turn on this sampler, and make the same rounds as ranks."""
+    """The trainer's side: `open` (the first sync) and `sync` send the weights and return the round due, one
+    [ints, floats, stats] per searcher; virtual searchers run here in turn and make the same rounds as ranks."""
 
     def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, dtype):
         self.cfg, self.roles, self.sampler, self.ref, self.lm = cfg, roles, sampler, ref, lm

@@ -35,7 +35,7 @@ def test_informative_groups_keeps_exactly_groups_with_spread(values):
     rng = random.Random(0)
     for _ in range(30):
         rewards, group, by_group = _groups(rng, values)
-        keep = explore.informative_groups(rewards, group)
+        keep = explore.group_outcomes(rewards, group)[0]
         assert keep.dtype == torch.bool and keep.shape == rewards.shape
         for g, r in zip(group.tolist(), keep.tolist()):
             assert r == (len(set(by_group[g])) > 1)
@@ -45,7 +45,7 @@ def test_informative_groups_equal_float_rewards_are_dropped():
     # torch.std of three float64 0.1s is 1.7e-17, not 0; the group is still degenerate
     rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.2], dtype=torch.float64)
     group = torch.tensor([3, 3, 3, 7, 7])
-    assert explore.informative_groups(rewards, group).tolist() == [False, False, False, True, True]
+    assert explore.group_outcomes(rewards, group)[0].tolist() == [False, False, False, True, True]
 
 
 def test_group_outcomes():
@@ -53,11 +53,11 @@ def test_group_outcomes():
     for values in ([0.0, 1.0], [0.0, 0.5, 1.0, 2.0]):
         for _ in range(20):
             rewards, group, by_group = _groups(rng, values)
-            right, wrong = explore.group_outcomes(rewards, group)
+            _, right, wrong = explore.group_outcomes(rewards, group)
             for g, a, b in zip(group.tolist(), right.tolist(), wrong.tolist()):
                 assert a == all(v >= 1.0 for v in by_group[g])
                 assert b == all(v < 1.0 for v in by_group[g])
-    right, wrong = explore.group_outcomes(torch.tensor([0.5, 0.6, 0.2]), torch.tensor([0, 0, 1]), success=0.5)
+    _, right, wrong = explore.group_outcomes(torch.tensor([0.5, 0.6, 0.2]), torch.tensor([0, 0, 1]), success=0.5)
     assert right.tolist() == [True, True, False] and wrong.tolist() == [False, False, True]
 
 

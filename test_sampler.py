@@ -113,7 +113,7 @@ def test_sampled_same_tokens_together_or_alone():
             for a, b in zip(again.logprobs + again.entropies, expected.logprobs + expected.entropies):
                 torch.testing.assert_close(a, b)
     assert small.stats["preemptions"] > 0 and small.stats["peak_kv_tokens"] <= 64
-    assert 0 < together.finish_reason.count("stop") < len(together)  # rollouts of different lengths
+    assert 0 < together.finish_reason.count("stop") < len(together.tokens)  # rollouts of different lengths
     assert len({tuple(t) for t in together.tokens}) > 1  # different samples differ
 
 

@@ -82,8 +82,7 @@ def main(cfg: Config):
 
 
 def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
-    """(training task, held-out task), first: cheap, and the likeliest thing to be mistyped. A code task runs only
-    where the sandbox keeps programs from the machine, unless --allow-weak-sandbox."""
+    """(training task, held-out task), first: the likeliest thing to be mistyped; a weak sandbox refuses code."""
     try:
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
         if "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
@@ -112,11 +111,6 @@ def compute_dtype(cfg: Config, lm, device, rank: int) -> tuple[torch.dtype, dict
     return dtype, setup
 
 
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
                saved, log) -> None:
     """The synchronous loop: each rank samples and scores its share of the step, then all train on it."""
@@ -128,10 +122,10 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
                total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        set_lr(optimizer, lr_at(cfg, step))
+        optimizer.param_groups[0]["lr"] = lr_at(cfg, step)  # the one group: every parameter
         if ref_model is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0 and step > 0:
             reset_reference(ref_model, model)
-        temperature = state.tau
+        temperature = state.controller.tau if state.controller is not None else cfg.temperature
         sync_sampler(sampler, model)
         batch, row = sample_step(cfg, state, sampler, tokenizer, task, step, temperature, step_ids, roles.rank,
                                  roles.n_trainers)
@@ -152,9 +146,8 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
 
 def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
                 saved, log) -> None:
-    """TBA (ALGORITHMS.md 2): searchers fill the replay buffer, the trainer draws each step's batch from it. At
-    sync w (every sync_every steps) its weights (version = its steps so far) go out, and round w comes back,
-    sampled with the weights of sync w - 1 (round 0: the initial ones); checkpoints are taken at syncs."""
+    """TBA (ALGORITHMS.md 2): the trainer draws each step's batch from the replay buffer. At sync w its weights go
+    out and round w comes back, sampled with sync w - 1's (round 0: the initial ones); checkpoints at syncs."""
     k = cfg.sync_every
     buffer, sent = explore.ReplayBuffer(cfg.replay_capacity, cfg.max_staleness), {}  # sent: the last round's figures
     if saved:
@@ -178,7 +171,7 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
                             {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
         for step in range(max(w * k, start_step), min(w * k + k, cfg.steps)):  # resumed at the end: none
             t0 = time.time()
-            set_lr(optimizer, lr_at(cfg, step))
+            optimizer.param_groups[0]["lr"] = lr_at(cfg, step)
             buffer.drop_stale(step)
             slots = buffer.draw(cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.fresh_prob, cfg.replay_inv_temp,
                                 torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))
@@ -200,8 +193,7 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
 
 
 def replay_figures(cfg: Config, step: int, slots) -> dict:
-    """A drawn batch's rewards, entropy, lengths and staleness (this step - its weights' step), over all its
-    responses and over the fresh and the replayed ones apart."""
+    """A drawn batch's rewards, entropy, lengths and staleness, over all, the fresh and the replayed."""
     drawn = [(fresh, r) for _, fresh, rs in slots for r in rs]
 
     def mean(value, which=(True, False)):
@@ -209,7 +201,8 @@ def replay_figures(cfg: Config, step: int, slots) -> dict:
         return sum(xs) / len(xs) if xs else float("nan")
 
     age, reward_of = (lambda r: step - r["version"]), (lambda r: r["reward"])
-    return {"reward": mean(reward_of), "reward_fresh": mean(reward_of, [True]), "reward_replay": mean(reward_of, [False]),
+    return {"reward": mean(reward_of), "reward_fresh": mean(reward_of, [True]),
+            "reward_replay": mean(reward_of, [False]),
             "pass_rate": mean(lambda r: r["reward"] >= cfg.success),
             "entropy": sum(r["entropy"] for _, r in drawn) / sum(len(r["tokens"]) for _, r in drawn),
             "response_len": mean(lambda r: len(r["tokens"])), "staleness_mean": mean(age),

@@ -25,8 +25,6 @@ from config import EMBEDDED_MODEL, Config
 from kernels.logprob import logprob, reference_logprob
 
 
-# ---- models ----
-
 def resolve_model(name: str, cache_dir: str) -> Path:
     """A local HF directory for `name`; the embedded GGUF is converted once into cache_dir."""
     if name != EMBEDDED_MODEL:
@@ -71,28 +69,24 @@ def load_model(cfg: Config, device):
 
 
 def checkpoint_layers(lm) -> None:
-    """Activation checkpointing: each decoder layer keeps only its inputs for the backward and runs its
-    forward again there (before FSDP2 wraps the layer, so the recompute sees gathered parameters)."""
+    """Each decoder layer recomputes its forward in the backward (wrapped before FSDP2, so it sees whole weights)."""
     for layer in lm.model.layers:
         layer.forward = partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
 
 
 class Policy(torch.nn.Module):
-    """The trained HF model as one module whose forward gives response-token logprobs and entropies (FSDP2's root
-    hooks gather the embedding, final norm and LM head only around a forward of the root itself)."""
+    """The trained model as one module whose forward gives response logprobs and entropies (one FSDP2 root)."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, ids, mask, positions, rows, cols, targets, temperature: float, dot_dtype=None):
-        """kernels/logprob on the final hidden states at (rows, cols), the positions that predict `targets`: the LM
-        head in vocabulary chunks, never a [tokens, vocab] float32 tensor (DESIGN.md step 7)."""
+        """kernels/logprob on the final hidden states at (rows, cols): the LM head in vocabulary chunks."""
         states = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
-        # index_select, not states[rows, cols]: a shared prompt's last position predicts the first token of every
-        # response, and the backward of advanced indexing sums such repeats in a varying order on a CPU
-        # (last-bit different gradients run to run); index_select's backward (index_add) sums them in order
+        # index_select, not states[rows, cols]: a shared prompt's last position predicts every response's first token,
+        # and advanced indexing's backward sums such repeats in a varying order on a CPU; index_add's is fixed
         hidden = states.flatten(0, 1).index_select(0, rows * states.shape[1] + cols)
         weight = self.lm.lm_head.weight
         if hidden.is_cuda:
@@ -101,12 +95,9 @@ class Policy(torch.nn.Module):
         return reference_logprob(hidden, weight, targets, temperature, chunk_size=1024, dot_dtype=dot_dtype)
 
 
-# ---- the trainer's side of the loss ----
-
 def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False,
                       rows=None):
-    """(logprob, entropy) of each response token on logits / temperature (ALGORITHMS.md 0), for the responses in
-    `rows`, a micro-batch of `plan` (default: all in one, planned as share_prompts says), in sequence order."""
+    """(logprob, entropy) of each response token on logits / temperature, for a micro-batch of `plan`."""
     device = next(policy.parameters()).device
     rows = rows if rows is not None else plan(sequences, prompt_lens, math.inf, share_prompts)[0]
     ids, positions, mask, where = lay_out(sequences, prompt_lens, rows, share_prompts)
@@ -121,17 +112,15 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
                       targets, temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
 
 
-# The widest shared-prompt row on a CPU: sdpa computes the whole width^2 under a mask, so a wider row costs more
-# in attention than its shared prompt saves (bench.py trainer measures the choice).
+# The widest shared-prompt row on a CPU: sdpa computes width^2 under a mask (bench.py trainer measures the choice)
 CPU_ROW_TOKENS = 512
 
 
 def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_groups: bool = False,
          pack: bool = True, among=None, row_tokens: float = math.inf) -> list[list[list[list[int]]]]:
-    """Micro-batches of the responses `among` (default: all), each a list of rows, each row a list of pieces: the
-    responses following one copy of their prompt (with share_prompts, all that fit; else one). A unit, laid out
-    whole in a row, is a piece, or with whole_groups a prompt's pieces (TB's log Z needs whole groups); a unit over
-    the budget, or past row_tokens unless whole_groups, is split. A response's last token predicts nothing."""
+    """Micro-batches of the responses `among` (default: all): rows of pieces, each the responses after one copy of
+    their prompt (with share_prompts all that fit, else one). A unit, laid out whole in a row, is a piece, or with
+    whole_groups a prompt's pieces (TB's log Z); over the budget (or row_tokens, but whole groups) it is split."""
     cap = budget if whole_groups else min(budget, row_tokens)
     units, sizes, open_unit = [], [], {}  # open_unit: key -> the unit still taking responses
     for i in range(len(sequences)) if among is None else among:
@@ -152,9 +141,8 @@ def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_group
 
 
 def microbatches(sizes: list[int], budget: float, pack: bool = True) -> list[list[list[int]]]:
-    """Micro-batches of rows of unit indices (units of `sizes` tokens): rows x width <= budget, width the largest
-    unit (attention under a mask costs width^2 a row, whatever it hides). A row takes the largest units left that
-    fit; pack=False: one unit a row, padded (bench.py's baseline)."""
+    """Micro-batches of rows of unit indices: rows x width <= budget, width the largest unit (attention under a
+    mask costs width^2 a row). A row takes the largest units that fit; pack=False: one a row (bench's baseline)."""
     left = sorted(range(len(sizes)), key=lambda u: sizes[u])
     batches = []
     while left:
@@ -170,10 +158,9 @@ def microbatches(sizes: list[int], budget: float, pack: bool = True) -> list[lis
 
 
 def lay_out(sequences, prompt_lens, rows, share_prompts: bool):
-    """One micro-batch of `plan` as model inputs: ids and positions, rows padded to the longest, the mask; and per
-    response the (row, column) of each token that predicts one of its tokens. Every piece starts at position 0,
-    so without shared prompts the restarting positions keep pieces apart (no mask); a shared prompt's responses
-    all continue from its end, which only a 4D mask can say: a token sees its prompt and its own response."""
+    """A micro-batch of `plan` as ids, positions and mask, rows padded, and per response the (row, column) of each
+    token predicting one of its tokens. Pieces start at position 0, so restarting positions keep them apart (no
+    mask), but a shared prompt's responses all continue from its end: a 4D mask says what each token sees."""
     where, rows_out = {}, []
     for r, row in enumerate(rows):
         cells = []  # (token, position, piece, part: 0 for the prompt, j for the piece's j-th response) per column
@@ -297,17 +284,14 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
 
 
 def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocast_dtype, group):
-    """The step's micro-batches (plan's rows) and run(model, k), micro-batch k's (logprob, entropy) under `model`. A
-    zero-advantage response adds nothing to a plain PPO gradient: it is not run (its tokens still count)."""
+    """The step's micro-batches and run(model, k); zero-advantage responses (of plain PPO) are not run."""
     every = cfg.loss == "tb" or cfg.kl_coef > 0 or cfg.entropy_coef > 0
     active = [i for i in range(len(batch.sequences)) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
-    # Shared-prompt rows (each prompt run once for all its responses) suit a CPU, where training is compute-bound
-    # and attention under a mask is dense anyway; on a GPU their 4D mask would keep attention off its packed paths.
+    # shared-prompt rows suit a CPU, compute-bound, its masked attention dense anyway; a GPU's 4D mask would be slow
     share = cfg.pack and next(model.parameters()).device.type == "cpu"
     plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share,
                  whole_groups=cfg.loss == "tb" and cfg.pack, pack=cfg.pack, among=active, row_tokens=CPU_ROW_TOKENS)
-    # Every forward of a sharded model gathers parameters with the other ranks, so every rank runs
-    # as many micro-batches as the busiest one; the extra ones are empty and weigh nothing.
+    # every forward of a sharded model gathers with the other ranks: all run as many micro-batches (empty ones too)
     plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
 
     def run(m, k):
@@ -337,10 +321,9 @@ def group_log_z(step: Step, seq_logp: dict, sums: dict) -> dict:
     return dict(zip(idx, z.tolist()))
 
 
-def add_moments(sums: dict, z: torch.Tensor) -> None:
-    """Count, sum and sum of squares of log Z, for its spread over the batch."""
-    sums["z_n"], sums["z_sum"], sums["z_squares"] = (sums["z_n"] + len(z), sums["z_sum"] + z.sum().item(),
-                                                     sums["z_squares"] + (z ** 2).sum().item())
+def add_moments(sums: dict, z: torch.Tensor) -> None:  # log Z's count, sum and sum of squares: its spread
+    for key, value in (("z_n", len(z)), ("z_sum", z.sum().item()), ("z_squares", (z ** 2).sum().item())):
+        sums[key] += value
 
 
 def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: dict | None, sums: dict) -> torch.Tensor:
@@ -385,8 +368,7 @@ def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: di
 
 
 def step_stats(cfg: Config, sums: dict, has_ref: bool, group) -> dict:
-    """The step's logged figures, summed over the trainer ranks; the trainer's entropy and the TIS weight are means
-    over the tokens that ran forward, log Z's spread is over every response of the batch, all ranks and updates."""
+    """The step's logged figures over the trainer ranks (entropy and TIS weight: means over the tokens run)."""
     summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss", "entropy", "forwarded", "z_n", "z_sum", "z_squares")
     total = dict(zip(summed, all_sum(*(sums[k] for k in summed), group=group)))
     forwarded, z_n = max(total["forwarded"], 1), max(total["z_n"], 1)
@@ -402,8 +384,7 @@ def step_stats(cfg: Config, sums: dict, has_ref: bool, group) -> dict:
 
 def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, rl: torch.Tensor,
                       ranks=None) -> torch.Tensor:
-    """loss.advantages over the responses in the RL loss, with REINFORCE++'s batch statistics gathered
-    over the trainer ranks (`ranks`: their process group); 0 for the others."""
+    """loss.advantages over the responses in the RL loss (REINFORCE++'s batch statistics over `ranks`); 0 else."""
     centred = (rewards - loss.group_stats(rewards, group)[0])[rl]
     count, total, squares = all_sum(len(centred), centred.sum().item(), (centred ** 2).sum().item(), group=ranks)
     mean = total / max(count, 1)
@@ -412,8 +393,7 @@ def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, r
 
 
 def lr_at(cfg: Config, step: int) -> float:
-    """The learning rate of RL step `step`: constant; or linear warm-up over warmup_steps, then
-    constant ("warmup") or cosine to zero ("cosine")."""
+    """The learning rate of step `step`: constant, or linear warm-up, then constant or cosine to zero."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps and cfg.lr_schedule != "constant" else 1.0
     if cfg.lr_schedule == "cosine":
         progress = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -422,8 +402,7 @@ def lr_at(cfg: Config, step: int) -> float:
 
 
 def sync_sampler(sampler, model: Policy) -> None:
-    """The trainer's weights into the sampler's buffers (DESIGN.md step 2), each shard cast, gathered and copied on
-    the device. Every sampler tensor is written: one the model lacks (renamed) would keep its first value unseen."""
+    """The trainer's weights into the sampler's buffers on the device (DESIGN.md step 2), every one written."""
     state = model.lm.state_dict()
     missing = sorted(sampler.weights.keys() - state.keys())
     if missing:

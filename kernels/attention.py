@@ -5,12 +5,11 @@ once for all of the prompt's rollouts, and to its own keys; the partials merge b
     o2, lse2 = decode_attention(q, k_pool, v_pool, seq_len, block_table, scale, num_splits)
     o = merge_attention(o1, lse1, o2, lse2, q.dtype)
 
-A layer's pool is [num_blocks, block_size, kv_heads, head_dim]; position p of a sequence with block-table row
-`table` is slot table[p // block_size] * block_size + p % block_size. Query head h reads kv head h // rep. Rows
-are sorted by prompt: group g owns rows group_start[g] .. + group_count[g] - 1. Each launcher has a torch
-`reference_*` twin with the same signature, the CPU's path and the kernels' reference; it reads whole blocks, so
-slots past a length must hold finite values (the sampler zeroes blocks it hands out). block_size: a power of
-two >= 16.
+A layer's pool is [num_blocks, block_size (a power of two >= 16), kv_heads, head_dim]; position p of a sequence
+with block-table row `table` is slot table[p // block_size] * block_size + p % block_size. Rows are sorted by
+prompt: group g owns group_count[g] rows from group_start[g]. Each launcher's torch `reference_*` twin (same
+signature) is the CPU's path and the kernels' reference; it reads whole blocks, so slots past a length must be
+finite (the sampler zeroes blocks it hands out).
 """
 
 import torch
@@ -22,8 +21,7 @@ import triton.language as tl
 def _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr, first, last, seq_len, scale, kv_head,
                    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of the query tile q [BLOCK_Q, D_PAD] over the keys in blocks table[first:last]: the
-    unnormalised output, the running max and the running sum of exponentials."""
+    """Online softmax of q [BLOCK_Q, D_PAD] over blocks table[first:last]: (unnormalised o, max, sum)."""
     offset, d = tl.arange(0, BLOCK_SIZE), tl.arange(0, D_PAD)
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
@@ -56,8 +54,7 @@ def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group
                             KV_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr,
                             D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_Q query vectors of group g (its rows x the REP query heads of one kv head)
-    against one split of the group's blocks, so each key block is read once for the whole tile."""
+    """One program: BLOCK_Q query vectors of a group against one split of its blocks, each read once."""
     group, tile = tl.program_id(0), tl.program_id(2)
     kv_head, split = tl.program_id(1) // num_splits, tl.program_id(1) % num_splits
     count = tl.load(group_count_ptr + group)
@@ -91,8 +88,7 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      group_count: torch.Tensor, seq_len: torch.Tensor, block_table: torch.Tensor, scale: float,
                      num_splits: int, block_q: int, tiles: int,
                      rows_outside_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One program per (group, kv head x split, query tile): o [R, heads, S, d], lse [R, heads, S]. Rows outside
-    groups (a CUDA graph's padding), which no program writes, start as o = 0, lse = -inf: no keys."""
+    """One program per (group, kv head x split, query tile); rows outside groups: o 0, lse -inf."""
     rows, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_pool.shape
     assert heads % kv_heads == 0 and block_size >= 16 and block_size & (block_size - 1) == 0, \
@@ -130,8 +126,7 @@ def prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 
 def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
                      block_table: torch.Tensor, scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each row over its own tokens, in num_splits chunks of blocks (split-K):
-    o [R, heads, S, d] float32, lse [R, heads, S] float32; a chunk with no keys gives o = 0, lse = -inf."""
+    """Attention of each row over its own tokens in num_splits chunks: o [R, heads, S, d], lse [R, heads, S]."""
     # Decode is the grouped computation with one row per group and the row's own block table.
     starts = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
     rep = q.shape[1] // k_pool.shape[2]
@@ -178,8 +173,7 @@ def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
                                group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
                                prompt_blocks: torch.Tensor, scale: float,
                                max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of prefix_attention: each group's rows, padded to max_count, attend to their prompt's keys in
-    one call, so the keys are read once per group, not once per rollout."""
+    """Torch twin of prefix_attention: each group's rows attend to their prompt in one call."""
     rows, heads, d = q.shape
     groups, kv = len(group_start), k_pool.shape[2]
     rep, width = heads // kv, int(group_count.max()) if max_count is None else max_count
@@ -198,8 +192,7 @@ def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
 def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
                                block_table: torch.Tensor, scale: float,
                                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch twin of decode_attention: each row against its own keys, in num_splits chunks of blocks (the kernel's
-    split-K; the sampler's torch path takes 1); a chunk with no keys gives o = 0, lse = -inf."""
+    """Torch twin of decode_attention (the sampler's torch path takes 1 split)."""
     rows, heads, d = q.shape
     kv = k_pool.shape[2]
     rep = heads // kv
@@ -236,8 +229,7 @@ def _merge_kernel(o1_ptr, lse1_ptr, o2_ptr, lse2_ptr, out_ptr, num_splits, HEADS
 
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
-    """Merge the prefix partial (o1 [R, heads, d], lse1 [R, heads]) with S decode partials
-    (o2 [R, heads, S, d], lse2 [R, heads, S]) into o [R, heads, d]; at least one part per row must have keys."""
+    """Merge the prefix partial with S decode partials into o [R, heads, d] (a part of each row has keys)."""
     rows, heads, num_splits, head_dim = o2.shape
     out = torch.empty(rows, heads, head_dim, device=o1.device, dtype=out_dtype)
     _merge_kernel[(rows,)](o1.contiguous(), lse1.contiguous(), o2.contiguous(), lse2.contiguous(), out, num_splits,

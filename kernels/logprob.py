@@ -8,9 +8,8 @@ rescaled when m grows: lse = m + log s, entropy = lse - t / s). The backward rec
 
     d logprob_t / d z_tv = (1[v = y_t] - p_tv) / T,    d entropy_t / d z_tv = -p_tv (log p_tv + entropy_t) / T
 
-`logprob` (Triton) and `reference_logprob` (torch: CPU, tests) return float32 [N] (float64 for float64 inputs,
-which gradcheck needs), differentiable in hidden and weight. z is accumulated in float32, never as bf16 logits,
-whose rounding (up to 0.06 at |z| = 30) would swamp the logprob.
+`logprob` (Triton) and `reference_logprob` (torch) return float32 [N] (float64 for float64 inputs), differentiable
+in hidden and weight; z is accumulated in float32, never as bf16 logits (rounding up to 0.06 at |z| = 30).
 """
 
 from functools import partial
@@ -94,8 +93,7 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, temperature,
 def _forward_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, mean_z_ptr, z_target_ptr, N, V, D, chunk, temperature,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """One program: BLOCK_N tokens against one vocabulary chunk, tile by tile with an online log-sum-exp.
-    Writes the chunk's lse and p-weighted mean of z, and z of each target that falls in the chunk."""
+    """One program: BLOCK_N tokens against one vocabulary chunk: its lse, p-weighted mean of z, target z."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo = tl.program_id(1) * chunk
     hi = tl.minimum(lo + chunk, V)
@@ -191,11 +189,8 @@ def _triton_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
 
 
-# ---- the autograd contract shared by both ----
-
 class _ChunkedLogprob(torch.autograd.Function):
-    """Saves only hidden, weight, targets, lse and entropy; an unused output's gradient arrives as zeros.
-    Autocast is off inside, or it would run the reference's float32 products in bf16."""
+    """Saves hidden, weight, targets, lse and entropy; autocast off (the reference's products stay float32)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, forward_fn, backward_fn):
@@ -222,11 +217,10 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, te
 
 
 def reference_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                      chunk_size: int = 4096, dot_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, D], weight [V, D], targets [N] int64 -> (logprob [N], entropy [N]) of softmax(h W^T / T),
-    one [N, chunk_size] slice of logits at a time, forward and backward. dot_dtype=torch.bfloat16 runs the
-    matrix products in bf16 (the CPU trainer's speed path, as autocast would; z is rounded to bf16 there)
-    and everything else in float32; None = float32 products."""
+                      chunk_size: int = 4096, dot_dtype: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, D], weight [V, D], targets [N] -> (logprob, entropy) of softmax(h W^T / T), one [N, chunk_size]
+    slice of logits at a time. dot_dtype=torch.bfloat16: the products in bf16 (the CPU trainer's), the rest float32."""
     _check(hidden, weight, targets, temperature)
     return _ChunkedLogprob.apply(hidden, weight, targets, temperature, chunk_size,
                                  partial(_reference_forward, dot_dtype=dot_dtype),
@@ -235,9 +229,7 @@ def reference_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 
 def logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
             chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of reference_logprob (hidden, weight float32/bf16/fp16). chunk_size is the vocabulary
-    span of one forward program (rounded up to a multiple of 128); the backward tiles [64, 128] directly and
-    sums its gradients with float32 atomics, so their last bits vary from run to run."""
+    """Triton twin of reference_logprob; its backward's atomics sum in an order that varies run to run."""
     _check(hidden, weight, targets, temperature)
     return _ChunkedLogprob.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(), temperature,
                                  chunk_size, _triton_forward, _triton_backward)

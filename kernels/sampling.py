@@ -15,10 +15,8 @@ _M32 = 0xFFFFFFFF
 _U_MAX = 1.0 - 2.0 ** -24
 
 
-# ---- plain torch: integers held in int64 (constants < 2^31, so products never overflow) ----
-
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mixing function on uint32 values (Wellons' lowbias32 family)."""
+    """A bijective mixing function on uint32 values held in int64 (Wellons' lowbias32; products never overflow)."""
     x = x & _M32  # a fresh copy; the rest works in place
     x ^= x >> 16
     x *= 0x21F0AAAD
@@ -31,8 +29,7 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One uint32 key per row from (seed, prompt index, sample index, position): the draw of a rollout's token
-    depends on where it stands in the request, never on the batch that computes it."""
+    """One uint32 key per row from (seed, prompt index, sample index, position), whatever the batch."""
     k = hash32(torch.full_like(prompt, seed) + 0x9E3779B9)
     for part in (prompt, sample, position):
         k = hash32(k + part)
@@ -40,16 +37,14 @@ def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position:
 
 
 def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key); two rows share a value at about
-    vocab^2 / 2^32 pairs, under one for a 50k vocabulary."""
+    """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key)."""
     x = hash32(token_hash[None] ^ keys[:, None])
     return ((x >> 8).float() + 0.5).mul_(2.0 ** -24).clamp_(max=_U_MAX)
 
 
 def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
                      chunk_elements: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, V] (float32 or bf16), keys [B] int64 holding uint32 -> (tokens, logprob, entropy). Rows go in
-    chunks of about 2 MB of int64, so that every [chunk, vocab] temporary stays in a core's cache."""
+    """(tokens, logprob, entropy) per row, in row chunks of about 2 MB of int64 (cache-sized temporaries)."""
     temperature, rows = float(temperature), max(1, chunk_elements // logits.shape[-1])
     token_hash = hash32(torch.arange(logits.shape[-1], device=logits.device))
     out = [torch.empty(len(logits), dtype=dtype, device=logits.device) for dtype in (torch.long, torch.float32,
@@ -64,8 +59,6 @@ def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: floa
         out[2][s:s + rows] = -(logp.exp() * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)  # 0 log 0 = 0
     return tuple(out)
 
-
-# ---- Triton ----
 
 @triton.jit
 def _hash32(x):
@@ -117,9 +110,8 @@ def _sample_kernel(logits_ptr, keys_ptr, temperature_ptr, tokens_ptr, logprob_pt
 
 def sample(logits: torch.Tensor, keys: torch.Tensor,
            temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of reference_sample: same tokens up to float rounding at near-ties. The kernel reads the
-    temperature from device memory, so a CUDA graph can be handed a one-element float32 tensor (> 0) and replayed
-    at any temperature; a float is put there for it (0: greedy)."""
+    """Triton twin of reference_sample. It reads the temperature from device memory, so a CUDA graph replays at
+    any temperature it is handed as a one-element tensor (> 0); a float is put there for it (0: greedy)."""
     logits, keys = logits.contiguous(), keys.contiguous()
     B, V = logits.shape
     noise = isinstance(temperature, torch.Tensor) or temperature > 0
