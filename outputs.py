@@ -60,7 +60,7 @@ class Logger:
             panels["temperature"] = ("temperature",)
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
         for ax, (title, keys) in zip(axes[0], panels.items()):
-            for key in keys:
+            for key in (k for k in keys if any(k in r for r in steps)):  # E3's target, only where E3 runs
                 ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key)
             ax.set(title=title, xlabel="step")
         evals = {r["eval"]: r["pass@1"] for r in self.rows if "eval" in r}

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import collect
 import config
+import outputs
 import train
 import trainer
 from forward import ModelConfig
@@ -313,3 +314,23 @@ def test_tba_one_process_and_torchrun_agree_and_resume(tmp_path, smollm2):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         again = [{k: v for k, v in r.items() if k not in TIMING} for r in step_rows(out)]
         assert [r["step"] for r in again] == [0, 1, 2, 3] and again == rows[name]
+
+
+def test_plot_draws_what_tells_something(tmp_path, monkeypatch):
+    """plot.png: reward with held-out pass@1 (not pass rate again, the same curve for a binary reward), entropy with
+    E3's target where it runs, response length, and the temperature only where E3's controller moves it."""
+    import matplotlib.figure
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(
+        [(ax.get_title(), [line.get_label() for line in ax.lines]) for ax in fig.axes]))
+    for temperatures in ([1.0, 1.0], [1.0, 1.1]):
+        log = outputs.Logger(config.Config(out_dir=str(tmp_path)), enabled=True)
+        log.log({"eval": "before", "pass@1": 0.1})
+        for step, tau in enumerate(temperatures):
+            log.log({"step": step, "reward": 0.5, "pass_rate": 0.5, "entropy": 1.0, "response_len": 9.0,
+                     "temperature": tau, **({"entropy_target": 1.0} if tau != 1.0 else {})})
+        log.log({"eval": "after", "pass@1": 0.6})
+        log.plot()
+    assert drawn[0] == [("reward", ["reward", "held-out pass@1"]), ("entropy", ["entropy"]),
+                        ("response length", ["response_len"])]
+    assert drawn[1][1] == ("entropy", ["entropy", "entropy_target"]) and drawn[1][3] == ("temperature", ["temperature"])
