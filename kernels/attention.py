@@ -158,15 +158,16 @@ def _paged_keys(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
     and a mask [N, 1, splits, keys]: 0 on a key below length[n] in split s's blocks, -inf elsewhere. A table column
     past a row's last block may hold anything: its first block is read there instead, masked."""
     block_size, dev = k_pool.shape[1], table.device
-    length = length.long()
-    n = -(-int(length.max()) // block_size)
-    used = -(-length // block_size)  # blocks of each row
+    used = (length.long() + (block_size - 1)) // block_size  # blocks of each row
+    n = int(used.max())
     blocks = torch.where(torch.arange(n, device=dev) < used[:, None], table[:, :n], table[:, :1]).long()
     k, v = (pool[blocks].float().flatten(1, 2).transpose(1, 2) for pool in (k_pool, v_pool))
     key = torch.arange(n * block_size, device=dev)
-    split = (key // block_size)[None] // (-(-used // splits)).clamp_min(1)[:, None]  # [N, keys]
-    valid = (key < length[:, None])[:, None] & (split[:, None] == torch.arange(splits, device=dev)[:, None])
-    return k, v, torch.zeros(valid.shape, device=dev).masked_fill_(~valid, float("-inf"))[:, None]
+    valid = key < length[:, None, None]  # [N, 1, keys]
+    if splits > 1:  # split s: a row's blocks [s x per, (s + 1) x per)
+        per = ((used + splits - 1) // splits).clamp_min(1)[:, None, None]
+        valid = valid & (key // block_size // per == torch.arange(splits, device=dev)[:, None])
+    return k, v, torch.where(valid, 0.0, float("-inf"))[:, None]
 
 
 def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
