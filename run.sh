@@ -4,8 +4,10 @@
 #   ./run.sh test       set up when needed, then run the test suite
 #   ./run.sh bench      set up when needed, then `python bench.py sampler` (CPU case)
 #   ./run.sh gpu-check  on a GPU machine, with its own python3 and nothing installed, about 8 minutes: the
-#                       Triton kernels compiled against their references, 2 steps of `train.py grpo` on a
-#                       random Qwen2.5-1.5B-shaped model under torchrun, the GPU benchmarks (bench.py gpu-check)
+#                       Triton kernels compiled against their references, the GPU paths no CPU test reaches
+#                       (CUDA graphs, tied heads, the hand-off, device placement), 2 steps of `train.py grpo`
+#                       (TIS and entropy on) and 1 asynchronous TBA step on a random Qwen2.5-1.5B-shaped model
+#                       under torchrun, then the GPU benchmarks (bench.py gpu-check; --dry-run lists them)
 #   ./run.sh gpu-check --prepare   here, before such a session: builds runs/gpu-check, what it must carry
 #   ./run.sh gpu-check --dry-run   print each stage's command and build the model folder, run nothing
 set -euo pipefail

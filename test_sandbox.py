@@ -256,6 +256,13 @@ FORGERS = {  # name: (program, tests, a right program for those tests); each pro
         "import os\ndef f(x):\n    for fd in range(3, 64):\n        try:\n"
         "            os.write(fd, b'0000000004' + b'junk')\n        except OSError:\n            pass\n"
         "    return 2 * x\n", TESTS, RIGHT),
+    "leaves a thread, signal handlers and an atexit hook that forge replies and proofs": (
+        "import atexit, os, signal, threading, time\ndef forge(*_):\n    for fd in range(1, 64):\n        try:\n"
+        "            os.write(fd, b'0000000002' + b'\\xe9\\x01' + b'\\n' + b'0' * 32 + b'\\n')\n"
+        "        except OSError:\n            pass\natexit.register(forge)\n"
+        "for sig in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT):\n    signal.signal(sig, forge)\n"
+        "threading.Thread(target=lambda: [forge() or time.sleep(0.001) for _ in range(2000)], daemon=True).start()\n"
+        "def f(x):\n    return 0\n", TESTS, RIGHT),
     "breaks the channel where the tests catch everything": (
         "def f(x):\n    return lambda: 0\n", "try:\n    assert f(2) == 4\nexcept BaseException:\n    pass\n", RIGHT),
     "sleeps where the tests catch everything": (

@@ -129,7 +129,7 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
         sync_sampler(sampler, model)
         batch, row = sample_step(cfg, state, sampler, tokenizer, task, step, temperature, step_ids, roles.rank,
                                  roles.n_trainers)
-        sampler.release_kv()  # the KV pool's memory goes to training until the next step
+        sampler.release_kv()  # the KV pool's memory goes to training until the next step (unless graphs use it)
         t_gen = time.time() - t0
         beta = loss.tb_beta(step, cfg.tb_beta_start, cfg.tb_beta_end, cfg.tb_beta_steps) if cfg.loss == "tb" else 0.0
         stats = train_on_batch(cfg, model, ref_model, optimizer, batch, temperature, dtype, beta)
