@@ -9,7 +9,8 @@
 #                       (TIS and entropy on) and 1 asynchronous TBA step on a random Qwen2.5-1.5B-shaped model
 #                       under torchrun, then the GPU benchmarks (bench.py gpu-check; --dry-run lists them)
 #   ./run.sh gpu-check --prepare   here, before such a session: builds runs/gpu-check, what it must carry
-#   ./run.sh gpu-check --dry-run   print each stage's command and build the model folder, run nothing
+#   ./run.sh gpu-check --dry-run   here (set up when needed): print each stage's command and build the
+#                                  model folder, run nothing
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -60,6 +61,10 @@ case "$cmd" in
       setup
       prepare_gpu_check runs/gpu-check
       exec .venv/bin/python bench.py gpu-check --dry-run --dir runs/gpu-check
+    fi
+    if [ "${1:-}" = --dry-run ]; then  # here, not on the GPU machine: set up, then list the stages
+      setup
+      exec .venv/bin/python bench.py gpu-check "$@"
     fi
     # the packages --prepare packed, for the training stage's PYTHONPATH
     if [ -f runs/gpu-check/site.tar.gz ] && [ ! -d runs/gpu-check/site ]; then
