@@ -173,8 +173,7 @@ E3 = dict(adv="grpo", rollouts_per_prompt=8, budget_min=4, budget_max=12, temper
 TBA = dict(loss="tb", searchers=-1, sync_every=2, prompts_per_step=7, rollouts_per_prompt=20, fresh_prob=0.95,
            replay_inv_temp=0.0, tb_beta_start=0.014, tb_beta_end=0.004, tb_beta_steps=500, lr=1e-5)
 PRESETS = {
-    "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(
-        **DEMO, steps=30)),
+    "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(**DEMO, steps=30)),
     "grpo": ("GRPO on GPUs: 64 prompts x 16 rollouts, 1k-token responses", Config(
         task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, rollouts_per_prompt=16,
         max_new_tokens=1024, kv_budget_tokens=1 << 20, lr=1e-6, steps=500, eval_prompts=256,

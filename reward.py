@@ -109,8 +109,9 @@ def _jsonl_items(path: str) -> list[dict]:
                if line.strip()]
     if not objects:
         raise ValueError(f"task file {path!r} has no items; {JSONL_FIX}")
-    code = "tests" in objects[0][0]
-    return [_code_item(obj, where) if code else _math_item(obj, where) for obj, where in objects]
+    code, secret = "tests" in objects[0][0], [str(Path(path).resolve())]  # the file a program must not read
+    return [{**_code_item(obj, where), "secret_files": secret} if code else _math_item(obj, where)
+            for obj, where in objects]
 
 
 def _json_object(line: str, where: str) -> dict:
@@ -162,7 +163,7 @@ def _humaneval_items() -> list[dict]:
     rows = [json.loads(line) for line in gzip.decompress(data.read_bytes()).decode().splitlines()]
     return [{"question": HUMANEVAL_PROMPT.format(prompt=r["prompt"]), "tests": r["test"], "setup": r["prompt"],
              "entry_point": r["entry_point"], "task_id": r["task_id"],
-             "solution": r["prompt"] + r["canonical_solution"]} for r in rows]
+             "solution": r["prompt"] + r["canonical_solution"], "secret_files": [str(data)]} for r in rows]
 
 
 def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
@@ -214,7 +215,8 @@ def extract_program(text: str) -> str | None:
 
 def _run_tests(limits: Limits, program: str, item: dict) -> float | str:
     """A code item's verifier: 1.0 if the program passed its tests in the sandbox, 0.0, or "timeout"."""
-    run = run_program(program, item["tests"], item.get("setup", ""), item.get("entry_point"), limits)
+    run = run_program(program, item["tests"], item.get("setup", ""), item.get("entry_point"), limits,
+                      item.get("secret_files", ()))
     return "timeout" if run.timed_out else float(run.passed)
 
 

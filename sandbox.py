@@ -59,12 +59,14 @@ class Run:
 
 
 def run_program(program: str, tests: str, setup: str = "", entry_point: str | None = None,
-                limits: Limits = Limits()) -> Run:
-    """Setup and program in the sandboxed child, setup and tests in the trusted process; pass: this run's token."""
+                limits: Limits = Limits(), secret_files: tuple[str, ...] = ()) -> Run:
+    """Setup and program in the sandboxed child, setup and tests in the trusted process; pass: this run's token.
+    secret_files (the task's own data: its tests, solutions) read as empty in the sandbox's mount namespace."""
     token, folder = secrets.token_hex(16), tempfile.mkdtemp(prefix="fanout-sandbox-")
     verdict, verdict_w = os.pipe()
     orders = {"folder": folder, "limits": {**dataclasses.asdict(limits), "cpu_s": math.ceil(limits.cpu_s)},
               "setup": setup, "program": program, "entry_point": entry_point, "verdict": verdict_w,
+              "secret_files": [os.path.realpath(f) for f in secret_files],
               "path": sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}),
               "python": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)})}
     try:
@@ -239,6 +241,8 @@ def isolate(orders: dict, libc, root: bool) -> set:
         for shared in ("/tmp", "/var/tmp", "/dev/shm"):  # writable by anyone: this sandbox gets empty ones
             if os.path.isdir(shared):
                 mount(libc, "tmpfs", shared, "tmpfs", NOSUID | NODEV, f"mode=1777,{size}")
+        for path in orders["secret_files"]:  # /dev/null bound over each: it reads as empty
+            mount(libc, "/dev/null", path, "", BIND)
     os.makedirs(orders["folder"], mode=0o700, exist_ok=True)
     if "mount" in spaces:  # its own writable folder, in memory and bounded, wherever the worker's TMPDIR is
         mount(libc, "tmpfs", orders["folder"], "tmpfs", NOSUID | NODEV, f"mode=700,{size}")

@@ -2,8 +2,10 @@
 every hostile program scores 0, whether it would harm the machine or forge the verdict, while scoring goes on and
 the machine is unharmed. Run by test_all.py."""
 
+import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -280,6 +282,36 @@ def test_forged_verdict_scores_zero(name):
     assert not run.passed and time.time() - start < QUICK.wall_s + 5, run.output
     assert "tests-secret" not in run.output  # nothing of the tests reached the program
     assert not sandbox_processes()
+
+
+CHEAT = ("import gzip, json\nwith open({path!r}, 'rb') as f:\n    data = f.read()\n"
+         "lines = (gzip.decompress(data) if data[:2] == b'\\x1f\\x8b' else data).decode().splitlines()\n"
+         "for row in map(json.loads, lines):\n    if row.get('entry_point', 'f') == {name!r}:\n"
+         "        exec(row.get('prompt', '') + row.get('canonical_solution', row.get('solution', '')))\n")
+
+
+@pytest.mark.skipif(not sandbox.check_sandbox()["private_tmp"], reason="no mount namespace: the file stays readable")
+@pytest.mark.parametrize("kind", ["humaneval", "jsonl"])
+def test_a_program_cannot_read_its_tasks_file(kind, tmp_path):
+    """A program that opens its task's own file (HumanEval's data, a JSONL of tests) and runs the solution it finds
+    there passes where the file is readable, and scores 0 where the sandbox hides it (it reads as empty)."""
+    if kind == "humaneval":
+        task = reward.load_task("humaneval", size=1, seed=0)
+    else:  # outside /tmp, which the sandbox replaces anyway, in a folder the sandbox user may read
+        (ROOT / "runs").mkdir(exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=ROOT / "runs"))
+        folder.chmod(0o755)
+        (folder / "code.jsonl").write_text(json.dumps({"question": "Double x.", "tests": TESTS, "solution": RIGHT}))
+        (folder / "code.jsonl").chmod(0o644)
+        task = reward.load_task(str(folder / "code.jsonl"), size=0, seed=0)
+    item = task.items[0]
+    response = fenced(CHEAT.format(path=item["secret_files"][0], name=item.get("entry_point") or "f"))
+    readable = {k: v for k, v in item.items() if k != "secret_files"}
+    try:
+        assert reward.score(task, [readable, item], [response, response], workers=1)[0] == [1.0, 0.0]
+    finally:
+        if kind == "jsonl":
+            shutil.rmtree(folder)
 
 
 @pytest.mark.skipif(sandbox.check_sandbox()["mode"] == "weak", reason="a weak sandbox cannot keep the two apart")

@@ -91,8 +91,7 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, D, temperature,
 
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, mean_z_ptr, z_target_ptr, N, V, D, chunk, temperature,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_N tokens against one vocabulary chunk: its lse, p-weighted mean of z, target z."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     lo = tl.program_id(1) * chunk
