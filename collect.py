@@ -10,6 +10,7 @@ import loss
 import reward
 from cluster import all_gather, all_sum, my_share, split_by_budget
 from config import Config
+from tools import Tools
 from trainer import Batch
 
 
@@ -20,8 +21,9 @@ def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int
 
 
 def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_key: int, temperature: float,
-                 seed: int, rank: int, world: int) -> tuple[Batch, int, int]:
-    """This rank's share of a round (balanced by budget), sampled and scored; prompt i keyed first_key + i."""
+                 seed: int, rank: int, world: int) -> tuple[Batch, dict]:
+    """This rank's share of a round (balanced by budget), sampled and scored, and its counts; prompt i keyed
+    first_key + i."""
     mine = split_by_budget(budgets, world)[rank]
     items = [task.items[picked[i]] for i in mine]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
@@ -32,8 +34,9 @@ def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_k
     batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
                   [len(prompt_ids[p]) for p in r.prompt_index],
                   torch.tensor([first_key + mine[p] for p in r.prompt_index]),
-                  rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {})
-    return batch, failed, timeouts
+                  rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {}, masks=r.masks)
+    return batch, {"failures": failed, "timeouts": timeouts, "tool_calls": sum(r.tool_calls),
+                   "tool_errors": sum(r.tool_errors)}
 
 
 def scores_to_rewards(cfg: Config, scores: list[float]) -> torch.Tensor:
@@ -50,12 +53,12 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
     for the echo term (ALGORITHMS.md 4)."""
     B, parts, held, all_budgets = cfg.prompts_per_step, [], 0, []
     sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "timeouts", "groups",
-                          "informative", "kept", "all_right", "all_wrong"), 0.0)
+                          "informative", "kept", "all_right", "all_wrong", "tool_calls", "tool_errors"), 0.0)
     for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         picked, budgets = state.next_prompts()
         all_budgets += budgets
-        batch, failed, timeouts = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B,
-                                               temperature, cfg.seed * 1_000_003 + step, rank, world)
+        batch, counts = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
+                                     cfg.seed * 1_000_003 + step, rank, world)
         per_prompt = [[] for _ in picked]
         for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
             per_prompt[key - round_ * B].append(r)
@@ -74,8 +77,8 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
         entropy = torch.cat(batch.entropies).sum().item() if batch.entropies else 0.0
         for name, value in (("responses", len(batch.rewards)), ("reward", batch.rewards.sum().item()),
                             ("passed", (batch.rewards >= cfg.success).sum().item()),
-                            ("tokens", sum(len(e) for e in batch.entropies)), ("entropy", entropy),
-                            ("failures", failed), ("timeouts", timeouts), ("groups", len(keys)), ("kept", len(kept)),
+                            ("tokens", sum(int(m.sum()) for m in batch.masks)), ("entropy", entropy),
+                            *counts.items(), ("groups", len(keys)), ("kept", len(kept)),
                             ("informative", sum(informative[first[g]].item() for g in keys)),
                             ("all_right", sum(all_right[first[g]].item() for g in keys)),
                             ("all_wrong", sum(all_wrong[first[g]].item() for g in keys))):
@@ -102,6 +105,10 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
            "rollouts_max": max(all_budgets)}
     if cfg.dynamic_sampling:  # groups passing the filter / groups sampled, and how many the step trains on
         row.update(ds_pass_rate=totals["informative"] / totals["groups"], groups_kept=int(totals["kept"]))
+    if cfg.max_tool_calls:  # per rollout: calls, and turns of the model's; calls that ran without an error
+        row.update(tool_calls=totals["tool_calls"] / totals["responses"],
+                   turns=1 + totals["tool_calls"] / totals["responses"],
+                   tool_ok=1 - totals["tool_errors"] / totals["tool_calls"] if totals["tool_calls"] else float("nan"))
     if cfg.echo_coef > 0:
         row.update(echo_clips=int(echo_clips), echo_clip_frac=clip_len / clip_resp if clip_resp else 0.0)
     return batch, row
@@ -115,9 +122,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
                        prompt_keys: list[int]):
     """(rollouts, scores, verifier failures, programs out of time) for n[i] rollouts of each prompt."""
+    tools = Tools(tokenizer, cfg, items) if cfg.max_tool_calls else None
     r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
-                         prompt_keys=prompt_keys)
-    texts = tokenizer.batch_decode(r.tokens, skip_special_tokens=True)
+                         prompt_keys=prompt_keys, tools=tools)
+    # what the model wrote is scored, never a tool's output
+    texts = tokenizer.batch_decode([[t for t, m in zip(ts, mask.tolist()) if m] for ts, mask in zip(r.tokens, r.masks)],
+                                   skip_special_tokens=True)
     scores, failed, timeouts = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout,
                                             cfg.score_workers, memory_mb=cfg.sandbox_memory_mb)
     return r, scores, failed, timeouts

@@ -37,10 +37,12 @@ class Config:
     # rollouts
     prompts_per_step: int = 8              # prompts (groups) per step
     rollouts_per_prompt: int = 8           # responses per prompt (G)
-    max_new_tokens: int = 64               # response length cap
+    max_new_tokens: int = 64               # response length cap (with tools: the model's tokens and its tools')
     temperature: float = 1.0               # sampling temperature; the trainer divides its logits by it too
     top_p: float = 1.0                     # nucleus sampling (1.0 = off, the RL default)
     kv_budget_tokens: int = 1 << 16        # sampler KV cache size in tokens
+    max_tool_calls: int = 0                # Python tool calls per rollout, run in the sandbox (0 = no tool; tools.py)
+    max_tool_output_tokens: int = 64       # a call's output kept (the rest cut, marked); errors and timeouts show
     # objective (ALGORITHMS.md 0, 2, 4)
     loss: str = "ppo"                      # ppo (PPO-clip policy gradient) | tb (trajectory balance, VarGrad log Z)
     adv: str = "grpo"                      # grpo | drgrpo | rloo | reinforce++
@@ -113,6 +115,8 @@ class Config:
         rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
             "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "eval_samples", "max_gen_rounds",
             "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens")]
+        rules += [(getattr(self, name) >= 0, f"{flag(name)} must be at least 0") for name in (
+            "max_tool_calls", "max_tool_output_tokens")]
         rules += [(getattr(self, name) > 0, f"{flag(name)} must be above 0") for name in (
             "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample")]
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max

@@ -159,8 +159,9 @@ class TemperatureController:
 class ReplayBuffer:
     """Responses per prompt as the searchers hand them over: at most `capacity` a prompt, exact duplicates removed
     (the newest kept), the oldest weights evicted first, and those over `max_staleness` steps old dropped. A
-    response: prompt, tokens, logp (per token), reward, ref and sampler (sequence logprobs), version (the step of
-    its weights), round. Every trainer rank holds the same buffer and draws the same batch from the same seed."""
+    response: prompt, tokens, mask (per token: the model wrote it, not a tool), logp (per token), reward, ref
+    and sampler (sequence logprobs), version (the step of its weights), round. Every trainer rank holds the same
+    buffer and draws the same batch from the same seed."""
 
     def __init__(self, capacity: int, max_staleness: int):
         self.capacity, self.max_staleness = capacity, max_staleness

@@ -29,6 +29,9 @@ class Rollouts:
     logprobs: list[torch.Tensor]   # sampler logprob of each token under the sampling distribution
     entropies: list[torch.Tensor]  # entropy of the sampling distribution at each token
     finish_reason: list[str]       # "stop" or "length"
+    masks: list[torch.Tensor]      # True at each token the model wrote, False in its tools' turns
+    tool_calls: list[int]          # tool calls made, and of them, calls that raised or ran out of time
+    tool_errors: list[int]
 
 
 def check_request(n: list[int], max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -124,10 +127,11 @@ class Sampler:
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
         return self.sample(logits, keys, temperature)
 
-    def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):
-        """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row."""
-        if not self.cuda_graphs or top_p < 1.0:
-            return self._decode(b, temperature, top_p)
+    def decode_step(self, b: DecodeBatch, temperature: float, top_p: float, keep: torch.Tensor | None = None):
+        """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row, or per row in `keep` (a
+        rollout's tool turn is fed as rows of their own, eagerly, beside the one-row decodes)."""
+        if not self.cuda_graphs or top_p < 1.0 or keep is not None:
+            return self._decode(b, temperature, top_p, keep)
         rows, padded = len(b.tokens), self._pad(b)
         if self.device.type != "cuda":
             out = self._decode(padded, temperature, 1.0)
@@ -148,7 +152,7 @@ class Sampler:
             graph.replay()
         return tuple(x[:rows].clone() for x in out)
 
-    def _decode(self, b: DecodeBatch, temperature, top_p: float):
+    def _decode(self, b: DecodeBatch, temperature, top_p: float, keep: torch.Tensor | None = None):
         scale = self.cfg.head_dim ** -0.5
 
         def attend(layer, q, k, v):
@@ -159,8 +163,8 @@ class Sampler:
             o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
             return self.merge_attention(o1, lse1, o2, lse2, q.dtype)
 
-        logits = forward(self.cfg, self.weights, b.tokens, b.positions, attend)
-        return self.sample_tokens(logits, b.keys, temperature, top_p)
+        logits = forward(self.cfg, self.weights, b.tokens, b.positions, attend, keep)
+        return self.sample_tokens(logits, b.keys if keep is None else b.keys[keep], temperature, top_p)
 
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
         """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""
@@ -196,10 +200,11 @@ class Sampler:
         return graph, static, out
 
     def generate(self, prompts: list[list[int]], n: list[int], max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_keys: list[int] | None = None
-                 ) -> Rollouts:
+                 top_p: float = 1.0, stop_token_ids=(), seed: int = 0, prompt_keys: list[int] | None = None,
+                 tools=None) -> Rollouts:
         """n[i] rollouts of prompts[i], ordered by (prompt index, sample index). Prompt i is keyed prompt_keys[i]
-        (default i): a request split over calls or ranks samples the tokens of the whole in one call."""
+        (default i): a request split over calls or ranks samples the tokens of the whole in one call. With `tools`
+        (tools.Tools) a rollout may call them; max_new_tokens then bounds its tokens and its tools' together."""
         if len(n) != len(prompts) or (prompt_keys is not None and len(prompt_keys) != len(prompts)):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts and "
                              f"{len(prompt_keys or prompts)} prompt keys; pass one of each per prompt")
@@ -216,14 +221,13 @@ class Sampler:
             self.clear_blocks([self.scratch_block])
         keys = list(range(len(prompts))) if prompt_keys is None else prompt_keys
         with torch.no_grad():
-            run = Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, keys)
+            run = Generation(self, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, keys, tools)
             results = run.run()
         self.stats = {"preemptions": run.preemptions, "evictions": run.evictions,
-                      "peak_kv_tokens": run.peak_blocks * self.block_size}
+                      "peak_kv_tokens": run.peak_blocks * self.block_size, "fed_tokens": run.fed_tokens}
         keys = sorted(results)
-        return Rollouts(prompt_index=[p for p, _ in keys], sample_index=[s for _, s in keys],
-                        tokens=[results[k][0] for k in keys], logprobs=[results[k][1] for k in keys],
-                        entropies=[results[k][2] for k in keys], finish_reason=[results[k][3] for k in keys])
+        columns = list(zip(*(results[k] for k in keys))) or [[]] * 7
+        return Rollouts([p for p, _ in keys], [s for _, s in keys], *map(list, columns))
 
     def clear_blocks(self, blocks: list[int]) -> None:
         """Zero blocks as they are handed out: the torch path reads them whole, and NaN would survive a zero weight."""

@@ -292,9 +292,9 @@ def program_side(orders: dict, spaces: set, uid: int, requests: int, reply: int,
                 write_frame(reply, answer)
             except ValueError:  # marshal refused it: not plain data
                 write_frame(reply, ("not plain", f"{name} returned a {type(answer[1]).__name__}"))
-    except BaseException:
+    except BaseException as e:
         import traceback
-        traceback.print_exc()
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # from the program's frames on
     finally:
         os._exit(1)
 
@@ -328,7 +328,11 @@ def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
     signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, orders["limits"]["wall_s"])
     try:
-        names = plain(read_frame(answers))  # once setup and program have run
+        try:
+            names = plain(read_frame(answers))  # once setup and program have run
+        except (EOFError, Failed):  # the program raised (its traceback is printed) or ran out of time
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            return False, state["timed_out"], ""
         order = read_frame(0)  # the tests and the token, read only now: the child has let go of this pipe
         namespace, entry = {"__name__": "tests"}, orders["entry_point"]
         exec(compile(orders["setup"], "setup", "exec"), namespace)

@@ -1,10 +1,14 @@
 """The sampler's scheduler: continuous batching over decode slots and a paged KV pool. A finished rollout frees
 its slot and blocks for the next; when blocks run out, idle prompts' KV goes first, then the newest running
 rollout is preempted and restarted later. Randomness is keyed by (seed, prompt, sample, position), so none of
-this changes which tokens come out.
+this changes which tokens come out. With tools (tools.py), a rollout that closes a call waits, its slot and KV
+kept, while the others decode; the call's turn is then fed into its own KV with the next step, and a restarted
+rollout finds its calls' outputs recorded.
 """
 
+import itertools
 from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -70,41 +74,75 @@ class _Rollout:
     prompt: _Prompt
     sample: int
     slot: int
-    length: int = 0                      # tokens generated so far
+    length: int = 0                      # its tokens so far, the model's and its tools'
     blocks: list[int] = field(default_factory=list)
+    fed: int = 0                         # its tokens with KV written: the next step feeds [fed, length)
+    turn: int = 0                        # where the model's current turn began (after its last tool turn)
+    calls: int = 0                       # tool calls made, and of them, calls that raised or ran out of time
+    errors: int = 0
+    tool: Future | None = None           # the call it waits for (it does not decode meanwhile)
 
 
 class Generation:
     """The state of one generate() call; `s` is the Sampler, whose prefill and decode steps it schedules."""
 
-    def __init__(self, s, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys):
+    def __init__(self, s, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys,
+                 tools=None):
         self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
-        self.seed, self.prompt_keys = seed, prompt_keys
+        self.seed, self.prompt_keys, self.tools = seed, prompt_keys, tools
+        self.calls: dict[tuple, Future] = {}  # (prompt, sample, call) -> its output: a restart reuses it
         self.pool = BlockPool(s.num_blocks)
         self.pending = deque(_Prompt(i, p, deque(range(k)), k) for i, (p, k) in enumerate(zip(prompts, n)) if k > 0)
         self.active: list[_Prompt] = []    # prefilled prompts with unfinished rollouts, oldest first
         self.running: list[_Rollout] = []  # admission order: the last is the newest
         self.free_slots = list(range(s.max_slots))[::-1]
         self.results = {}
-        self.preemptions = self.evictions = self.peak_blocks = 0
+        self.preemptions = self.evictions = self.peak_blocks = self.fed_tokens = 0
         dev = s.device
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=dev)
         self.out_tok = torch.zeros(s.max_slots, max_new_tokens, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(s.max_slots, max_new_tokens, device=dev)
         self.out_ent = torch.zeros(s.max_slots, max_new_tokens, device=dev)
+        self.out_model = torch.ones(s.max_slots, max_new_tokens, dtype=torch.bool, device=dev)  # False: a tool's
+        self.may_close = tools.closing_ids.to(dev) if tools else None  # tokens that can end a tool call
         self.slot_blocks = torch.zeros(s.max_slots, s.blocks_for(max_new_tokens), dtype=torch.int32, device=dev)
 
     def run(self) -> dict:
         while self.pending or self.active:
-            if not self.admit() and not self.running:
-                # Every block is held by prompts whose rollouts wait for room: drop the newest one's KV.
-                self.evict(self.active[-1])
+            self.take_tool_turns(wait_for_one=False)
+            if not self.admit() and not self.stepping():
+                if self.running:  # every running rollout waits for its tool
+                    self.take_tool_turns(wait_for_one=True)
+                else:  # every block is held by prompts whose rollouts wait for room: drop the newest one's KV
+                    self.evict(self.active[-1])
                 continue
             self.reserve_blocks()
-            if self.running:
+            if self.stepping():
                 self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.pool.free))
-                self.decode()
+                self.step()
         return self.results
+
+    def stepping(self) -> list[_Rollout]:
+        """The running rollouts not waiting for a tool, their prompts' rollouts together."""
+        return sorted((r for r in self.running if r.tool is None), key=lambda r: r.prompt.index)
+
+    def take_tool_turns(self, wait_for_one: bool) -> None:
+        """Rollouts whose call is done get its turn (the template's framing around the output) as their next
+        tokens, conditioned on, never sampled; the next step feeds them. One that cannot fit it ends ("length")."""
+        waiting = [r for r in self.running if r.tool is not None]
+        if wait_for_one and waiting:
+            wait([r.tool for r in waiting], return_when=FIRST_COMPLETED)
+        for r in (r for r in waiting if r.tool.done()):
+            ids, ok = r.tool.result()
+            r.tool, r.calls, r.errors = None, r.calls + 1, r.errors + (not ok)
+            end = r.length + len(ids)
+            if end >= self.max_new:  # no room for the turn and a token of the model's after it
+                self.finish(r, "length")
+                continue
+            self.out_tok[r.slot, r.length:end] = torch.tensor(ids, device=self.s.device)
+            self.out_lp[r.slot, r.length:end] = self.out_ent[r.slot, r.length:end] = 0.0
+            self.out_model[r.slot, r.length:end] = False
+            r.length = r.turn = end
 
     def admit(self) -> int:
         """Start waiting rollouts while slots and blocks allow, prefilling new prompts as needed."""
@@ -122,7 +160,8 @@ class Generation:
             started.append(rollout)
         if started:  # first tokens come straight from the prompts' last logits
             logits = torch.stack([r.prompt.logits for r in started])
-            self.record(started, *self.s.sample_tokens(logits, self.keys(started), self.temperature, self.top_p))
+            self.record(started, *self.s.sample_tokens(logits, self.keys(started, [0] * len(started)),
+                                                       self.temperature, self.top_p))
         return len(started)
 
     def prefill_pending(self, free_blocks: int) -> bool:
@@ -138,6 +177,7 @@ class Generation:
             self.s.clear_blocks(prompt.blocks[-1:])  # the others are written whole
             batch.append(prompt)
         if batch:
+            self.fed_tokens += sum(len(p.tokens) for p in batch)
             logits = self.s.prefill([p.tokens for p in batch], [p.blocks for p in batch])
             for prompt, row in zip(batch, logits):
                 prompt.logits = row
@@ -145,16 +185,18 @@ class Generation:
         return bool(batch)
 
     def reserve_blocks(self) -> None:
-        """Give every running rollout the block its next token goes into."""
+        """Give every rollout the next step feeds the blocks its fed tokens go into."""
         writes, i = [], 0
         while i < len(self.running):  # oldest first; preemption only ever removes the newest
             rollout = self.running[i]
-            if len(rollout.blocks) * self.s.block_size < rollout.length:
+            while rollout.tool is None and len(rollout.blocks) * self.s.block_size < rollout.length:
                 block = self.alloc_block(rollout)
                 if block is None:  # the rollout itself was the newest and was preempted
                     break
                 writes.append((rollout.slot, len(rollout.blocks), block))
                 rollout.blocks.append(block)
+            if rollout not in self.running:
+                break
             i += 1
         if writes:
             self.s.clear_blocks([block for _, _, block in writes])
@@ -186,25 +228,31 @@ class Generation:
         self.active.remove(prompt)
         self.pending.appendleft(prompt)  # evicted newest-first, so pending stays in prompt order
 
-    def keys(self, rollouts: list[_Rollout]) -> torch.Tensor:
-        rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, r.length) for r in rollouts],
+    def keys(self, rollouts: list[_Rollout], positions: list[int]) -> torch.Tensor:
+        """Randomness keys of the tokens sampled at these positions of these rollouts."""
+        rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, p) for r, p in zip(rollouts, positions)],
                             device=self.s.device).T
         return sample_keys(self.seed, *rows)
 
-    def decode(self) -> None:
-        """One token for every running rollout: feed its last token, attend, sample."""
+    def step(self) -> None:
+        """One forward over every rollout not waiting for a tool: it feeds its tokens [fed, length) (the one it
+        sampled last, after a tool turn with the turn's), its KV written into its own blocks, and samples its next
+        token from its last row. Rows of a prompt's rollouts are contiguous (prefix attention reads them so)."""
         s, dev = self.s, self.s.device
-        rows = sorted(self.running, key=lambda r: r.prompt.index)  # a prompt's rollouts are contiguous
-        groups = list(dict.fromkeys(r.prompt for r in rows))
+        rollouts = self.stepping()
+        feeds = [(r, p) for r in rollouts for p in range(r.fed, r.length)]
+        rows, positions = [r for r, _ in feeds], [p for _, p in feeds]
+        groups = list(dict.fromkeys(r.prompt for r in rollouts))
         counts = Counter(r.prompt.index for r in rows)
         slot = torch.tensor([r.slot for r in rows], device=dev)
-        pos = torch.tensor([r.length - 1 for r in rows], device=dev)  # own position of the fed token
+        pos = torch.tensor(positions, device=dev)  # own position of each fed token
         group_count = torch.tensor([counts[g.index] for g in groups], dtype=torch.int32, device=dev)
         prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
         block_table = self.slot_blocks[slot]
         batch = DecodeBatch(
             tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
-            keys=self.keys(rows), seq_len=(pos + 1).to(torch.int32), block_table=block_table,
+            keys=self.keys(rows, [p + 1 for p in positions]), seq_len=(pos + 1).to(torch.int32),
+            block_table=block_table,
             write_slots=block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size
             + pos % s.block_size,
             group_start=torch.cumsum(group_count, 0, dtype=torch.int32) - group_count, group_count=group_count,
@@ -213,24 +261,45 @@ class Generation:
             # split-K parallelism for the kernels' long own-token reads; the torch path reads them at once
             num_splits=max(1, min(8, -(-max(r.length for r in rows) // 512))) if s.use_triton else 1,
             max_count=max(counts.values()))
-        self.record(rows, *s.decode_step(batch, self.temperature, self.top_p))
+        last = None  # each rollout's last row samples; only after a tool turn are there others
+        if len(rows) > len(rollouts):
+            last = torch.tensor(list(itertools.accumulate(r.length - r.fed for r in rollouts)), device=dev) - 1
+        self.fed_tokens += len(rows)
+        for r in rollouts:
+            r.fed = r.length
+        self.record(rollouts, *s.decode_step(batch, self.temperature, self.top_p, last))
 
     def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
-        """Store each rollout's new token; finished rollouts leave and free their slot and blocks."""
+        """Store each rollout's new token; finished rollouts leave and free their slot and blocks; one that closed a
+        tool call waits for it."""
         slot = torch.tensor([r.slot for r in rollouts], device=self.s.device)
         length = torch.tensor([r.length for r in rollouts], device=self.s.device)
         self.out_tok[slot, length], self.out_lp[slot, length], self.out_ent[slot, length] = tok, lp, ent
+        self.out_model[slot, length] = True
         stopped = torch.isin(tok, self.stop_ids)
         done = (stopped | (length + 1 == self.max_new)).tolist()
-        for rollout, is_done, is_stop in zip(rollouts, done, stopped.tolist()):
+        may_close = self.may_close[tok].tolist() if self.tools else [False] * len(rollouts)
+        for rollout, is_done, is_stop, closes in zip(rollouts, done, stopped.tolist(), may_close):
             rollout.length += 1
             if is_done:
                 self.finish(rollout, "stop" if is_stop else "length")
+            elif closes and rollout.calls < self.tools.max_calls:
+                self.start_call(rollout)
+
+    def start_call(self, r: _Rollout) -> None:
+        """If the model's turn ends with a tool call, the rollout waits for it (run once, even across restarts)."""
+        code = self.tools.code(self.out_tok[r.slot, r.turn:r.length].tolist())
+        if code is not None:
+            key = (r.prompt.index, r.sample, r.calls)
+            if key not in self.calls:
+                self.calls[key] = self.tools.run(code, r.prompt.index)
+            r.tool = self.calls[key]
 
     def finish(self, rollout: _Rollout, reason: str) -> None:
         i, n = rollout.slot, rollout.length
         self.results[(rollout.prompt.index, rollout.sample)] = (
-            self.out_tok[i, :n].tolist(), self.out_lp[i, :n].clone(), self.out_ent[i, :n].clone(), reason)
+            self.out_tok[i, :n].tolist(), self.out_lp[i, :n].clone(), self.out_ent[i, :n].clone(), reason,
+            self.out_model[i, :n].cpu(), rollout.calls, rollout.errors)
         self.running.remove(rollout)
         self.free_slots.append(rollout.slot)
         prompt = rollout.prompt

@@ -16,7 +16,9 @@ from collect import encode_prompts, generate_and_score, scores_to_rewards
 from config import Config
 from trainer import response_logprobs
 
-INTS, FLOATS = 4, 4  # per response: prompt, version, round, length | reward, ref and sampler logprobs, entropy
+# per response: prompt, version, round, length, then its tokens and their mask (1: the model's, 0: a tool's) |
+# reward, ref and sampler logprobs, entropy, then each token's sampler logprob
+INTS, FLOATS = 4, 4
 STATS = ("seconds", "waited", "failures", "timeouts", "tokens")  # per searcher and round
 
 
@@ -43,7 +45,7 @@ def round_prompts(cfg: Config, n_items: int, round_: int, searcher: int) -> list
 
 def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: int, version: int, dtype,
            waited: float = 0.0) -> list[torch.Tensor]:
-    """One searcher's round as [ints, floats, stats], rows padded to max_new_tokens (INTS, FLOATS name them)."""
+    """One searcher's round as [ints, floats, stats], rows padded to max_new_tokens (INTS, FLOATS say how)."""
     t0 = time.time()
     P, n, width = prompts_per_searcher(cfg), samples_per_prompt(cfg), cfg.max_new_tokens
     picked = round_prompts(cfg, len(task.items), round_, searcher)
@@ -57,14 +59,15 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
     with torch.no_grad():
         ref_logp = response_logprobs(ref, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
                                      cfg.temperature, dtype)[0].cpu().split([len(t) for t in r.tokens])
-    ints = torch.zeros(P * n, INTS + width, dtype=torch.long)
+    ints = torch.zeros(P * n, INTS + 2 * width, dtype=torch.long)
     floats = torch.zeros(P * n, FLOATS + width, dtype=torch.float32)
-    for row, (p, tokens, logp, entropy, reward, ref_t) in enumerate(zip(r.prompt_index, r.tokens, r.logprobs,
-                                                                        r.entropies, scores_to_rewards(cfg, scores),
-                                                                        ref_logp)):
+    for row, (p, tokens, logp, entropy, reward, ref_t, mask) in enumerate(zip(
+            r.prompt_index, r.tokens, r.logprobs, r.entropies, scores_to_rewards(cfg, scores), ref_logp, r.masks)):
         ints[row, :INTS + len(tokens)] = torch.tensor([picked[p], version, round_, len(tokens), *tokens])
-        floats[row, :FLOATS] = torch.tensor([reward.item(), ref_t.sum().item(), logp.float().sum().item(),
-                                             entropy.float().sum().item()])
+        ints[row, INTS + width:INTS + width + len(tokens)] = mask
+        # sums over the model's tokens (a tool's have sampler logprob and entropy 0)
+        floats[row, :FLOATS] = torch.tensor([reward.item(), ref_t.where(mask, 0.0).sum().item(),
+                                             logp.float().sum().item(), entropy.float().sum().item()])
         floats[row, FLOATS:FLOATS + len(tokens)] = logp.float()
     stats = torch.tensor([time.time() - t0, waited, failed, timeouts, sum(len(t) for t in r.tokens)],
                          dtype=torch.float64)
@@ -73,10 +76,11 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
 
 def to_responses(ints: torch.Tensor, floats: torch.Tensor) -> list[dict]:
     """A round's rows as the replay buffer's responses."""
-    out = []
+    out, width = [], (ints.shape[1] - INTS) // 2
     for i, f in zip(ints.tolist(), floats):
         prompt, version, round_, length = i[:INTS]
         out.append({"prompt": prompt, "version": version, "round": round_, "tokens": tuple(i[INTS:INTS + length]),
+                    "mask": torch.tensor(i[INTS + width:INTS + width + length], dtype=torch.bool),
                     "reward": f[0].item(), "ref": f[1].item(), "sampler": f[2].item(), "entropy": f[3].item(),
                     "logp": f[FLOATS:FLOATS + length].clone()})
     return out
@@ -85,7 +89,7 @@ def to_responses(ints: torch.Tensor, floats: torch.Tensor) -> list[dict]:
 def empty_round(cfg: Config) -> list[torch.Tensor]:
     """A round's fixed shapes, zeros: the buffers it is gathered into."""
     rows = prompts_per_searcher(cfg) * samples_per_prompt(cfg)
-    return [torch.zeros(rows, INTS + cfg.max_new_tokens, dtype=torch.long),
+    return [torch.zeros(rows, INTS + 2 * cfg.max_new_tokens, dtype=torch.long),
             torch.zeros(rows, FLOATS + cfg.max_new_tokens), torch.zeros(len(STATS), dtype=torch.float64)]
 
 

@@ -29,6 +29,7 @@ from config import Config, parse_config
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from rollout import ModelConfig, Sampler
 from search import Searchers, serve, sync_count, to_responses
+from tools import Tools
 from trainer import Batch, Policy, checkpoint_layers, load_model, lr_at, reset_reference, sync_sampler, train_on_batch
 
 
@@ -41,6 +42,11 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     train_task, eval_task = load_tasks(cfg, rank)
     lm, tokenizer = load_model(cfg, device)
+    if cfg.max_tool_calls:  # the template must frame a tool turn, and the budget hold one
+        try:
+            Tools(tokenizer, cfg)
+        except ValueError as e:
+            raise SystemExit(str(e))
     dtype, setup = compute_dtype(cfg, lm, device, rank)
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
     roles = make_roles(cfg.searchers, rank, world)
@@ -85,14 +91,15 @@ def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
     """(training task, held-out task), first: the likeliest thing to be mistyped; a weak sandbox refuses code."""
     try:
         task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
-        if "tests" in task.items[0]:  # what a program may reach here (README, the sandbox)
+        code = f"--task {cfg.task}" if "tests" in task.items[0] else f"--max-tool-calls {cfg.max_tool_calls}"
+        if "tests" in task.items[0] or cfg.max_tool_calls:  # what a program may reach here (README, the sandbox)
             seen = reward.check_sandbox()
             if rank == 0:
                 print(f"code sandbox on this machine: {seen}")
             if seen["mode"] == "weak" and not cfg.allow_weak_sandbox:
-                raise SystemExit(f"--task {cfg.task}: the code sandbox is weak here (not root, no user namespaces), "
-                                 "so a program could write your files, signal the trainer and reach the network; run "
-                                 "as root or where user namespaces are allowed, or pass --allow-weak-sandbox")
+                raise SystemExit(f"{code}: the code sandbox is weak here (not root, no user namespaces), so a "
+                                 "program could write your files, signal the trainer and reach the network; run as "
+                                 "root or where user namespaces are allowed, or pass --allow-weak-sandbox")
         return reward.split_task(task, cfg.eval_prompts, cfg.seed)
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
@@ -204,8 +211,8 @@ def replay_figures(cfg: Config, step: int, slots) -> dict:
     return {"reward": mean(reward_of), "reward_fresh": mean(reward_of, [True]),
             "reward_replay": mean(reward_of, [False]),
             "pass_rate": mean(lambda r: r["reward"] >= cfg.success),
-            "entropy": sum(r["entropy"] for _, r in drawn) / sum(len(r["tokens"]) for _, r in drawn),
-            "response_len": mean(lambda r: len(r["tokens"])), "staleness_mean": mean(age),
+            "entropy": sum(r["entropy"] for _, r in drawn) / sum(int(r["mask"].sum()) for _, r in drawn),
+            "response_len": mean(lambda r: int(r["mask"].sum())), "staleness_mean": mean(age),
             "staleness_max": max(age(r) for _, r in drawn), "staleness_fresh": mean(age, [True]),
             "staleness_replay": mean(age, [False]), "fresh_frac": sum(f for f, _ in drawn) / len(drawn)}
 
@@ -219,7 +226,8 @@ def replay_batch(cfg: Config, slots, start: int, stop: int, prompt_ids: dict, to
     return Batch([prompt_ids[p] + list(r["tokens"]) for _, p, r in rows], [len(prompt_ids[p]) for _, p, _ in rows],
                  torch.tensor([j for j, _, _ in rows]), torch.tensor([r["reward"] for *_, r in rows]),
                  [r["logp"] for *_, r in rows], [torch.zeros(len(r["logp"])) for *_, r in rows],
-                 torch.ones(len(rows), dtype=torch.bool), {}, torch.tensor([r["ref"] for *_, r in rows]))
+                 torch.ones(len(rows), dtype=torch.bool), {}, torch.tensor([r["ref"] for *_, r in rows]),
+                 [r["mask"] for *_, r in rows])
 
 
 def finish(cfg: Config, model, sampler, tokenizer, log, before, evaluate_now, rank: int) -> None:

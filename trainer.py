@@ -195,6 +195,11 @@ class Batch:
     rl: torch.Tensor                  # [R] bool: in the RL loss (False: kept for the echo term only)
     clips: dict                       # response index -> EchoClip length (ALGORITHMS.md 4)
     ref_seq: torch.Tensor | None = None  # [R] sequence logprobs under the reference, when the searchers made them
+    masks: list[torch.Tensor] | None = None  # per response token, bool: the model wrote it (not a tool); None: all
+
+    def __post_init__(self):
+        if self.masks is None:
+            self.masks = [torch.ones(len(s) - p, dtype=torch.bool) for s, p in zip(self.sequences, self.prompt_lens)]
 
     @staticmethod
     def concat(parts: list["Batch"]) -> "Batch":
@@ -206,7 +211,13 @@ class Batch:
     def select(self, keep: list[int], rl: torch.Tensor) -> "Batch":
         return Batch([self.sequences[i] for i in keep], [self.prompt_lens[i] for i in keep], self.group[keep],
                      self.rewards[keep], [self.sampler_logp[i] for i in keep], [self.entropies[i] for i in keep],
-                     rl[keep], {})
+                     rl[keep], {}, masks=[self.masks[i] for i in keep])
+
+    def sums(self, values: dict) -> torch.Tensor:
+        """[R] on the CPU: each response's sum of per-token `values` ({response: tensor}) over the tokens the model
+        wrote (0 for a response not run)."""
+        return torch.stack([values[i].cpu().where(self.masks[i], 0.0).sum() if i in values else torch.zeros(())
+                            for i in range(len(self.sequences))])
 
 
 @dataclass
@@ -249,16 +260,14 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         old = [cat_on([batch.sampler_logp[i] for i in b], device) for b in batches]
     rewards, ref_seq = batch.rewards, batch.ref_seq  # the searchers' reference sums (async TB)
     if tb and ref_seq is None:
-        seq_ref = per_response(ref)
-        ref_seq = torch.stack([seq_ref[i].sum().cpu() if i in seq_ref else torch.zeros(()) for i in range(n)])
+        ref_seq = batch.sums(per_response(ref))
     if cfg.kl_in_reward and ref is not None:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
-        seq_kl = per_response([loss.kl(o, r, cfg.kl_kind) for o, r in zip(old, ref)])
-        rewards = rewards - cfg.kl_coef * torch.stack([seq_kl[i].sum().cpu() if i in seq_kl else torch.tensor(0.0)
-                                                        for i in range(n)])
+        rewards = rewards - cfg.kl_coef * batch.sums(per_response([loss.kl(o, r, cfg.kl_kind)
+                                                                   for o, r in zip(old, ref)]))
         adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
     old = old if old is not None else [None] * len(batches)  # filled by the first update's pass
-    counts = all_sum(sum(lengths[i] for i in range(n) if batch.rl[i]), int(batch.rl.sum()), len(batch.clips),
-                     group=group)
+    counts = all_sum(sum(int(batch.masks[i].sum()) for i in range(n) if batch.rl[i]), int(batch.rl.sum()),
+                     len(batch.clips), group=group)
     step = Step(cfg, batch, lengths, adv, rewards, ref_seq, beta, *(int(x) for x in counts))
     sums = dict.fromkeys(("loss", "clip_frac", "kl", "tis_weight", "echo_loss", "entropy", "forwarded", "z_n", "z_sum",
                           "z_squares", "grad_norm"), 0.0)
@@ -315,7 +324,7 @@ def cat_on(parts: list[torch.Tensor], device, dtype=torch.float32) -> torch.Tens
 def group_log_z(step: Step, seq_logp: dict, sums: dict) -> dict:
     """{response: the VarGrad log Z of its group} over whole groups gathered from every micro-batch (TB)."""
     idx = sorted(seq_logp)
-    z = loss.tb_log_z(torch.stack([seq_logp[i].sum() for i in idx] or [torch.zeros(())]).cpu(), step.ref_seq[idx],
+    z = loss.tb_log_z(step.batch.sums(seq_logp)[idx] if idx else torch.zeros(1), step.ref_seq[idx],
                       step.rewards[idx], step.batch.group[idx], step.beta)
     add_moments(sums, z[:len(idx)])
     return dict(zip(idx, z.tolist()))
@@ -330,10 +339,11 @@ def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: di
     """This micro-batch's share of the step's loss (ALGORITHMS.md 0, 2, 4); adds its figures to `sums`."""
     cfg, batch, dev = step.cfg, step.batch, logp.device
     seq_ids = cat_on([torch.full((step.lengths[i],), j) for j, i in enumerate(b)], dev, torch.long)
-    rl = cat_on([batch.rl[i].expand(step.lengths[i]) for i in b], dev, torch.bool)
+    mask = cat_on([batch.masks[i] for i in b], dev, torch.bool)  # the model's tokens: a tool's are only read
+    rl = mask & cat_on([batch.rl[i].expand(step.lengths[i]) for i in b], dev, torch.bool)
     per_token_mean = 1 / max(step.tokens, 1) / cfg.updates_per_step  # a token sum's share of a logged mean
     if cfg.loss == "tb":
-        seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp)
+        seq_logp = torch.zeros(len(b), device=dev).index_add(0, seq_ids, logp.where(mask, 0.0))
         seq_ref, rewards, group, in_rl = (x[b].to(dev) for x in (step.ref_seq, step.rewards, batch.group, batch.rl))
         if log_z is not None:
             z = torch.tensor([log_z.get(i, 0.0) for i in b], device=dev)
@@ -353,7 +363,7 @@ def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: di
             per_token = per_token + cfg.kl_coef * logged["kl"]
         if cfg.entropy_coef > 0:  # the trainer's entropy, with its gradient (the sampler's is a constant)
             per_token = per_token - cfg.entropy_coef * entropy
-        micro = loss.aggregate(per_token * rl, seq_ids, cfg.aggregate, step.tokens, step.seqs, cfg.max_new_tokens)
+        micro = loss.aggregate(per_token[rl], seq_ids[rl], cfg.aggregate, step.tokens, step.seqs, cfg.max_new_tokens)
         for name, value in logged.items():  # TIS weight: a sum here, a mean over the tokens run at the end
             sums[name] += (value.detach() * rl).sum().item() * (per_token_mean if name != "tis_weight" else
                                                                 1 / cfg.updates_per_step)
@@ -361,7 +371,7 @@ def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: di
     sums["forwarded"] += rl.sum().item() / cfg.updates_per_step
     if cfg.echo_coef > 0:
         clip = cat_on([torch.arange(step.lengths[i]) < batch.clips.get(i, 0) for i in b], dev, torch.bool)
-        echo = loss.echo_loss(logp, clip, seq_ids, step.clips)
+        echo = loss.echo_loss(logp, clip & mask, seq_ids, step.clips)
         sums["echo_loss"] += echo.item() / cfg.updates_per_step
         micro = micro + cfg.echo_coef * echo
     return micro
