@@ -113,7 +113,7 @@ class Generation:
             if not self.admit() and not self.stepping():
                 if self.running:  # every running rollout waits for its tool
                     self.take_tool_turns(wait_for_one=True)
-                else:  # every block is held by prompts whose rollouts wait for room: drop the newest one's KV
+                elif self.active:  # every block is held by prompts whose rollouts wait for room: drop the newest KV
                     self.evict(self.active[-1])
                 continue
             self.reserve_blocks()
@@ -133,12 +133,12 @@ class Generation:
         if wait_for_one and waiting:
             wait([r.tool for r in waiting], return_when=FIRST_COMPLETED)
         for r in (r for r in waiting if r.tool.done()):
-            ids, ok = r.tool.result()
-            r.tool, r.calls, r.errors = None, r.calls + 1, r.errors + (not ok)
+            (ids, ok), r.tool = r.tool.result(), None
             end = r.length + len(ids)
             if end >= self.max_new:  # no room for the turn and a token of the model's after it
                 self.finish(r, "length")
                 continue
+            r.calls, r.errors = r.calls + 1, r.errors + (not ok)
             self.out_tok[r.slot, r.length:end] = torch.tensor(ids, device=self.s.device)
             self.out_lp[r.slot, r.length:end] = self.out_ent[r.slot, r.length:end] = 0.0
             self.out_model[r.slot, r.length:end] = False

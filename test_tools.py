@@ -62,15 +62,14 @@ def tool_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
     return spans
 
 
-def multi_turn(smollm2, kv_budget_tokens=1 << 14, seed=3):
+def multi_turn(smollm2, kv_budget_tokens=1 << 14, max_new_tokens=72):
     model, tok = smollm2
-    cfg = config.Config(max_tool_calls=2, max_tool_output_tokens=12, max_new_tokens=72)
+    cfg = config.Config(max_tool_calls=2, max_tool_output_tokens=12, max_new_tokens=max_new_tokens)
     tools = Scripted(tok, cfg, every=6, script="print(list(range(40)))")
     prompts = [chat(tok, "What is 6 x 7?"), chat(tok, "Name a prime number and say why it is one.")]
     s = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), dtype=torch.float32,
                 kv_budget_tokens=kv_budget_tokens)
-    r = s.generate(prompts, [3, 2], cfg.max_new_tokens, 1.0, stop_token_ids=[tok.eos_token_id], seed=seed,
-                   tools=tools)
+    r = s.generate(prompts, [3, 2], cfg.max_new_tokens, 1.0, stop_token_ids=[tok.eos_token_id], seed=3, tools=tools)
     return tools, prompts, s, r
 
 
@@ -103,10 +102,12 @@ def test_multi_turn_rollouts_are_token_exact_and_match_hf_over_the_whole_sequenc
 
 def test_preempted_multi_turn_rollouts_give_the_same_tokens(smollm2):
     """A KV pool too small for all: rollouts waiting on tools are preempted too, and restart to the same tokens,
-    their calls' outputs recorded (each call ran once)."""
-    _, _, _, whole = multi_turn(smollm2)
-    _, _, s, squeezed = multi_turn(smollm2, kv_budget_tokens=16 * 12)
+    their calls' outputs recorded. With 60 tokens a second turn cannot fit: a rollout ends ("length") at its call."""
+    tools, _, _, whole = multi_turn(smollm2, max_new_tokens=60)
+    _, _, s, squeezed = multi_turn(smollm2, kv_budget_tokens=16 * 12, max_new_tokens=60)
     assert s.stats["preemptions"] > 0
+    cut = [t for t, reason in zip(whole.tokens, whole.finish_reason) if reason == "length" and len(t) < 60]
+    assert cut and all(len(tool_spans(m)) == 1 for m in whole.masks)
     assert squeezed.tokens == whole.tokens and squeezed.tool_calls == whole.tool_calls
     assert all(torch.equal(a, b) for a, b in zip(squeezed.masks, whole.masks))
 
