@@ -176,6 +176,9 @@ BRORL = dict(adv="reinforce++", eps_low=0.2, eps_high=0.28, kl_coef=1e-4, kl_kin
 E3 = dict(adv="grpo", rollouts_per_prompt=8, budget_min=4, budget_max=12, temperature_control=True, kl_coef=0.0)
 TBA = dict(loss="tb", searchers=-1, sync_every=2, prompts_per_step=7, rollouts_per_prompt=20, fresh_prob=0.95,
            replay_inv_temp=0.0, tb_beta_start=0.014, tb_beta_end=0.004, tb_beta_steps=500, lr=1e-5)
+PRODUCTS = "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=2&operators=('*',)&allow_negation=False"
+TOOL_PROMPT = ("{question}\nWrite a ```python block that prints the result; its output will be shown to you. Then give "
+               "the result in the form 'Answer: <number>'.")
 PRESETS = {
     "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(**DEMO, steps=30)),
     "grpo": ("GRPO on GPUs: 64 prompts x 16 rollouts, 1k-token responses", Config(
@@ -210,6 +213,11 @@ PRESETS = {
     # (a few % of tau a step) can follow
     "e3-cpu": ("E3 scaled down to this CPU: 64 training prompts, so budgets spread after epochs 1 and 2", Config(
         **{**E3, **DEMO, "lr": 2e-6}, task_size=80, eval_prompts=16, steps=24, out_dir="runs/e3-cpu")),
+    "tools-cpu": ("GRPO with a Python tool at the CPU scale: products of 1-2 digit numbers, up to 2 sandboxed calls a "
+                  "rollout, temperature 0.7 (at 1 the model writes no usable call)", Config(
+        **{**DEMO, "max_new_tokens": 128}, task=PRODUCTS, prompt_template=TOOL_PROMPT, max_tool_calls=2,
+        max_tool_output_tokens=32, temperature=0.7, prompts_per_step=4, steps=24, eval_prompts=16, eval_samples=2,
+        out_dir="runs/tools-cpu")),
     "humaneval-cpu": ("GRPO on HumanEval at the CPU scale: programs run against the tests in the sandbox; 156 "
                       "problems trained on, 8 held out", Config(
         task="humaneval", prompt_template="{question}", prompts_per_step=2, rollouts_per_prompt=8,

@@ -50,10 +50,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., T, heads, head_dim]; cos, sin [T, head_dim] (HF's rotate-half convention)."""
+    """x [..., T, heads, head_dim]; cos, sin [..., T, head_dim] (HF's rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
 def linear(w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -67,7 +67,7 @@ def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tens
     x = embed[tokens]
     half = c.head_dim // 2
     inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=x.device).float() / half)
-    angles = positions.float()[:, None] * inv_freq[None]
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), -1)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     shape = tokens.shape

@@ -127,11 +127,31 @@ class Sampler:
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
         return self.sample(logits, keys, temperature)
 
-    def decode_step(self, b: DecodeBatch, temperature: float, top_p: float, keep: torch.Tensor | None = None):
-        """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row, or per row in `keep` (a
-        rollout's tool turn is fed as rows of their own, eagerly, beside the one-row decodes)."""
-        if not self.cuda_graphs or top_p < 1.0 or keep is not None:
-            return self._decode(b, temperature, top_p, keep)
+    def extend(self, turns: list[list[int]], start: torch.Tensor, prompt_len: torch.Tensor,
+               prompt_blocks: torch.Tensor, own_blocks: torch.Tensor) -> torch.Tensor:
+        """Rollout i's new tokens turns[i] (the token that closed its tool call, then the tool's turn) fed into its
+        own KV from own position start[i], over its prompt's KV and its own: the logits of each one's last token.
+        Only these tokens are computed: the conversation before them is never fed again."""
+        dev, bs = self.device, self.block_size
+        lengths = torch.tensor([len(t) for t in turns], device=dev)
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in turns], batch_first=True).to(dev)
+        own = start[:, None] + torch.arange(tokens.shape[1], device=dev)  # own positions
+        valid = torch.arange(tokens.shape[1], device=dev) < lengths[:, None]
+        slots = (own_blocks.gather(1, (own // bs).clamp(max=own_blocks.shape[1] - 1)).long() * bs + own % bs)[valid]
+
+        def attend(layer, q, k, v):
+            kp, vp = self.k_pool[layer], self.v_pool[layer]
+            self.write_kv(kp, vp, k[valid], v[valid], slots)
+            return attention.reference_extend_attention(q, kp, vp, prompt_blocks, prompt_len, own_blocks, start,
+                                                        start + lengths, self.cfg.head_dim ** -0.5)
+
+        last = (torch.arange(len(turns), device=dev), lengths - 1)
+        return forward(self.cfg, self.weights, tokens, prompt_len[:, None] + own, attend, keep=last)
+
+    def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):
+        """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row."""
+        if not self.cuda_graphs or top_p < 1.0:
+            return self._decode(b, temperature, top_p)
         rows, padded = len(b.tokens), self._pad(b)
         if self.device.type != "cuda":
             out = self._decode(padded, temperature, 1.0)
@@ -152,7 +172,7 @@ class Sampler:
             graph.replay()
         return tuple(x[:rows].clone() for x in out)
 
-    def _decode(self, b: DecodeBatch, temperature, top_p: float, keep: torch.Tensor | None = None):
+    def _decode(self, b: DecodeBatch, temperature, top_p: float):
         scale = self.cfg.head_dim ** -0.5
 
         def attend(layer, q, k, v):
@@ -163,8 +183,8 @@ class Sampler:
             o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
             return self.merge_attention(o1, lse1, o2, lse2, q.dtype)
 
-        logits = forward(self.cfg, self.weights, b.tokens, b.positions, attend, keep)
-        return self.sample_tokens(logits, b.keys if keep is None else b.keys[keep], temperature, top_p)
+        logits = forward(self.cfg, self.weights, b.tokens, b.positions, attend)
+        return self.sample_tokens(logits, b.keys, temperature, top_p)
 
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
         """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""

@@ -7,7 +7,7 @@
 #                       Triton kernels compiled against their references, the GPU paths no CPU test reaches
 #                       (CUDA graphs, tied heads, the hand-off, device placement), 2 steps of `train.py grpo`
 #                       (TIS and entropy on) and 1 asynchronous TBA step on a random Qwen2.5-1.5B-shaped model
-#                       under torchrun, then the GPU benchmarks (bench.py gpu-check; --dry-run lists them)
+#                       under torchrun, then the GPU benchmarks (gpu_check.py; --dry-run lists them)
 #   ./run.sh gpu-check --prepare   here, before such a session: builds runs/gpu-check, what it must carry
 #   ./run.sh gpu-check --dry-run   here (set up when needed): print each stage's command and build the
 #                                  model folder, run nothing
@@ -60,17 +60,17 @@ case "$cmd" in
     if [ "${1:-}" = --prepare ]; then
       setup
       prepare_gpu_check runs/gpu-check
-      exec .venv/bin/python bench.py gpu-check --dry-run --dir runs/gpu-check
+      exec .venv/bin/python gpu_check.py --dry-run --dir runs/gpu-check
     fi
     if [ "${1:-}" = --dry-run ]; then  # here, not on the GPU machine: set up, then list the stages
       setup
-      exec .venv/bin/python bench.py gpu-check "$@"
+      exec .venv/bin/python gpu_check.py "$@"
     fi
     # the packages --prepare packed, for the training stage's PYTHONPATH
     if [ -f runs/gpu-check/site.tar.gz ] && [ ! -d runs/gpu-check/site ]; then
       tar -xzf runs/gpu-check/site.tar.gz -C runs/gpu-check
     fi
-    exec "${PYTHON:-python3}" bench.py gpu-check "$@" ;;
+    exec "${PYTHON:-python3}" gpu_check.py "$@" ;;
   -*) setup; exec .venv/bin/python train.py demo "$cmd" "$@" ;;
   *) echo "unknown command '$cmd'; use ./run.sh [demo|test|bench|gpu-check] [flags]" >&2; exit 2 ;;
 esac

@@ -6,7 +6,6 @@ kept, while the others decode; the call's turn is then fed into its own KV with 
 rollout finds its calls' outputs recorded.
 """
 
-import itertools
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -160,8 +159,7 @@ class Generation:
             started.append(rollout)
         if started:  # first tokens come straight from the prompts' last logits
             logits = torch.stack([r.prompt.logits for r in started])
-            self.record(started, *self.s.sample_tokens(logits, self.keys(started, [0] * len(started)),
-                                                       self.temperature, self.top_p))
+            self.record(started, *self.s.sample_tokens(logits, self.keys(started), self.temperature, self.top_p))
         return len(started)
 
     def prefill_pending(self, free_blocks: int) -> bool:
@@ -228,46 +226,63 @@ class Generation:
         self.active.remove(prompt)
         self.pending.appendleft(prompt)  # evicted newest-first, so pending stays in prompt order
 
-    def keys(self, rollouts: list[_Rollout], positions: list[int]) -> torch.Tensor:
-        """Randomness keys of the tokens sampled at these positions of these rollouts."""
-        rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, p) for r, p in zip(rollouts, positions)],
+    def keys(self, rollouts: list[_Rollout]) -> torch.Tensor:
+        """Randomness keys of the token each rollout samples next."""
+        rows = torch.tensor([(self.prompt_keys[r.prompt.index], r.sample, r.length) for r in rollouts],
                             device=self.s.device).T
         return sample_keys(self.seed, *rows)
 
     def step(self) -> None:
-        """One forward over every rollout not waiting for a tool: it feeds its tokens [fed, length) (the one it
-        sampled last, after a tool turn with the turn's), its KV written into its own blocks, and samples its next
-        token from its last row. Rows of a prompt's rollouts are contiguous (prefix attention reads them so)."""
-        s, dev = self.s, self.s.device
+        """Every rollout not waiting for a tool feeds what it has not fed (its last token; after a tool turn, the
+        token that closed the call and the turn, in their own forward) and samples its next token."""
         rollouts = self.stepping()
-        feeds = [(r, p) for r in rollouts for p in range(r.fed, r.length)]
-        rows, positions = [r for r, _ in feeds], [p for _, p in feeds]
-        groups = list(dict.fromkeys(r.prompt for r in rollouts))
+        turns, decoding = [r for r in rollouts if r.length - r.fed > 1], [r for r in rollouts if r.length - r.fed == 1]
+        if turns:
+            self.take_turns(turns)
+        if decoding:  # chosen before the turns sampled: a rollout takes one token a step
+            self.decode(decoding)
+
+    def take_turns(self, rollouts: list[_Rollout]) -> None:
+        s, dev = self.s, self.s.device
+        slot = torch.tensor([r.slot for r in rollouts], device=dev)
+        logits = s.extend([self.out_tok[r.slot, r.fed:r.length].tolist() for r in rollouts],
+                          torch.tensor([r.fed for r in rollouts], device=dev),
+                          torch.tensor([len(r.prompt.tokens) for r in rollouts], device=dev),
+                          self.prompt_blocks([r.prompt for r in rollouts]), self.slot_blocks[slot])
+        self.fed(rollouts)
+        self.record(rollouts, *s.sample_tokens(logits, self.keys(rollouts), self.temperature, self.top_p))
+
+    def fed(self, rollouts: list[_Rollout]) -> None:
+        self.fed_tokens += sum(r.length - r.fed for r in rollouts)
+        for r in rollouts:
+            r.fed = r.length
+
+    def prompt_blocks(self, prompts: list[_Prompt]) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence([torch.tensor(p.blocks, dtype=torch.int32) for p in prompts],
+                                               batch_first=True).to(self.s.device)
+
+    def decode(self, rows: list[_Rollout]) -> None:
+        """One token for every running rollout: feed its last token, attend, sample."""
+        s, dev = self.s, self.s.device
+        groups = list(dict.fromkeys(r.prompt for r in rows))
         counts = Counter(r.prompt.index for r in rows)
         slot = torch.tensor([r.slot for r in rows], device=dev)
-        pos = torch.tensor(positions, device=dev)  # own position of each fed token
+        pos = torch.tensor([r.length - 1 for r in rows], device=dev)  # own position of the fed token
         group_count = torch.tensor([counts[g.index] for g in groups], dtype=torch.int32, device=dev)
         prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
         block_table = self.slot_blocks[slot]
         batch = DecodeBatch(
             tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
-            keys=self.keys(rows, [p + 1 for p in positions]), seq_len=(pos + 1).to(torch.int32),
-            block_table=block_table,
+            keys=self.keys(rows), seq_len=(pos + 1).to(torch.int32), block_table=block_table,
             write_slots=block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size
             + pos % s.block_size,
             group_start=torch.cumsum(group_count, 0, dtype=torch.int32) - group_count, group_count=group_count,
-            prompt_len=prompt_len, prompt_blocks=torch.nn.utils.rnn.pad_sequence(
-                [torch.tensor(g.blocks, dtype=torch.int32) for g in groups], batch_first=True).to(dev),
+            prompt_len=prompt_len, prompt_blocks=self.prompt_blocks(groups),
             # split-K parallelism for the kernels' long own-token reads; the torch path reads them at once
             num_splits=max(1, min(8, -(-max(r.length for r in rows) // 512))) if s.use_triton else 1,
             max_count=max(counts.values()))
-        last = None  # each rollout's last row samples; only after a tool turn are there others
-        if len(rows) > len(rollouts):
-            last = torch.tensor(list(itertools.accumulate(r.length - r.fed for r in rollouts)), device=dev) - 1
-        self.fed_tokens += len(rows)
-        for r in rollouts:
-            r.fed = r.length
-        self.record(rollouts, *s.decode_step(batch, self.temperature, self.top_p, last))
+        self.fed(rows)
+        self.record(rows, *s.decode_step(batch, self.temperature, self.top_p))
 
     def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
         """Store each rollout's new token; finished rollouts leave and free their slot and blocks; one that closed a

@@ -93,9 +93,9 @@ def test_every_file_and_function_is_read_whole():
 
 
 def test_line_budget():
-    """The algorithm is train.py and every module it imports, kernels included; the tools (bench.py, simulate.py)
-    at most 700 lines; every non-test file together under 5,000. The make-room redesign brought the algorithm to
-    3,900 so that tool use, LoRA and user data fit in the rest: it may grow into it, to 4,300 (5,000 - 700)."""
+    """The algorithm is train.py and every module it imports, kernels included; the tools are bench.py,
+    gpu_check.py and simulate.py; every non-test file together under 5,000. The make-room redesign brought them to 3,900 and 700 so
+    that tool use, LoRA and user data fit in the rest; they may grow into it, to 4,250 and 750."""
     modules = python_files(tests=False)
     algorithm, todo = set(), ["train"]
     while todo:
@@ -104,7 +104,7 @@ def test_line_budget():
             algorithm.add(name)
             todo += fanout_imports(modules[name], modules)
     count = lambda names: sum(len(modules[n].read_text().splitlines()) for n in names)
-    lines = {"algorithm": count(algorithm), "tools": count(["bench", "simulate"]), "all": count(modules)}
+    lines = {"algorithm": count(algorithm), "tools": count(["bench", "gpu_check", "simulate"]), "all": count(modules)}
     print(f"line budget: {lines['algorithm']} lines of algorithm ({len(algorithm)} files), {lines['tools']} of "
           f"tools, {lines['all']} of non-test code in all")
-    assert lines["algorithm"] <= 4300 and lines["tools"] <= 700 and lines["all"] < 5000, lines
+    assert lines["algorithm"] <= 4250 and lines["tools"] <= 750 and lines["all"] < 5000, lines

@@ -8,6 +8,7 @@ import torch
 import collect
 import config
 import reward
+import scheduler
 import search
 import train
 import trainer
@@ -33,9 +34,9 @@ def test_a_malformed_tool_call_runs_as_an_error_the_model_reads():
     assert call_code("<tool_call>{not json}</tool_call>").startswith("raise ValueError(")
 
 
-class Scripted(Tools):
-    """The real framing, sandbox and limits; a call once the model's turn has `every` tokens (a small model seldom
-    writes one), each call running `script`."""
+class ScriptedTools(Tools):
+    """The real framing, sandbox and limits, with a call once the model's turn has `every` tokens, each running
+    `script` (a small model seldom writes one)."""
 
     def __init__(self, tokenizer, cfg, every: int, script: str):
         super().__init__(tokenizer, cfg)
@@ -65,7 +66,7 @@ def tool_spans(mask: torch.Tensor) -> list[tuple[int, int]]:
 def multi_turn(smollm2, kv_budget_tokens=1 << 14, max_new_tokens=72):
     model, tok = smollm2
     cfg = config.Config(max_tool_calls=2, max_tool_output_tokens=12, max_new_tokens=max_new_tokens)
-    tools = Scripted(tok, cfg, every=6, script="print(list(range(40)))")
+    tools = ScriptedTools(tok, cfg, every=6, script="print(list(range(40)))")
     prompts = [chat(tok, "What is 6 x 7?"), chat(tok, "Name a prime number and say why it is one.")]
     s = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), dtype=torch.float32,
                 kv_budget_tokens=kv_budget_tokens)
@@ -112,11 +113,25 @@ def test_preempted_multi_turn_rollouts_give_the_same_tokens(smollm2):
     assert all(torch.equal(a, b) for a, b in zip(squeezed.masks, whole.masks))
 
 
+def test_a_rollout_takes_one_token_a_step(smollm2, monkeypatch):
+    """A rollout back from its tool samples its next token from the turn's forward and is not decoded again in the
+    same step (its blocks were reserved for that one; it may have finished)."""
+    grew, step = [], scheduler.Generation.step
+
+    def logged(self):
+        rollouts = [(r, r.length) for r in self.stepping()]
+        step(self)
+        grew.extend(r.length - n for r, n in rollouts)
+
+    monkeypatch.setattr(scheduler.Generation, "step", logged)
+    assert sum(multi_turn(smollm2)[3].tool_calls) > 0 and max(grew) == 1
+
+
 def test_the_trainer_gets_the_ids_sampled_and_the_verifier_the_models_words(smollm2, monkeypatch):
     model, tok = smollm2
     cfg = config.Config(max_tool_calls=1, max_tool_output_tokens=8, max_new_tokens=48, prompts_per_step=2,
                         rollouts_per_prompt=2, task="rg:basic_arithmetic", binary_reward=True)
-    monkeypatch.setattr(collect, "Tools", lambda tokenizer, cfg, items: Scripted(tokenizer, cfg, 5, "print(7)"))
+    monkeypatch.setattr(collect, "Tools", lambda tokenizer, cfg, items: ScriptedTools(tokenizer, cfg, 5, "print(7)"))
     scored, sampled = [], []
     monkeypatch.setattr(reward, "score", lambda task, items, texts, *a, **k: scored.extend(texts) or
                         ([0.0] * len(texts), 0, 0))

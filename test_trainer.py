@@ -19,6 +19,7 @@ import bench
 import collect
 import config
 import explore
+import gpu_check
 import outputs
 import trainer
 import reward
@@ -204,7 +205,7 @@ def test_gpu_check_dry_run_prints_every_stage_and_builds_the_model_folder(tmp_pa
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
     assert tokenizer.eos_token_id is not None and len(tokenizer) <= hf_config.vocab_size
     assert tokenizer.apply_chat_template([{"role": "user", "content": "1 + 1 ="}], add_generation_prompt=True)
-    bench.random_model(tmp_path / "tiny", "cpu", tiny_config("qwen2"))
+    gpu_check.random_model(tmp_path / "tiny", "cpu", tiny_config("qwen2"))
     lm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", dtype=torch.bfloat16)
     weights = bench.random_weights(tiny_config("qwen2"), "cpu")
     assert all(torch.equal(p, weights[name]) for name, p in lm.state_dict().items() if name in weights)
