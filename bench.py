@@ -112,7 +112,7 @@ def bench_tools(args) -> dict:
     tools = Tools(tokenizer, config.Config(max_tool_calls=calls, max_new_tokens=1024))
     tools.closing_ids = torch.ones(len(tokenizer), dtype=torch.bool)
     tools.code = lambda turn_ids: script if len(turn_ids) >= turn else None
-    framed = len(tools.run(script, 0).result()[0])
+    framed = len(tools.turn(tools.run(script, 0).result()[0]))
     total = (calls + 1) * turn + calls * framed
 
     def again():  # each turn: every conversation so far prefilled as a prompt of its own, then the call
@@ -121,7 +121,7 @@ def bench_tools(args) -> dict:
             r = sampler.generate(conversations, [1] * n, turn, seed=t)
             fed += sampler.stats["fed_tokens"]
             outputs = [tools.run(script, 0) for _ in range(n)] if t < calls else [None] * n
-            conversations = [c + new + (o.result()[0] if o else []) for c, new, o in
+            conversations = [c + new + (tools.turn(o.result()[0]) if o else []) for c, new, o in
                              zip(conversations, r.tokens, outputs)]
         return fed
 

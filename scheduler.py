@@ -132,7 +132,8 @@ class Generation:
         if wait_for_one and waiting:
             wait([r.tool for r in waiting], return_when=FIRST_COMPLETED)
         for r in (r for r in waiting if r.tool.done()):
-            (ids, ok), r.tool = r.tool.result(), None
+            (output, ok), r.tool = r.tool.result(), None
+            ids = self.tools.turn(output)
             end = r.length + len(ids)
             if end >= self.max_new:  # no room for the turn and a token of the model's after it
                 self.finish(r, "length")

@@ -89,14 +89,19 @@ class Tools:
         return call_code(self.tokenizer.decode(turn))
 
     def run(self, code: str, prompt: int) -> Future:
-        """(the turn's ids, whether the call ran clean), when the call is done; prompt: its index in `items`."""
+        """(what the call printed, whether it ran clean), when it is done; prompt: its index in `items`."""
         secret = self.secret_files[prompt] if self.secret_files else ()
         return _runs.submit(self._run, code, secret)
 
-    def _run(self, code: str, secret_files: tuple) -> tuple[list[int], bool]:
+    def _run(self, code: str, secret_files: tuple) -> tuple[str, bool]:
         run = run_program(code, "", limits=self.limits, secret_files=secret_files)
         output = run.output + (f"TimeoutError: the code ran past {self.limits.wall_s:g} s\n" if run.timed_out else "")
+        return output, run.passed and not run.timed_out
+
+    def turn(self, output: str) -> list[int]:
+        """The tool turn's ids: the framing around the output, cut at max_output_tokens. In the sampler's thread:
+        a tokenizer is not shared across threads."""
         ids = self.tokenize(output)
         if len(ids) > self.max_output_tokens:
             ids = ids[:self.max_output_tokens] + self.tokenize(TRUNCATED)
-        return self.before + ids + self.after, run.passed and not run.timed_out
+        return self.before + ids + self.after
