@@ -219,6 +219,16 @@ def test_the_searchers_wire_carries_the_mask(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(batch.masks, masks))
 
 
+def test_a_call_that_raises_or_hangs_shows_its_error_and_a_long_output_is_cut(smollm2):
+    _, tok = smollm2
+    tools = Tools(tok, config.Config(max_tool_calls=1, max_tool_output_tokens=8, score_timeout=1.0))
+    raised, hung, long = (tools.run(code, 0).result() for code in ("1 / 0", "while True: pass", "print('x ' * 500)"))
+    assert not raised[1] and "ZeroDivisionError: division by zero" in raised[0] and "program_side" not in raised[0]
+    assert not hung[1] and hung[0].endswith("TimeoutError: the code ran past 1 s\n")
+    assert long[1] and tok.decode(tools.turn(long[0])).count("x") == 8 and TRUNCATED in tok.decode(tools.turn(long[0]))
+    assert tools.turn(raised[0])[:len(tools.before)] == tools.before and tools.turn("")[-len(tools.after):] == tools.after
+
+
 def test_bad_tool_input_is_one_sentence(smollm2, monkeypatch):
     _, tok = smollm2
     with pytest.raises(ValueError, match=r"--max-new-tokens 40 .* raise it above") as e:
