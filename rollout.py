@@ -10,7 +10,7 @@ each rollout's own blocks, merged by log-sum-exp (kernels/attention.py); which r
 """
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +246,7 @@ class Sampler:
         self.stats = {"preemptions": run.preemptions, "evictions": run.evictions,
                       "peak_kv_tokens": run.peak_blocks * self.block_size, "fed_tokens": run.fed_tokens}
         keys = sorted(results)
-        columns = list(zip(*(results[k] for k in keys))) or [[]] * 7
+        columns = list(zip(*(results[k] for k in keys))) or [()] * (len(fields(Rollouts)) - 2)  # none: all empty
         return Rollouts([p for p, _ in keys], [s for _, s in keys], *map(list, columns))
 
     def clear_blocks(self, blocks: list[int]) -> None:

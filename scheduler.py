@@ -116,9 +116,9 @@ class Generation:
                     self.evict(self.active[-1])
                 continue
             self.reserve_blocks()
-            if self.stepping():
+            if rollouts := self.stepping():
                 self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.pool.free))
-                self.step()
+                self.step(rollouts)
         return self.results
 
     def stepping(self) -> list[_Rollout]:
@@ -233,10 +233,9 @@ class Generation:
                             device=self.s.device).T
         return sample_keys(self.seed, *rows)
 
-    def step(self) -> None:
+    def step(self, rollouts: list[_Rollout]) -> None:
         """Every rollout not waiting for a tool feeds what it has not fed (its last token; after a tool turn, the
         token that closed the call and the turn, in their own forward) and samples its next token."""
-        rollouts = self.stepping()
         turns, decoding = [r for r in rollouts if r.length - r.fed > 1], [r for r in rollouts if r.length - r.fed == 1]
         if turns:
             self.take_turns(turns)

@@ -118,10 +118,10 @@ def test_a_rollout_takes_one_token_a_step(smollm2, monkeypatch):
     same step (its blocks were reserved for that one; it may have finished)."""
     grew, step = [], scheduler.Generation.step
 
-    def logged(self):
-        rollouts = [(r, r.length) for r in self.stepping()]
-        step(self)
-        grew.extend(r.length - n for r, n in rollouts)
+    def logged(self, rollouts):
+        before = [(r, r.length) for r in rollouts]
+        step(self, rollouts)
+        grew.extend(r.length - n for r, n in before)
 
     monkeypatch.setattr(scheduler.Generation, "step", logged)
     assert sum(multi_turn(smollm2)[3].tool_calls) > 0 and max(grew) == 1
