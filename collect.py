@@ -2,6 +2,7 @@
 metrics over all ranks; and held-out evaluation."""
 
 import math
+from collections import Counter
 
 import torch
 
@@ -51,9 +52,7 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
     """One step's rollouts on this rank and its sampling metrics over all ranks. Dynamic sampling drops groups of
     equal rewards and samples more rounds until prompts_per_step are held (ALGORITHMS.md 0); all-right groups stay
     for the echo term (ALGORITHMS.md 4)."""
-    B, parts, held, all_budgets = cfg.prompts_per_step, [], 0, []
-    sums = dict.fromkeys(("responses", "reward", "passed", "tokens", "entropy", "failures", "timeouts", "groups",
-                          "informative", "kept", "all_right", "all_wrong", "tool_calls", "tool_errors"), 0.0)
+    B, parts, held, all_budgets, sums = cfg.prompts_per_step, [], 0, [], Counter()
     for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         picked, budgets = state.next_prompts()
         all_budgets += budgets
@@ -75,14 +74,13 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
         rows = [i for i, g in enumerate(batch.group.tolist()) if g in kept or g in echo_only]
         parts.append(batch.select(rows, torch.tensor([g in kept for g in batch.group.tolist()])))
         entropy = torch.cat(batch.entropies).sum().item() if batch.entropies else 0.0
-        for name, value in (("responses", len(batch.rewards)), ("reward", batch.rewards.sum().item()),
-                            ("passed", (batch.rewards >= cfg.success).sum().item()),
-                            ("tokens", sum(int(m.sum()) for m in batch.masks)), ("entropy", entropy),
-                            *counts.items(), ("groups", len(keys)), ("kept", len(kept)),
-                            ("informative", sum(informative[first[g]].item() for g in keys)),
-                            ("all_right", sum(all_right[first[g]].item() for g in keys)),
-                            ("all_wrong", sum(all_wrong[first[g]].item() for g in keys))):
-            sums[name] += value
+        sums.update({"responses": len(batch.rewards), "reward": batch.rewards.sum().item(),
+                     "passed": (batch.rewards >= cfg.success).sum().item(),
+                     "tokens": sum(int(m.sum()) for m in batch.masks), "entropy": entropy,
+                     **counts, "groups": len(keys), "kept": len(kept),
+                     "informative": sum(informative[first[g]].item() for g in keys),
+                     "all_right": sum(all_right[first[g]].item() for g in keys),
+                     "all_wrong": sum(all_wrong[first[g]].item() for g in keys)})
         if held >= B:
             break
     batch = Batch.concat(parts)

@@ -98,8 +98,6 @@ def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int
 def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, G_max: int) -> list[int]:
     """E3's rollouts per prompt by difficulty ranks, as the released get_rollout_n_per_prompt but for a cap."""
     k = np.asarray([float(x) for x in ranks], dtype=np.float64)
-    if not len(k):
-        return []
     # step 2 in numpy's float64, as the original: its 1e-8, pairwise sum and floor decide who gets a whole rollout
     total = k.sum()
     w = k / (total + 1e-8) if total > 0 else np.zeros_like(k)
@@ -191,13 +189,11 @@ class ReplayBuffer:
     def drop_stale(self, step: int) -> None:
         if self.max_staleness <= 0:  # 0: no age limit
             return
-        for prompt in list(self.items):
-            kept = [r for r in self.items[prompt] if step - r["version"] <= self.max_staleness]
-            self.removed["evicted_age"] += len(self.items[prompt]) - len(kept)
-            if kept:
-                self.items[prompt] = kept
-            else:
-                del self.items[prompt]
+        before = self.size()
+        for prompt, held in self.items.items():
+            self.items[prompt] = [r for r in held if step - r["version"] <= self.max_staleness]
+        self.items = {prompt: held for prompt, held in self.items.items() if held}
+        self.removed["evicted_age"] += before - self.size()
         self.fresh = [p for p in self.fresh if p in self.items]
 
     def draw(self, prompts: int, k: int, fresh_prob: float, inv_temp: float, generator: torch.Generator,

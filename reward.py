@@ -281,12 +281,6 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def _pool(workers: int) -> multiprocessing.pool.Pool:
-    if workers not in _pools:
-        _pools[workers] = _CONTEXT.Pool(workers, initializer=_quiet_worker)
-    return _pools[workers]
-
-
 def score(task: Task, items: list[dict], responses: list[str], timeout: float = 5.0, workers: int = 0,
           verifier: Callable[[str, dict], float] | None = None, memory_mb: int = 1024) -> tuple[list[float], int, int]:
     """(rewards, verifier failures, programs out of time), by `workers` processes (0: the CPUs). A code item's
@@ -307,8 +301,9 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
     todo = [(i, answer, verifier or check, wait) for i, answer, check, wait in todo if answer is not None]
     results: dict[int, float | str] = {}
     while todo:
-        pool = _pool(workers)
-        pending = [pool.apply_async(_call, (check, answer, items[i])) for i, answer, check, _ in todo]
+        if workers not in _pools:
+            _pools[workers] = _CONTEXT.Pool(workers, initializer=_quiet_worker)
+        pending = [_pools[workers].apply_async(_call, (check, answer, items[i])) for i, answer, check, _ in todo]
         for (i, _, _, wait), result in zip(todo, pending):
             # Workers take items in order and every item before i is finished, so item i is already
             # running (or done) when this wait starts: each verifier gets at least `wait` seconds.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from forward import ModelConfig, forward
 from kernels import attention, sampling
@@ -51,10 +52,6 @@ def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_z, order = z.sort(-1, descending=True)
     probs = sorted_z.softmax(-1)
     return z.scatter(-1, order, sorted_z.masked_fill(probs.cumsum(-1) - probs >= top_p, -torch.inf))
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
 
 
 def graph_key(b: DecodeBatch, temperature: float) -> tuple:
@@ -104,9 +101,7 @@ class Sampler:
         """Each prompt's last-position logits, the prompts run right-padded in one batch, their KV into their blocks."""
         c, bs = self.cfg, self.block_size
         lengths = [len(p) for p in prompts]
-        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p, device=self.device)
+        tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True).to(self.device)
         valid = torch.arange(tokens.shape[1], device=self.device) < torch.tensor(lengths, device=self.device)[:, None]
         slots = torch.tensor([bl[t // bs] * bs + t % bs for bl, n in zip(blocks, lengths) for t in range(n)],
                              device=self.device)
@@ -189,8 +184,8 @@ class Sampler:
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
         """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""
         rows, groups = len(b.tokens), len(b.group_start)
-        extra_rows, extra_groups = next_pow2(rows) - rows, next_pow2(groups) - groups
-        width = next_pow2(b.prompt_blocks.shape[1])
+        extra_rows, extra_groups = triton.next_power_of_2(rows) - rows, triton.next_power_of_2(groups) - groups
+        width = triton.next_power_of_2(b.prompt_blocks.shape[1])
 
         def pad(x, n, value):
             return torch.cat([x, x.new_full((n, *x.shape[1:]), value)])
@@ -203,7 +198,7 @@ class Sampler:
             seq_len=pad(b.seq_len, extra_rows, 1), block_table=pad(b.block_table, extra_rows, scratch),
             group_start=pad(b.group_start, extra_groups, rows), group_count=pad(b.group_count, extra_groups, 0),
             prompt_len=pad(b.prompt_len, extra_groups, 1), prompt_blocks=pad(prompt_blocks, extra_groups, scratch),
-            num_splits=b.num_splits, max_count=min(next_pow2(b.max_count), next_pow2(rows)))
+            num_splits=b.num_splits, max_count=min(triton.next_power_of_2(b.max_count), triton.next_power_of_2(rows)))
 
     def _capture(self, static: DecodeBatch, sampled: bool):
         """One padded decode step as a CUDA graph; `static`'s tensors and graph_temperature become its inputs."""

@@ -186,7 +186,7 @@ class Generation:
     def reserve_blocks(self) -> None:
         """Give every rollout the next step feeds the blocks its fed tokens go into."""
         writes, i = [], 0
-        while i < len(self.running):  # oldest first; preemption only ever removes the newest
+        while i < len(self.running):  # oldest first; preemption only ever removes the newest, ending the loop there
             rollout = self.running[i]
             while rollout.tool is None and len(rollout.blocks) * self.s.block_size < rollout.length:
                 block = self.alloc_block(rollout)
@@ -194,8 +194,6 @@ class Generation:
                     break
                 writes.append((rollout.slot, len(rollout.blocks), block))
                 rollout.blocks.append(block)
-            if rollout not in self.running:
-                break
             i += 1
         if writes:
             self.s.clear_blocks([block for _, _, block in writes])
@@ -264,12 +262,11 @@ class Generation:
     def decode(self, rows: list[_Rollout]) -> None:
         """One token for every running rollout: feed its last token, attend, sample."""
         s, dev = self.s, self.s.device
-        groups = list(dict.fromkeys(r.prompt for r in rows))
-        counts = Counter(r.prompt.index for r in rows)
+        counts = Counter(r.prompt for r in rows)  # its keys are the groups, in row order
         slot = torch.tensor([r.slot for r in rows], device=dev)
         pos = torch.tensor([r.length - 1 for r in rows], device=dev)  # own position of the fed token
-        group_count = torch.tensor([counts[g.index] for g in groups], dtype=torch.int32, device=dev)
-        prompt_len = torch.tensor([len(g.tokens) for g in groups], dtype=torch.int32, device=dev)
+        group_count = torch.tensor(list(counts.values()), dtype=torch.int32, device=dev)
+        prompt_len = torch.tensor([len(g.tokens) for g in counts], dtype=torch.int32, device=dev)
         block_table = self.slot_blocks[slot]
         batch = DecodeBatch(
             tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
@@ -277,7 +274,7 @@ class Generation:
             write_slots=block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size
             + pos % s.block_size,
             group_start=torch.cumsum(group_count, 0, dtype=torch.int32) - group_count, group_count=group_count,
-            prompt_len=prompt_len, prompt_blocks=self.prompt_blocks(groups),
+            prompt_len=prompt_len, prompt_blocks=self.prompt_blocks(list(counts)),
             # split-K parallelism for the kernels' long own-token reads; the torch path reads them at once
             num_splits=max(1, min(8, -(-max(r.length for r in rows) // 512))) if s.use_triton else 1,
             max_count=max(counts.values()))

@@ -13,7 +13,6 @@ parameter: AdamW is element-wise, so the rows are independent runs.
 """
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +41,6 @@ class Config:
             raise ValueError(f"--init {self.init} is unknown; use seeded or zero")
 
 
-def initial_logits(cfg: Config) -> torch.Tensor:
-    z = torch.zeros(cfg.vocab, dtype=torch.float64, device=cfg.device)
-    if cfg.init == "seeded":
-        z[:cfg.n_correct], z[cfg.n_correct] = 3.0, 5.0
-    return z
-
-
 def centred_counts(p: torch.Tensor, ns: tuple[int, ...], reward: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Row k: c_i = sum over the ns[k] draws of token i (from p[k], with replacement) of (reward_i - batch mean)."""
     rows, vocab = p.shape
@@ -70,7 +62,10 @@ def simulate(cfg: Config) -> dict:
     reward = torch.full((cfg.vocab,), -1.0, dtype=torch.float64, device=cfg.device)
     reward[:cfg.n_correct] = 1.0
     ns = torch.tensor(cfg.ns, dtype=torch.float64, device=cfg.device)
-    z = initial_logits(cfg).repeat(len(cfg.ns), 1).requires_grad_()
+    z = torch.zeros(len(cfg.ns), cfg.vocab, dtype=torch.float64, device=cfg.device)
+    if cfg.init == "seeded":
+        z[:, :cfg.n_correct], z[:, cfg.n_correct] = 3.0, 5.0
+    z.requires_grad_()
     opt = torch.optim.AdamW([z], lr=cfg.lr, weight_decay=cfg.weight_decay)
     p0 = torch.softmax(z.detach(), -1)[:, :cfg.n_correct]
     curves = []
@@ -90,18 +85,11 @@ def simulate(cfg: Config) -> dict:
             for k, n in enumerate(cfg.ns)}
 
 
-# ---- the mass-balance check (ALGORITHMS.md 1) ----
-# One SGD step z' = z - eta dL/dz on L = -(1/N) sum_i c_i p_i gives dz_k = (eta/N) p_k (c_k - S), S = sum_i c_i p_i,
-# and, to first order, dp_k = p_k (dz_k - sum_m p_m dz_m), so dQ_pos = Q_neg sum_{P} p_k dz_k - Q_pos sum_{not P} p_k dz_k.
-# Splitting P into A (sampled) and U (unsampled, c_k = 0), and the incorrect tokens into B and U:
-#   dQ_pos = (eta/N) [ Q_neg sum_A p_k^2 (c_k - S) + Q_pos sum_B p_k^2 (S - c_k) + S (Q_pos U_neg2 - Q_neg U_pos2) ].
-# This is exact to first order for ANY per-token coefficients c. ALGORITHMS.md's formula is the special case
-# c_k = R_c on every token of A and R_w on every token of B: then S = R_c P_pos + R_w P_neg = S_R and the sums
-# become (R_c - S_R) A2 and (S_R - R_w) B2. With the simulator's draws (with replacement, centred rewards) a token
-# drawn n_k times has c_k = n_k r~_k, so the literal formula holds only when no token is drawn twice; then
-# R_c = 1 - mean r and R_w = -1 - mean r (the CENTRED rewards), not +1/-1. So --check tests both:
-#   "counts":   draws with replacement, c_k = n_k r~_k, the general form above;
-#   "distinct": N distinct draws (without replacement), ALGORITHMS.md's formula coded literally with centred R_c, R_w.
+# ---- the mass-balance check (ALGORITHMS.md 1; the derivation: docs/brorl.md) ----
+# To first order, one SGD step on L = -(1/N) sum_i c_i p_i moves Q_pos by (eta/N) [Q_neg sum_A p_k^2 (c_k - S)
+# + Q_pos sum_B p_k^2 (S - c_k) + S (Q_pos U_neg2 - Q_neg U_pos2)], S = sum_i c_i p_i, for any coefficients c.
+# --check tests that on draws with replacement ("counts", c_k = n_k r~_k), and ALGORITHMS.md's formula, the case
+# c = R_c on A and R_w on B, on N distinct draws ("distinct", centred rewards R_c = 1 - mean r, R_w = -1 - mean r).
 
 def mass_balance_terms(p, correct, c, sampled) -> list[float]:
     """The three terms of (N/eta) dQ_pos for per-token coefficients c (the general form above)."""
@@ -160,13 +148,12 @@ def plot(results: dict, paths: list[Path]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    titles = ["Q_pos (correct probability mass)", "% of correct tokens above their start",
-              "worst change of a correct token's probability"]
-    for k, (n, curves) in enumerate(results.items()):
-        color = plt.cm.viridis(k / max(1, len(results) - 1))  # ns are roughly log-spaced: one colour step each
-        for ax, key in zip(axes, ("q_pos", "pct_improved", "worst_change")):
+    panels = {"q_pos": "Q_pos (correct probability mass)", "pct_improved": "% of correct tokens above their start",
+              "worst_change": "worst change of a correct token's probability"}
+    for ax, (key, title) in zip(axes, panels.items()):
+        for k, (n, curves) in enumerate(results.items()):
+            color = plt.cm.viridis(k / max(1, len(results) - 1))  # ns are roughly log-spaced: one colour step each
             ax.plot(curves[key], color=color, lw=1, label=f"N = {int(n):,}")
-    for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="step")
     axes[2].axhline(0, color="grey", lw=0.5)
     axes[2].set_yscale("symlog", linthresh=1e-7)  # negative drops of small N span decades; big N stays just above 0
@@ -189,7 +176,7 @@ def main(cfg: Config):
                   f" {r['max_dz']:8.1e}")
         worst = max(r["rel_err"] for r in rows)
         print(f"worst relative error {worst:.1e} ({'within' if worst < 0.01 else 'OUTSIDE'} 1%)")
-        sys.exit(0 if worst < 0.01 else 1)
+        raise SystemExit(0 if worst < 0.01 else 1)
     if cfg.device == "cpu":  # ops over 128k floats are too small to gain from intra-op threads; on a busy
         torch.set_num_threads(1)  # machine their synchronisation made a run 2-4x slower (measured)
     results = simulate(cfg)
