@@ -1,27 +1,23 @@
 """fanout's benchmarks: the sampler against HF transformers' `generate` and the hardware roofline; the
-trainer's step throughput and MFU; the fused log-prob kernel's memory; programs scored per second.
+trainer's step throughput and MFU, LoRA against full fine-tuning; programs scored per second.
 
     python bench.py sampler                 # CPU: SmolLM2-135M in train.py's dtype for this CPU, 64 rollouts of one
                                             # 256-token prompt; --device cuda: a random Qwen2.5-1.5B shape, prompts
                                             # 256/1024/4096, N in {16, 64, 512, 2048} rollouts at the same total
     python bench.py trainer [--device cuda] # one RL update (trainer.train_on_batch), packed against padded
-                                            # micro-batches: tokens/s, TFLOP/s, MFU
-    python bench.py logprob [--device cuda] # peak memory of response logprobs + entropies, forward and backward,
-                                            # 8192 tokens x 49,152 vocabulary x 576: chunked vs full logits
+                                            # micro-batches: tokens/s, TFLOP/s, MFU; LoRA against full fine-tuning
     python bench.py reward [--workers N]    # HumanEval's 164 canonical solutions through the sandbox: programs/s
     python bench.py tools                   # multi-turn sampling with a Python tool: KV reuse against prefilling
                                             # each conversation again at every turn, 32 rollouts x 4 turns
 
-It writes JSON (--out). The sampler, trainer and logprob cases import only torch, triton and transformers of the
+It writes JSON (--out). The sampler and trainer cases import only torch, triton and transformers of the
 packages, so a GPU machine's own python runs them.
 """
 
 import argparse
+import copy
 import json
 import os
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +26,7 @@ import transformers
 
 import cluster
 import config
+import lora
 import trainer
 from forward import ModelConfig
 from kernels import attention
@@ -240,8 +237,8 @@ def long_tailed_batch(args, vocab: int) -> trainer.Batch:
 
 
 def bench_trainer(args) -> dict:
-    """One RL update (trainer.train_on_batch) on a long-tailed length mix, packed and padded (--no-pack) micro-
-    batches in turn on the same model, interleaved so that both see the same machine."""
+    """One RL update (trainer.train_on_batch) on a long-tailed length mix: packed and padded (--no-pack) micro-
+    batches on the same model and, with --lora-rank, packed on a LoRA copy, interleaved so all see the same machine."""
     device = torch.device(args.device)
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", RANK="0", WORLD_SIZE="1")
@@ -253,12 +250,18 @@ def bench_trainer(args) -> dict:
             trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout"), dtype=torch.float32)
         hf_config = lm.config
         dtype, chosen = cpu_dtype(args, hf_config)
-    if args.activation_checkpointing:
-        trainer.checkpoint_layers(lm)
-    model = trainer.Policy(lm)
-    if device.type == "cuda":
-        cluster.shard(model, lm.model.layers, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
+    copies = {"full": lm}
+    if args.lora_rank:  # the same update training adapters on a frozen copy (lora.py)
+        copies["lora"] = copy.deepcopy(lm)
+        lora.add_adapters(copies["lora"], config.Config(lora_rank=args.lora_rank))
+    models = {}
+    for kind, m in copies.items():
+        if args.activation_checkpointing:
+            trainer.checkpoint_layers(m)
+        model = trainer.Policy(m)
+        if device.type == "cuda":
+            cluster.shard(model, m.model.layers, device, dtype)
+        models[kind] = model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     batch = long_tailed_batch(args, hf_config.vocab_size)
     tokens, flops = sum(map(len, batch.sequences)), train_flops(hf_config, batch.sequences, batch.prompt_lens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -268,14 +271,19 @@ def bench_trainer(args) -> dict:
                       f"{chosen['dtype']}, micro-batches of {args.tokens_per_microbatch} tokens", **chosen,
               "device": name, "lengths": {k: getattr(args, k) for k in ("prompt_len", "response_len", "response_max")},
               "tokens": tokens, "shared_prompts": device.type == "cpu"}
-    steps, seconds = {}, {"packed": 0.0, "padded": 0.0}
-    for layout in seconds:
-        cfg = config.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=layout == "packed")
-        steps[layout] = lambda cfg=cfg: trainer.train_on_batch(cfg, model, None, optimizer, batch, 1.0, dtype)
+    layouts = {"packed": ("full", True), "padded": ("full", False), **({"lora": ("lora", True)} if args.lora_rank
+                                                                         else {})}
+    steps, seconds = {}, dict.fromkeys(layouts, 0.0)
+    for layout, (kind, pack) in layouts.items():
+        cfg = config.Config(max_tokens_per_microbatch=args.tokens_per_microbatch, pack=pack)
+        model, optimizer = models[kind]
+        steps[layout] = lambda cfg=cfg, m=model, o=optimizer: trainer.train_on_batch(cfg, m, None, o, batch, 1.0, dtype)
         plans = trainer.plan_step(cfg, model, batch, torch.ones(len(batch.sequences)), 1.0, dtype, None)[0]
         result[layout] = {"microbatches": len(plans), "model_tokens": sum(  # real tokens and padding
             trainer.lay_out(batch.sequences, batch.prompt_lens, rows, False)[0].numel() for rows in plans)}
         steps[layout]()  # warm-up: allocator, Triton compilation, optimizer state
+        result[layout]["optimizer_state_MiB"] = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                                    for t in state.values() if torch.is_tensor(t)) / 2**20
     for _ in range(args.repeats):
         for layout, step in steps.items():
             seconds[layout] += timed(step, args.device)[1] / args.repeats
@@ -284,46 +292,11 @@ def bench_trainer(args) -> dict:
                               mfu=flops / s / 1e12 / peak if peak else None)
     result.update(speedup=seconds["padded"] / seconds["packed"],
                   peak_memory_GiB=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+    if args.lora_rank:  # LoRA against full fine-tuning, both packed: the ratios of one run on one machine
+        result["lora_vs_full"] = {"rank": args.lora_rank, "step_time": seconds["lora"] / seconds["packed"],
+                                  "optimizer_state": result["lora"]["optimizer_state_MiB"] /
+                                  result["packed"]["optimizer_state_MiB"]}
     return result
-
-
-# ---- the log-prob kernel's memory ----
-
-def logprob_peak(variant: str, device: str, tokens: int, vocab: int, hidden: int) -> float:
-    """Peak bytes above the inputs for logprob + entropy forward and backward, bf16 inputs."""
-    from kernels.logprob import logprob, reference_logprob
-    gen = torch.Generator(device=device).manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=gen, device=device, dtype=torch.bfloat16).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen, device=device) * hidden ** -0.5).bfloat16().requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    peak = (lambda: torch.cuda.max_memory_allocated()) if device == "cuda" else \
-        (lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    base = torch.cuda.memory_allocated() if device == "cuda" else peak()
-    if variant == "full":  # the plain way: [tokens, vocab] float32 logits, log-softmax, gather
-        logp = torch.log_softmax((h @ w.T).float(), -1)
-        out = logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
-    else:
-        out = (logprob if device == "cuda" else reference_logprob)(h, w, targets, 1.0)
-    (out[0].sum() + out[1].sum()).backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return peak() - base
-
-
-def bench_logprob(args) -> dict:
-    """Each variant in a fresh process, so that one's peak does not hide the other's."""
-    shape, peaks = dict(tokens=8192, vocab=49152, hidden=576), {}
-    for variant in ("full", "chunked"):
-        code = f"import bench; print(bench.logprob_peak({variant!r}, {args.device!r}, *{tuple(shape.values())}))"
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parent)
-        peaks[variant] = float(run.stdout.split()[-1]) / 2**20
-    return {"case": f"logprob + entropy, forward and backward, {shape}, bf16 inputs", "device": args.device,
-            "peak_MiB_full_logits": peaks["full"], "peak_MiB_chunked": peaks["chunked"],
-            "ratio": peaks["full"] / peaks["chunked"]}
 
 
 # ---- reward ----
@@ -346,7 +319,7 @@ def bench_reward(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "tools", "trainer", "logprob", "reward"])
+    parser.add_argument("what", choices=["sampler", "tools", "trainer", "reward"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
@@ -362,6 +335,7 @@ def main():
         trainer_args.add_argument(f"--{flag.replace('_', '-')}", type=int, help=f"default {cuda} on CUDA, {cpu} on CPU")
     trainer_args.add_argument("--group-size", type=int, default=8, help="responses per prompt")
     trainer_args.add_argument("--activation-checkpointing", action="store_true")
+    trainer_args.add_argument("--lora-rank", type=int, default=16, help="also a LoRA update of this rank (0: none)")
     trainer_args.add_argument("--repeats", type=int, default=3, help="trainer and reward cases")
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
     parser.add_argument("--workers", type=int, default=0, help="reward case: scoring processes (0 = the CPUs)")
@@ -370,7 +344,7 @@ def main():
         setattr(args, flag, getattr(args, flag) or defaults[args.device == "cpu"])
     torch.manual_seed(0)
     result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
-              "logprob": bench_logprob, "reward": bench_reward, "tools": bench_tools}[args.what](args)
+              "reward": bench_reward, "tools": bench_tools}[args.what](args)
     print(json.dumps(result, indent=1))
     if "hf_generate" in result:
         print(f"fanout {result['fanout']['tokens_per_s']:.1f} tokens/s, HF generate "

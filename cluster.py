@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from config import Config
 
@@ -104,11 +103,8 @@ def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int =
                 product()
                 best = min(best, time.perf_counter() - start)
                 if dtype == torch.bfloat16 and i > 0 and (total + best) * 1e3 > result["float32"]:
-                    result["stopped"] = True
-                    break
+                    return {**result, "stopped": True, "bfloat16": (total + best) * 1e3}
             total += best
-            if result["stopped"]:
-                break
         result[str(dtype).removeprefix("torch.")] = total * 1e3
     return result
 
@@ -218,19 +214,6 @@ def make_roles(searchers: int, rank: int, world: int) -> Roles:
 BUCKET = 1 << 26  # bytes per broadcast: 64 MiB
 
 
-def weight_names(lm, weights: dict) -> list[str]:
-    """The names of the model's tensors that `weights` (a sampler's) holds, in the fixed order of the broadcast."""
-    return sorted(name for name in lm.state_dict() if name in weights)
-
-
-def pack_weights(lm, names: list[str]) -> torch.Tensor:
-    """The trainer's weights as one flat bf16 CPU tensor in `names` order (every FSDP2 rank takes part)."""
-    state = lm.state_dict()
-    with torch.no_grad():
-        return torch.cat([(state[n].full_tensor() if isinstance(state[n], DTensor) else state[n]).to(torch.bfloat16)
-                          .flatten() for n in names]).cpu()
-
-
 def checksum(flat: torch.Tensor) -> int:
     """The sum of the weights' bf16 bit patterns (as int16): equal on both sides of an exact copy."""
     return int(flat.view(torch.int16).sum(dtype=torch.int64))
@@ -251,9 +234,7 @@ def broadcast_weights(flat: torch.Tensor, version: int, group) -> tuple[int, int
 
 def load_flat(weights: dict, flat: torch.Tensor, names: list[str]) -> None:
     """Copy a packed flat of weights into `weights`' tensors (a sampler's), in place."""
-    offset = 0
+    tensors = [weights[name] for name in names]
     with torch.no_grad():
-        for name in names:
-            w = weights[name]
-            w.copy_(flat[offset:offset + w.numel()].view(w.shape))
-            offset += w.numel()
+        for w, piece in zip(tensors, flat.split([w.numel() for w in tensors])):
+            w.copy_(piece.view(w.shape))

@@ -14,6 +14,7 @@ ECHO_MODES = ("all", "any")
 CHOICES = {"loss": ("ppo", "tb"), "adv": ADVANTAGE_KINDS, "kl_kind": KL_KINDS, "aggregate": AGGREGATE_MODES,
            "echo_mode": ECHO_MODES, "dtype": ("auto", "bfloat16", "float32"),
            "wandb": ("disabled", "offline", "online"), "lr_schedule": ("constant", "warmup", "cosine")}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention and MLP
 
 
 @dataclass
@@ -92,6 +93,11 @@ class Config:
     max_tokens_per_microbatch: int = 4096  # token budget of one forward/backward
     pack: bool = True                      # rows of several sequences, on a CPU a prompt once a group (--no-pack: one)
     activation_checkpointing: bool = False # recompute each layer in the backward: less memory, ~1/3 more compute
+    # LoRA (lora.py): only low-rank adapters train; the base is frozen, and with adapters off it is the reference
+    lora_rank: int = 0                     # adapter rank r (0 = full fine-tuning)
+    lora_alpha: float = 32.0               # an adapter's update is scaled by alpha / r
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # the decoder layers' linear layers adapted (by name)
+    lora_dropout: float = 0.0              # dropout on an adapter's input in the update passes
     seed: int = 0                          # seeds data order, sampling and initialisation
     # evaluation and output
     eval_prompts: int = 64                 # held-out prompts, never trained on
@@ -114,11 +120,11 @@ class Config:
                  for name, options in CHOICES.items()]
         rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
             "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "eval_samples", "max_gen_rounds",
-            "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens")]
+            "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
         rules += [(getattr(self, name) >= 0, f"{flag(name)} must be at least 0") for name in (
-            "max_tool_calls", "max_tool_output_tokens")]
+            "max_tool_calls", "max_tool_output_tokens", "lora_rank", "score_workers", "search_prompts")]
         rules += [(getattr(self, name) > 0, f"{flag(name)} must be above 0") for name in (
-            "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample")]
+            "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample", "lora_alpha")]
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max
         rules += [
             (self.temperature >= 0, f"--temperature {self.temperature} is negative; use 0 for greedy decoding or a "
@@ -134,7 +140,10 @@ class Config:
             (self.tis_cap >= 0, f"--tis-cap {self.tis_cap} must be 0 (off) or a positive cap on the weight"),
             (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
              "response ever succeeds and EchoRL has nothing to learn from; use 1"),
-            (self.score_workers >= 0, f"--score-workers {self.score_workers} must be at least 0 (the CPU count)")]
+            (0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout} is a probability below 1; use 0 (off) "
+             "or e.g. 0.05"),
+            (not (self.lora_rank and self.ref_reset_every), f"--ref-reset-every {self.ref_reset_every}: with LoRA the "
+             "reference is the frozen base (adapters off), which a reset cannot move; drop one of the two")]
         if lo or hi:  # E3's budgets (ALGORITHMS.md 3): every batch keeps B x G rollouts within the bounds
             rules += [(lo >= 1, f"--budget-min {lo} must be at least 1 rollout per prompt"),
                       (lo <= hi, f"--budget-min {lo} is above --budget-max {hi}; pass a min <= max"),
@@ -148,14 +157,12 @@ class Config:
         if self.searchers:  # TBA (ALGORITHMS.md 2)
             rules += [
                 (self.searchers >= -1, f"--searchers {self.searchers} must be >= 0 (or -1: every rank but one)"),
-                (self.sync_every >= 1, f"--sync-every {self.sync_every} must be at least 1 trainer step"),
                 (0 <= self.fresh_prob <= 1, f"--fresh-prob {self.fresh_prob} is a probability; use a value in [0, 1]"),
                 (self.replay_capacity >= self.rollouts_per_prompt, f"--replay-capacity {self.replay_capacity} is "
                  f"below --rollouts-per-prompt {self.rollouts_per_prompt}; a prompt must hold a whole group"),
                 (self.max_staleness == 0 or self.max_staleness >= 2 * self.sync_every - 1, f"--max-staleness "
                  f"{self.max_staleness} would drop fresh rounds, which are used up to 2 x --sync-every - 1 = "
                  f"{2 * self.sync_every - 1} steps after their weights; use at least that, or 0 (never)"),
-                (self.search_prompts >= 0, f"--search-prompts {self.search_prompts} must be >= 0"),
                 (self.loss == "tb" or self.kl_coef == 0, f"--kl-coef {self.kl_coef}: async PPO has no per-token "
                  "reference logprobs (searchers keep sequence sums); use --loss tb or --kl-coef 0"),
                 (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
@@ -170,6 +177,8 @@ def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:
 
 
 DEMO = dict(binary_reward=True, max_new_tokens=32, lr=2e-5)  # the CPU demo's task, prompt and model (defaults)
+GPU = dict(task="rg:basic_arithmetic", task_size=20000, kv_budget_tokens=1 << 20, lr=1e-6, steps=500, eval_prompts=256,
+           eval_samples=8, max_tokens_per_microbatch=16384)  # the GPU presets' scale
 # BroRL (ALGORITHMS.md 1); the reset interval and the base learning rate below are our choices
 BRORL = dict(adv="reinforce++", eps_low=0.2, eps_high=0.28, kl_coef=1e-4, kl_kind="k3", ref_reset_every=100,
              tis_cap=2.0, dynamic_sampling=True, rollouts_per_prompt=512, prompts_per_step=128)
@@ -181,31 +190,27 @@ TOOL_PROMPT = ("{question}\nWrite a ```python block that prints the result; its 
                "the result in the form 'Answer: <number>'.")
 PRESETS = {
     "demo": ("CPU demo: SmolLM2-135M-Instruct learns 1-digit arithmetic in a few minutes", Config(**DEMO, steps=30)),
+    "demo-lora": ("the CPU demo training rank-16 LoRA adapters (alpha 32) on the frozen model, at 10x the demo's lr",
+                  Config(**{**DEMO, "lr": 2e-4}, steps=30, lora_rank=16, out_dir="runs/demo-lora")),
     "grpo": ("GRPO on GPUs: 64 prompts x 16 rollouts, 1k-token responses", Config(
-        task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, rollouts_per_prompt=16,
-        max_new_tokens=1024, kv_budget_tokens=1 << 20, lr=1e-6, steps=500, eval_prompts=256,
-        eval_samples=8, max_tokens_per_microbatch=16384, out_dir="runs/grpo")),
+        **GPU, prompts_per_step=64, rollouts_per_prompt=16, max_new_tokens=1024, out_dir="runs/grpo")),
     "echo": ("EchoRL at the demo scale: GRPO plus lambda=1e-3 NLL on the EchoClip of all-right groups", Config(
         **DEMO, steps=30, echo_coef=1e-3, out_dir="runs/echo")),
     "tb": ("synchronous trajectory balance at the demo scale: VarGrad log Z, beta 0.014 -> 0.004", Config(
         **DEMO, steps=30, loss="tb", out_dir="runs/tb")),
     "brorl": ("BroRL on GPUs: REINFORCE++-baseline, 128 prompts x 512 rollouts, dynamic sampling, TIS, KL with "
               "resets; lr = 1e-6 (base, 512 x 16) x sqrt(8)", Config(
-        **BRORL, task="rg:basic_arithmetic", task_size=50000, max_new_tokens=4096, kv_budget_tokens=1 << 20,
-        lr=brorl_lr(1e-6, 512 * 16, 128 * 512), steps=500, eval_prompts=256, eval_samples=8,
-        max_tokens_per_microbatch=32768, out_dir="runs/brorl")),
+        **{**GPU, **BRORL, "task_size": 50000, "max_tokens_per_microbatch": 32768,
+           "lr": brorl_lr(1e-6, 512 * 16, 128 * 512)}, max_new_tokens=4096, out_dir="runs/brorl")),
     "brorl-cpu": ("BroRL scaled down to this CPU: 2 prompts x 256 rollouts; lr = 2e-5 (the demo's, 8 x 8) x sqrt(8)",
                   Config(**{**BRORL, **DEMO, "prompts_per_step": 2, "rollouts_per_prompt": 256, "max_new_tokens": 16,
                             "lr": brorl_lr(2e-5, 8 * 8, 2 * 256)}, steps=3, eval_prompts=16, out_dir="runs/brorl-cpu")),
     "e3": ("E3 on GPUs: GRPO, 64 prompts x 8 rollouts in 4..12 by difficulty, entropy-holding temperature", Config(
-        **E3, task="rg:basic_arithmetic", task_size=20000, prompts_per_step=64, max_new_tokens=4096,
-        kv_budget_tokens=1 << 20, lr=1e-6, steps=480, eval_prompts=256, eval_samples=16,
-        max_tokens_per_microbatch=16384, out_dir="runs/e3")),
+        **{**GPU, **E3, "steps": 480, "eval_samples": 16}, prompts_per_step=64, max_new_tokens=4096,
+        out_dir="runs/e3")),
     "tba": ("TBA on GPUs (GSM8K settings): 1 trainer rank, the others searchers; 7 prompts x 20, sync every 2, "
             "m = 0.95, beta 0.014 -> 0.004 over 500 steps, lr 1e-5 after 10 warm-up steps", Config(
-        **TBA, task="rg:basic_arithmetic", task_size=20000, max_new_tokens=512, kv_budget_tokens=1 << 20,
-        lr_schedule="warmup", warmup_steps=10, steps=500, eval_prompts=256, eval_samples=8,
-        max_tokens_per_microbatch=16384, out_dir="runs/tba")),
+        **{**GPU, **TBA}, max_new_tokens=512, lr_schedule="warmup", warmup_steps=10, out_dir="runs/tba")),
     "tba-cpu": ("TBA at the demo scale, one process: 2 virtual searchers, 4 prompts x 8 a step, sync every 2", Config(
         **{**TBA, **DEMO, "searchers": 2, "prompts_per_step": 4, "rollouts_per_prompt": 8, "lr": 2e-5}, steps=16,
         out_dir="runs/tba-cpu")),

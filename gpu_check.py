@@ -1,8 +1,7 @@
 """./run.sh gpu-check: every GPU path in one short call, each stage in its own process under a time cap (the
 Triton kernels compiled, the GPU paths no CPU test reaches, two short runs under torchrun, bench.py's GPU cases).
 
-    python gpu_check.py [--dir runs/gpu-check] [--dry-run]   # --dry-run: print each stage's command, build the
-                                                             # model folder's config and tokenizer, run nothing
+    python gpu_check.py [--dir runs/gpu-check] [--dry-run]
 """
 
 import argparse
@@ -56,8 +55,8 @@ def run_stage(command: list[str], env: dict, seconds: float, log: Path) -> int |
 def gpu_stages(here: Path, model: Path) -> list[tuple]:
     """(name, seconds at most, command, environment, figure: its log -> a line, raising if the stage missed a part).
     Under 8 minutes in all. The tests run compiled on the GPU; the runs cover the paths no CPU test reaches: FSDP2
-    on nccl, CUDA-graph decoding across steps, the fused log-prob, TIS with the sampler's GPU logprobs, one async
-    (TBA) step whose pi_old is the sampler's, checkpoints."""
+    on nccl, CUDA-graph decoding across steps, the fused log-prob, TIS with the sampler's GPU logprobs, LoRA (merged
+    hand-off, KL to the base), one async (TBA) step whose pi_old is the sampler's, checkpoints."""
     py, load = sys.executable, lambda what: json.loads((here / f"bench_{what}.json").read_text())
     tests = dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8")  # poisoned
     site = {"PYTHONPATH": str(here / "site")}  # the packages --prepare packed: reward.py's, tyro
@@ -96,14 +95,14 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
         ("model", 20, [py, "-c", f'import gpu_check, pathlib; gpu_check.random_model(pathlib.Path("{model}"), '
                                  '"cuda")'], {},
          lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
-        ("train", 120, run("grpo", "grpo", "--steps", "2", "--save-every", "2"), site,
+        ("train", 105, run("grpo", "grpo", "--steps", "2", "--save-every", "2"), site,
          lambda log: trained("grpo", 2, log)),
+        ("train lora", 45, run("lora", "grpo", "--steps", "2", "--save-every", "2", "--lora-rank", "16", "--kl-coef",
+                               "1e-3"), site, lambda log: trained("lora", 2, log)),
         ("train async", 60, run("tba", "tba", "--loss", "ppo", "--searchers", "1", "--sync-every", "1", "--steps", "1",
                                 "--save-every", "1"), site, lambda log: trained("tba", 1, log)),
         ("bench trainer", 50, bench("trainer", "--repeats", "2"), {}, lambda _: "packed {}, padded {}: {:.2f}x".format(
             mfu(load("trainer")["packed"]), mfu(load("trainer")["padded"]), load("trainer")["speedup"])),
-        ("bench logprob", 30, bench("logprob"), {}, lambda _: "peak {peak_MiB_chunked:.0f} MiB chunked, "
-         "{peak_MiB_full_logits:.0f} MiB full logits".format(**load("logprob"))),
         ("bench sampler", 60, bench("sampler", "--prompt-lens", "1024", "--rollouts", "16", "512", "--total", "512",
                                     "--new-tokens", "256"), {}, sampler_figure)]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
+import lora
 from cluster import barrier
 from config import Config
 
@@ -32,8 +32,7 @@ class Logger:
                 kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
                 self.rows = [r for r in kept if r.get("step", -1) < start_step and r.get("eval") != "after"]
             self.file = open(path, "w")
-            for row in self.rows:
-                self.file.write(json.dumps(row) + "\n")
+            self.file.writelines(json.dumps(row) + "\n" for row in self.rows)
             if cfg.wandb != "disabled":
                 import wandb
                 self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
@@ -109,11 +108,16 @@ def find_checkpoint(cfg: Config) -> Path | None:
     return max(done, key=lambda p: p.name, default=None)
 
 
+# the trained parameters: with LoRA the adapters, not the frozen base
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def checkpoint_state(model, optimizer, ref_model) -> dict:
-    """The sharded tensors a checkpoint holds: model, optimizer and the reference (resets move it), if any."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    """The sharded tensors a checkpoint holds: the trained parameters, their optimizer state and the reference
+    (resets move it), if it is a model of its own (LoRA's is the policy's base)."""
+    model_state, optim_state = get_state_dict(model, optimizer, options=TRAINED)
     state = {"model": model_state, "optim": optim_state}
-    if ref_model is not None:
+    if isinstance(ref_model, torch.nn.Module):
         state["ref"] = get_model_state_dict(ref_model)
     return state
 
@@ -128,18 +132,22 @@ def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=No
     except Exception as e:  # a damaged or foreign checkpoint: one sentence, no traceback
         raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                          "delete it to resume from an older one, or start without --resume")
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if ref_model is not None:
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINED)
+    if isinstance(ref_model, torch.nn.Module):
         set_model_state_dict(ref_model, state["ref"])
     torch.set_rng_state(trainer["torch_rng"])
     return trainer["step"] + 1, trainer["explore"]
 
 
 def export_hf(cfg: Config, model, tokenizer, rank: int) -> None:
-    """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads."""
-    full = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in model.lm.state_dict().items()}
+    """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads (LoRA merged), and
+    with LoRA the adapters alone in <folder>/adapter, which peft.PeftModel.from_pretrained loads onto the base."""
+    names = [n for n in model.lm.state_dict() if ".lora_" not in n]
+    full = {name: w.detach() for name, w in lora.merged(model.lm, names)}
     if model.lm.config.tie_word_embeddings:  # gathered, the tied head is a separate copy: save it once, as HF does
         full.pop("lm_head.weight", None)
+    if cfg.lora_rank:
+        lora.save_peft(model.lm, cfg, str(model.lm.config._name_or_path), Path(cfg.export_hf) / "adapter", rank == 0)
     if rank == 0:
         model.lm.save_pretrained(cfg.export_hf, state_dict=full)
         tokenizer.save_pretrained(cfg.export_hf)

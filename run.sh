@@ -6,7 +6,8 @@
 #   ./run.sh gpu-check  on a GPU machine, with its own python3 and nothing installed, about 8 minutes: the
 #                       Triton kernels compiled against their references, the GPU paths no CPU test reaches
 #                       (CUDA graphs, tied heads, the hand-off, device placement), 2 steps of `train.py grpo`
-#                       (TIS and entropy on) and 1 asynchronous TBA step on a random Qwen2.5-1.5B-shaped model
+#                       (TIS and entropy on, then with LoRA) and 1 asynchronous TBA step on a random
+#                       Qwen2.5-1.5B-shaped model
 #                       under torchrun, then the GPU benchmarks (gpu_check.py; --dry-run lists them)
 #   ./run.sh gpu-check --prepare   here, before such a session: builds runs/gpu-check, what it must carry
 #   ./run.sh gpu-check --dry-run   here (set up when needed): print each stage's command and build the

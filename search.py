@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 
 import explore
-from cluster import Roles, broadcast_weights, checksum, load_flat, pack_weights, weight_names
+import lora
+from cluster import Roles, broadcast_weights, checksum, load_flat
 from collect import encode_prompts, generate_and_score, scores_to_rewards
 from config import Config
-from trainer import response_logprobs
+from trainer import response_logprobs, sync_sampler
 
 # per response: prompt, version, round, length, then its tokens and their mask (1: the model's, 0: a tool's) |
 # reward, ref and sampler logprobs, entropy, then each token's sampler logprob
@@ -25,6 +26,21 @@ STATS = ("seconds", "waited", "failures", "timeouts", "tokens")  # per searcher 
 def sync_count(cfg: Config) -> int:
     """The syncs of a run: one every sync_every trainer steps, the first before step 0."""
     return math.ceil(cfg.steps / cfg.sync_every)
+
+
+def handoff_names(lm, sampler) -> list[str]:
+    """What a sync sends, in a fixed order: with LoRA the adapters alone (each searcher merges them into its frozen
+    base), else every weight the sampler holds."""
+    return lora.adapter_names(lm) or sorted(sampler.weights)
+
+
+def load_handoff(sampler, lm, flat: torch.Tensor, names: list[str]) -> None:
+    """A sync's flat weights into the sampler: as they come, or with LoRA the adapters merged into lm's base."""
+    if not lora.adapter_names(lm):
+        return load_flat(sampler.weights, flat, names)
+    received = {name: torch.empty_like(lm.state_dict()[name]) for name in names}
+    load_flat(received, flat, names)
+    sync_sampler(sampler, lm, received)
 
 
 def samples_per_prompt(cfg: Config) -> int:
@@ -107,13 +123,13 @@ def gather_round(cfg: Config, mine: list[torch.Tensor] | None, roles: Roles) -> 
 
 def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -> None:
     """A searcher rank's life: round w + 1 sampled with the weights of sync w, handed over at sync w + 1."""
-    names = weight_names(lm, sampler.weights)
-    flat = torch.empty(sum(sampler.weights[n].numel() for n in names), dtype=torch.bfloat16)
+    names, state = handoff_names(lm, sampler), lm.state_dict()
+    flat = torch.empty(sum(state[n].numel() for n in names), dtype=torch.bfloat16)
     opening = torch.zeros(1, dtype=torch.long)
     dist.broadcast(opening, 0, roles.handoff)  # the first sync: 0, or the resumed one
     first = int(opening.item())
     version, _ = broadcast_weights(flat, 0, roles.handoff)
-    load_flat(sampler.weights, flat, names)
+    load_handoff(sampler, lm, flat, names)
     if first == 0:
         gather_round(cfg, search(cfg, sampler, ref, tokenizer, task, 0, roles.rank, version, dtype), roles)
     waited = 0.0
@@ -123,7 +139,7 @@ def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -
         gather_round(cfg, mine, roles)
         version, _ = broadcast_weights(flat, 0, roles.handoff)
         waited = time.time() - t0
-        load_flat(sampler.weights, flat, names)
+        load_handoff(sampler, lm, flat, names)
 
 
 class Searchers:
@@ -133,14 +149,15 @@ class Searchers:
     def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, dtype):
         self.cfg, self.roles, self.sampler, self.ref, self.lm = cfg, roles, sampler, ref, lm
         self.tokenizer, self.task, self.n_syncs, self.dtype = tokenizer, task, sync_count(cfg), dtype
-        self.names, self.pending = weight_names(lm, sampler.weights), None
+        self.names, self.pending = handoff_names(lm, sampler), None
         self.virtual = roles.handoff is None
         self.broadcast = {"seconds": 0.0, "bytes": 0, "checksum": 0}
         self.waited = 0.0  # seconds the trainer waited for the last round
 
     def _send(self, version: int) -> torch.Tensor:
         t0 = time.time()
-        flat = pack_weights(self.lm, self.names)
+        with torch.no_grad():  # one flat bf16 CPU tensor in names' order, every FSDP2 rank gathering
+            flat = torch.cat([w.to(torch.bfloat16).flatten() for _, w in lora.merged(self.lm, self.names)]).cpu()
         if self.virtual:
             self.broadcast["checksum"] = checksum(flat)
         elif self.roles.rank == 0:  # the other trainer ranks only helped to gather
@@ -169,7 +186,7 @@ class Searchers:
         flat = self._send(version)
         if not self.virtual:
             return self._receive() if w0 == 0 else None
-        load_flat(self.sampler.weights, flat, self.names)
+        load_handoff(self.sampler, self.lm, flat, self.names)
         due = self._search_all(0, version) if w0 == 0 else None
         self.pending = self._search_all(w0 + 1, version) if w0 + 1 < self.n_syncs else None
         return due
@@ -180,6 +197,6 @@ class Searchers:
             self._send(version)
             return due
         due = self.pending
-        load_flat(self.sampler.weights, self._send(version), self.names)
+        load_handoff(self.sampler, self.lm, self._send(version), self.names)
         self.pending = self._search_all(w + 1, version) if w + 1 < self.n_syncs else None
         return due

@@ -11,6 +11,7 @@ from kernels.test_kernels import *  # noqa: F401,F403 (the kernel tests run here
 from kernels.test_logprob import *  # noqa: F401,F403 (the log-prob head, in the interpreter too)
 from test_config import *  # noqa: F401,F403 (config.py's rules, cluster.py's set-up)
 from test_explore import *  # noqa: F401,F403 (explore.py's functions against ALGORITHMS.md 0, 3)
+from test_lora import *  # noqa: F401,F403 (LoRA: the base at step 0, merged hand-off, ranks, resume, PEFT export)
 from test_loss import *  # noqa: F401,F403 (loss.py's functions against ALGORITHMS.md 0, 2, 4)
 from test_reward import *  # noqa: F401,F403 (tasks, answers, code tasks)
 from test_sandbox import *  # noqa: F401,F403 (the sandbox: honest and hostile programs)
@@ -33,6 +34,8 @@ def test_bench_trainer_runs_a_training_step(tmp_path):
     for r in (result["packed"], result["padded"]):  # no CPU peak: no MFU
         assert r["tokens_per_s"] > 0 and r["tflops_per_s"] > 0 and r["mfu"] is None
     assert result["packed"]["model_tokens"] < result["padded"]["model_tokens"] and result["speedup"] > 0
+    lora = result["lora_vs_full"]  # LoRA's AdamW holds two moments of the adapters alone: a few % of the model's
+    assert result["lora"]["tokens_per_s"] > 0 and 0 < lora["optimizer_state"] < 0.1 and lora["step_time"] > 0
 
 
 # ---- the house: imports, sizes, the line budget (DESIGN.md, Layout) ----
@@ -94,8 +97,9 @@ def test_every_file_and_function_is_read_whole():
 
 def test_line_budget():
     """The algorithm is train.py and every module it imports, kernels included; the tools are bench.py,
-    gpu_check.py and simulate.py; every non-test file together under 5,000. The make-room redesign brought them to 3,900 and 700 so
-    that tool use, LoRA and user data fit in the rest; they may grow into it, to 4,250 and 750."""
+    gpu_check.py and simulate.py; every non-test file together under 5,000. The make-room redesign brought them to
+    3,900 and 700 so that the sandbox, tool use and LoRA fit in the rest; they may grow into it, to 4,300 and 720,
+    within the 5,000 together."""
     modules = python_files(tests=False)
     algorithm, todo = set(), ["train"]
     while todo:
@@ -107,4 +111,4 @@ def test_line_budget():
     lines = {"algorithm": count(algorithm), "tools": count(["bench", "gpu_check", "simulate"]), "all": count(modules)}
     print(f"line budget: {lines['algorithm']} lines of algorithm ({len(algorithm)} files), {lines['tools']} of "
           f"tools, {lines['all']} of non-test code in all")
-    assert lines["algorithm"] <= 4250 and lines["tools"] <= 750 and lines["all"] < 5000, lines
+    assert lines["algorithm"] <= 4300 and lines["tools"] <= 720 and lines["all"] < 5000, lines

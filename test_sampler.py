@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-import cluster
+import search
 import collect
 import trainer
 from forward import ModelConfig
@@ -201,11 +201,11 @@ def test_a_tied_head_is_held_and_handed_over_once():
     lm = tiny_model("qwen2", seed=1).to(DEVICE)
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), DEVICE, dtype=torch.float32)
     assert lm.config.tie_word_embeddings and "lm_head.weight" not in sampler.weights
-    names = cluster.weight_names(lm, sampler.weights)
-    assert cluster.pack_weights(lm, names).numel() == sum(p.numel() for p in lm.parameters())  # each once
+    names = search.handoff_names(lm, sampler)
+    assert sum(sampler.weights[n].numel() for n in names) == sum(p.numel() for p in lm.parameters())  # each once
     with torch.no_grad():
         lm.model.embed_tokens.weight.mul_(1.5)
-    trainer.sync_sampler(sampler, trainer.Policy(lm))
+    trainer.sync_sampler(sampler, lm)
     prompt = random_prompts(256, [11], seed=4)[0]
     with torch.no_grad():
         want = lm(torch.tensor([prompt], device=DEVICE)).logits[0, -1]
@@ -222,5 +222,5 @@ def test_the_hand_off_writes_every_sampler_tensor():
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), "cpu", dtype=torch.float32)
     sampler.weights["model.layers.0.mlp.renamed.weight"] = sampler.weights.pop("model.layers.0.mlp.up_proj.weight")
     with pytest.raises(RuntimeError, match="has no model.layers.0.mlp.renamed.weight"):
-        trainer.sync_sampler(sampler, trainer.Policy(lm))
+        trainer.sync_sampler(sampler, lm)
 

@@ -189,16 +189,16 @@ def test_gpu_check_dry_run_prints_every_stage_and_builds_the_model_folder(tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     stages = [line.split(" (")[0].removeprefix("[dry-run] ") for line in run.stdout.splitlines()
               if line.startswith("[dry-run]")]
-    assert stages == ["kernels", "gpu paths", "model", "train", "train async", "bench trainer", "bench logprob",
+    assert stages == ["kernels", "gpu paths", "model", "train", "train lora", "train async", "bench trainer",
                       "bench sampler"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["dry_run"] and sum(s["seconds_cap"] for s in summary["stages"]) <= 8 * 60
     runs = {s["stage"]: s["command"] for s in summary["stages"] if s["stage"].startswith("train")}
     for command in runs.values():
         assert command[1:6] == ["-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py"]
-    sync, tba = (config.parse_config(runs[name][6:]) for name in ("train", "train async"))  # valid configs
+    sync, tba, lora = (config.parse_config(runs[name][6:]) for name in ("train", "train async", "train lora"))
     assert (sync.model, sync.steps, sync.save_every, sync.searchers) == (str(tmp_path / "model"), 2, 2, 0)
-    assert (tba.searchers, tba.loss, tba.steps) == (1, "ppo", 1)
+    assert (tba.searchers, tba.loss, tba.steps) == (1, "ppo", 1) and lora.lora_rank > 0 and lora.kl_coef > 0
     assert sync.tis_cap == tba.tis_cap == 2 and sync.entropy_coef > 0 and tba.entropy_coef > 0  # TIS on content
     hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "model")
     assert (hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size) == (28, 1536, 151936)

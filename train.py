@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import explore
+import lora
 import loss
 import reward
 from cluster import check_world_size, make_roles, my_share, pick_dtype, searcher_count, setup_process, shard
@@ -30,7 +31,8 @@ from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_ch
 from rollout import ModelConfig, Sampler
 from search import Searchers, serve, sync_count, to_responses
 from tools import Tools
-from trainer import Batch, Policy, checkpoint_layers, load_model, lr_at, reset_reference, sync_sampler, train_on_batch
+from trainer import (Base, Batch, Policy, checkpoint_layers, load_model, lr_at, reset_reference, sync_sampler,
+                     train_on_batch)
 
 
 def main(cfg: Config):
@@ -42,31 +44,36 @@ def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     train_task, eval_task = load_tasks(cfg, rank)
     lm, tokenizer = load_model(cfg, device)
-    if cfg.max_tool_calls:  # the template must frame a tool turn, and the budget hold one
-        try:
-            Tools(tokenizer, cfg)
-        except ValueError as e:
-            raise SystemExit(str(e))
     dtype, setup = compute_dtype(cfg, lm, device, rank)
     sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
+    try:  # the template must frame a tool turn and the budget hold one; LoRA's targets must fit the model
+        if cfg.max_tool_calls:
+            Tools(tokenizer, cfg)
+        if cfg.lora_rank:  # the base frozen, adapters trained (lora.py)
+            lora.add_adapters(lm, cfg)
+    except ValueError as e:
+        raise SystemExit(str(e))
     roles = make_roles(cfg.searchers, rank, world)
     if roles.searching:  # a searcher rank samples rounds for the trainer ranks until the run ends (search.py)
-        serve(cfg, sampler, Policy(lm.requires_grad_(False)), lm, tokenizer, train_task, roles, dtype)
+        policy = Policy(lm.requires_grad_(False))
+        serve(cfg, sampler, Base(policy) if cfg.lora_rank else policy, lm, tokenizer, train_task, roles, dtype)
         return dist.destroy_process_group()
-    # The frozen reference: the trainer's (KL, synchronous TB), or in one TBA process the virtual searchers'.
-    # Copied before checkpointing wraps the layers' forward and FSDP2 shards them.
+    # The frozen reference: the trainer's (KL, synchronous TB), or in one TBA process the virtual searchers'; with
+    # LoRA the policy with adapters off, else a copy made before checkpointing wraps the layers and FSDP2 shards them.
     tba = cfg.searchers > 0
     needs_ref = roles.handoff is None if tba else cfg.kl_coef > 0 or cfg.loss == "tb"
-    ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if needs_ref else None
-    trainer_ref = None if tba else ref_model
+    ref_model = Policy(copy.deepcopy(lm).requires_grad_(False)) if needs_ref and not cfg.lora_rank else None
     if cfg.activation_checkpointing:
         checkpoint_layers(lm)
     model = Policy(lm)
     if dist.is_initialized():
-        for m in (model, trainer_ref):
+        for m in (model, None if tba else ref_model):
             if m is not None:
                 shard(m, m.lm.model.layers, device, dtype, roles.trainers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    ref_model = Base(model) if needs_ref and cfg.lora_rank else ref_model
+    trainer_ref = None if tba else ref_model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
     start_step, saved = load_checkpoint(checkpoint, model, optimizer, trainer_ref, roles.rank, roles.trainers) \
         if checkpoint else (0, None)
@@ -133,7 +140,7 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
         if ref_model is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0 and step > 0:
             reset_reference(ref_model, model)
         temperature = state.controller.tau if state.controller is not None else cfg.temperature
-        sync_sampler(sampler, model)
+        sync_sampler(sampler, model.lm)
         batch, row = sample_step(cfg, state, sampler, tokenizer, task, step, temperature, step_ids, roles.rank,
                                  roles.n_trainers)
         sampler.release_kv()  # the KV pool's memory goes to training until the next step (unless graphs use it)
@@ -232,7 +239,7 @@ def replay_batch(cfg: Config, slots, start: int, stop: int, prompt_ids: dict, to
 
 def finish(cfg: Config, model, sampler, tokenizer, log, before, evaluate_now, rank: int) -> None:
     """A run's end: held-out evaluation with the trained weights, the export, the plot."""
-    sync_sampler(sampler, model)
+    sync_sampler(sampler, model.lm)
     after = evaluate_now()
     log.log({"eval": "after", **after})
     if rank == 0:

@@ -19,6 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch.distributed.tensor import DTensor
 
+import lora
 import loss
 from cluster import all_max, all_sum, group_size
 from config import EMBEDDED_MODEL, Config
@@ -79,10 +80,13 @@ class Policy(torch.nn.Module):
 
     def __init__(self, lm):
         super().__init__()
-        self.lm = lm
+        self.lm, self.adapted = lm, [m for m in lm.modules() if isinstance(m, lora.LoRALinear)]
 
-    def forward(self, ids, mask, positions, rows, cols, targets, temperature: float, dot_dtype=None):
-        """kernels/logprob on the final hidden states at (rows, cols): the LM head in vocabulary chunks."""
+    def forward(self, ids, mask, positions, rows, cols, targets, temperature: float, dot_dtype=None, adapters=True):
+        """kernels/logprob on the final hidden states at (rows, cols): the LM head in vocabulary chunks. With
+        adapters=False (LoRA's reference), the base model."""
+        for m in self.adapted:  # set by every forward: a backward's recomputation follows its own forward
+            m.enabled = adapters
         states = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
         # index_select, not states[rows, cols]: a shared prompt's last position predicts every response's first token,
@@ -93,6 +97,16 @@ class Policy(torch.nn.Module):
             return logprob(hidden, weight, targets, temperature)
         # slices of 1024 of the vocabulary keep each slice's logits in a core's cache, forward and backward
         return reference_logprob(hidden, weight, targets, temperature, chunk_size=1024, dot_dtype=dot_dtype)
+
+
+class Base:
+    """LoRA's reference model: the policy with its adapters off, the frozen base, not a second copy."""
+
+    def __init__(self, policy: Policy):
+        self.policy, self.parameters = policy, policy.parameters
+
+    def __call__(self, *args):
+        return self.policy(*args, adapters=False)
 
 
 def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autocast_dtype, share_prompts=False,
@@ -411,16 +425,15 @@ def lr_at(cfg: Config, step: int) -> float:
     return cfg.lr * warm
 
 
-def sync_sampler(sampler, model: Policy) -> None:
-    """The trainer's weights into the sampler's buffers on the device (DESIGN.md step 2), every one written."""
-    state = model.lm.state_dict()
-    missing = sorted(sampler.weights.keys() - state.keys())
+def sync_sampler(sampler, lm, received: dict | None = None) -> None:
+    """The trainer's weights into the sampler's buffers on the device (DESIGN.md step 2), every one written; with
+    LoRA merged (W + alpha / r B A), from `received` adapters (a searcher's) when given."""
+    missing = sorted(sampler.weights.keys() - lm.state_dict().keys())
     if missing:
         raise RuntimeError(f"the trained model has no {', '.join(missing[:3])}: the sampler's weights would go stale")
     with torch.no_grad():
-        for name, w in sampler.weights.items():
-            t = state[name].to(sampler.dtype)
-            w.copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+        for name, w in lora.merged(lm, list(sampler.weights), received):
+            sampler.weights[name].copy_(w)
 
 
 def reset_reference(ref_model: Policy, model: Policy) -> None:

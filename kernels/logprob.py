@@ -44,12 +44,13 @@ def _reference_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 def _reference_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                         entropy: torch.Tensor, grad_logprob: torch.Tensor, grad_entropy: torch.Tensor,
-                        temperature: float, chunk_size: int, dot_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight): per chunk, g = dloss/dz, then g @ W_chunk and g^T @ h."""
+                        temperature: float, chunk_size: int, dot_dtype=None,
+                        weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_hidden, grad_weight): per chunk, g = dloss/dz, then g @ W_chunk and g^T @ h (not for a frozen head)."""
     h = hidden.to(dot_dtype or lse.dtype)
     a, b = grad_logprob.to(lse.dtype)[:, None], grad_entropy.to(lse.dtype)[:, None]
     grad_hidden = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
-    grad_weight = torch.empty_like(weight)
+    grad_weight = torch.empty_like(weight) if weight_grad else None
     for start in range(0, weight.shape[0], chunk_size):
         w = weight[start:start + chunk_size].to(h.dtype)
         logp = (h @ w.T).to(lse.dtype).div_(temperature).sub_(lse[:, None])
@@ -60,7 +61,8 @@ def _reference_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         g.scatter_add_(1, (targets - start).clamp(0, w.shape[0] - 1)[:, None], a * hit[:, None])
         g = g.div_(temperature).to(h.dtype)
         grad_hidden += g @ w  # float32 sum over chunks, whatever the product dtype
-        grad_weight[start:start + w.shape[0]] = g.T @ h
+        if weight_grad:
+            grad_weight[start:start + w.shape[0]] = g.T @ h
     return grad_hidden.to(hidden.dtype), grad_weight
 
 
@@ -163,8 +165,7 @@ def _triton_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     (N, D), V = hidden.shape, weight.shape[0]
     chunk = triton.cdiv(chunk_size, _BLOCK_V) * _BLOCK_V
     num_chunks = triton.cdiv(V, chunk)
-    lse_part = torch.empty(num_chunks, N, dtype=torch.float32, device=hidden.device)
-    mean_z = torch.empty(num_chunks, N, dtype=torch.float32, device=hidden.device)
+    lse_part, mean_z = torch.empty(2, num_chunks, N, dtype=torch.float32, device=hidden.device)
     z_target = torch.empty(N, dtype=torch.float32, device=hidden.device)
     _forward_kernel[(triton.cdiv(N, _BLOCK_N), num_chunks)](
         hidden, weight, targets, lse_part, mean_z, z_target, N, V, D, chunk, temperature, BLOCK_N=_BLOCK_N,
@@ -176,8 +177,8 @@ def _triton_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 def _triton_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                      entropy: torch.Tensor, grad_logprob: torch.Tensor, grad_entropy: torch.Tensor,
-                     temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    (N, D), V = hidden.shape, weight.shape[0]
+                     temperature: float, chunk_size: int, weight_grad=True) -> tuple[torch.Tensor, torch.Tensor]:
+    (N, D), V = hidden.shape, weight.shape[0]  # the kernel computes grad_weight whatever weight_grad says
     grad_hidden = torch.zeros(N, D, dtype=torch.float32, device=hidden.device)
     grad_weight = torch.zeros(V, D, dtype=torch.float32, device=hidden.device)
     # .float() and .contiguous(): the gradient of a .sum() arrives as an expanded tensor with stride 0
@@ -204,7 +205,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         temperature, chunk_size, backward_fn = ctx.args
         with torch.autocast(grad_logprob.device.type, enabled=False):
             grad_hidden, grad_weight = backward_fn(*ctx.saved_tensors, grad_logprob, grad_entropy, temperature,
-                                                   chunk_size)
+                                                   chunk_size, weight_grad=ctx.needs_input_grad[1])
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
