@@ -108,8 +108,7 @@ def find_checkpoint(cfg: Config) -> Path | None:
     return max(done, key=lambda p: p.name, default=None)
 
 
-# the trained parameters: with LoRA the adapters, not the frozen base
-TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
+TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)  # what trains: with LoRA the adapters alone
 
 
 def checkpoint_state(model, optimizer, ref_model) -> dict:

@@ -100,16 +100,6 @@ def mass_balance_terms(p, correct, c, sampled) -> list[float]:
             (s * (q_pos * (p[u & ~correct]**2).sum() - q_neg * (p[u & correct]**2).sum())).item()]
 
 
-def algorithms_md_terms(p, correct, sampled, r_c: float, r_w: float) -> list[float]:
-    """ALGORITHMS.md 1's formula, literally: each sampled token counted once with reward r_c or r_w."""
-    a, b, u = sampled & correct, sampled & ~correct, ~sampled
-    q_pos, p_pos, p_neg = p[correct].sum(), p[a].sum(), p[b].sum()
-    q_neg, s_r = 1 - q_pos, r_c * p_pos + r_w * p_neg
-    a2, b2, u_pos2, u_neg2 = ((p[m]**2).sum() for m in (a, b, u & correct, u & ~correct))
-    return [((r_c - s_r) * q_neg * a2).item(), ((s_r - r_w) * q_pos * b2).item(),
-            (s_r * (q_pos * u_neg2 - q_neg * u_pos2)).item()]
-
-
 def check_mass_balance(cfg: Config) -> list[dict]:
     """Per N and draw kind: predicted vs measured dQ_pos of one SGD step (rate cfg.check_lr) from random logits."""
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
@@ -132,7 +122,8 @@ def check_mass_balance(cfg: Config) -> list[dict]:
             surrogate(torch.softmax(zg, -1), c, torch.tensor(float(n))).backward()
             step = cfg.check_lr * zg.grad
             measured = (torch.softmax(z - step, -1)[correct].sum() - p[correct].sum()).item()
-            literal = algorithms_md_terms(p, correct, sampled, 1 - mean_r, -1 - mean_r)
+            # ALGORITHMS.md's formula: c = R_c on A and R_w on B, each sampled token once (the centred rewards)
+            literal = mass_balance_terms(p, correct, torch.where(correct, 1 - mean_r, -1 - mean_r) * sampled, sampled)
             terms = mass_balance_terms(p, correct, c, sampled) if kind == "counts" else literal
             predicted = cfg.check_lr / n * sum(terms)
             # the literal formula on with-replacement draws ignores multiplicity: shown, not required to agree
