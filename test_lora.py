@@ -206,10 +206,11 @@ def test_lora_runs_two_ranks_like_one_resume_exactly_and_export_for_peft(tmp_pat
 
 def test_tba_with_lora_sends_adapters_only_and_searcher_ranks_match_virtual_ones(tmp_path, smollm2):
     """TBA under LoRA: each sync broadcasts the adapters alone (bf16 bytes), searcher ranks merge them into their
-    own base and sample what the one-process run's virtual searchers sample: the same rows, exactly."""
+    own base and sample what the one-process run's virtual searchers sample: the same rows, exactly; so does one
+    process under torchrun, whose virtual searchers merge into a base sharded by FSDP2."""
     save_tiny_model(tmp_path / "model", "qwen2", smollm2[1], seed=0)
     rows = {}
-    for name, procs in (("one", 0), ("three", 3)):
+    for name, procs in (("one", 0), ("three", 3), ("torchrun", 1)):
         run = tba_run(tmp_path, name, procs, "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2")
         assert run.returncode == 0, run.stderr[-3000:]
         rows[name] = [{k: v for k, v in r.items() if k not in TIMING} for r in step_rows(tmp_path / name)]
@@ -217,4 +218,4 @@ def test_tba_with_lora_sends_adapters_only_and_searcher_ranks_match_virtual_ones
     lora.add_adapters(lm, dataclasses.replace(CFG, lora_alpha=8.0))
     adapter_bytes = 2 * sum(lm.state_dict()[n].numel() for n in lora.adapter_names(lm))
     assert all(r["broadcast_bytes"] == adapter_bytes for r in rows["one"]) and rows["one"][-1]["grad_norm"] > 0
-    assert rows["one"] == rows["three"] and len(rows["one"]) == 4
+    assert rows["one"] == rows["three"] == rows["torchrun"] and len(rows["one"]) == 4
