@@ -28,23 +28,15 @@ def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_k
     mine = split_by_budget(budgets, world)[rank]
     items = [task.items[picked[i]] for i in mine]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r, scores, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids,
-                                                     [budgets[i] for i in mine], temperature, seed,
-                                                     [first_key + i for i in mine])
-    rewards = scores_to_rewards(cfg, scores)
+    r, rewards, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids,
+                                                      [budgets[i] for i in mine], temperature, seed,
+                                                      [first_key + i for i in mine])
     batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
                   [len(prompt_ids[p]) for p in r.prompt_index],
                   torch.tensor([first_key + mine[p] for p in r.prompt_index]),
                   rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {}, masks=r.masks)
     return batch, {"failures": failed, "timeouts": timeouts, "tool_calls": sum(r.tool_calls),
                    "tool_errors": sum(r.tool_errors)}
-
-
-def scores_to_rewards(cfg: Config, scores: list[float]) -> torch.Tensor:
-    rewards = torch.tensor(scores, dtype=torch.float32)
-    if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
-        rewards = (rewards >= 1.0).float()
-    return rewards
 
 
 def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
@@ -119,7 +111,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
                        prompt_keys: list[int]):
-    """(rollouts, scores, verifier failures, programs out of time) for n[i] rollouts of each prompt."""
+    """(rollouts, rewards, verifier failures, programs out of time) for n[i] rollouts of each prompt."""
     tools = Tools(tokenizer, cfg, items) if cfg.max_tool_calls else None
     r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
                          prompt_keys=prompt_keys, tools=tools)
@@ -128,7 +120,10 @@ def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids,
                                    skip_special_tokens=True)
     scores, failed, timeouts = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout,
                                             cfg.score_workers, memory_mb=cfg.sandbox_memory_mb)
-    return r, scores, failed, timeouts
+    rewards = torch.tensor(scores, dtype=torch.float32)
+    if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
+        rewards = (rewards >= 1.0).float()
+    return r, rewards, failed, timeouts
 
 
 def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1, group=None) -> dict:
@@ -139,11 +134,11 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
     n = cfg.eval_samples
     sums = []
     for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
-        r, scores, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompts,
-                                                         [samples] * len(prompts), temperature, seed,
-                                                         list(range(start, stop)))
+        r, rewards, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompts,
+                                                          [samples] * len(prompts), temperature, seed,
+                                                          list(range(start, stop)))
         correct = [0] * len(prompts)
-        for p, passed in zip(r.prompt_index, (scores_to_rewards(cfg, scores) >= cfg.success).tolist()):
+        for p, passed in zip(r.prompt_index, (rewards >= cfg.success).tolist()):
             correct[p] += passed
         sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed, timeouts]
     right, pass_n, failed, timeouts, greedy_right, _, greedy_failed, greedy_timeouts = all_sum(*sums, group=group)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import explore
 import lora
 from cluster import Roles, broadcast_weights, checksum, load_flat
-from collect import encode_prompts, generate_and_score, scores_to_rewards
+from collect import encode_prompts, generate_and_score
 from config import Config
 from trainer import response_logprobs, sync_sampler
 
@@ -52,33 +52,26 @@ def prompts_per_searcher(cfg: Config) -> int:
     return cfg.search_prompts or math.ceil(cfg.prompts_per_step * cfg.sync_every / cfg.searchers)
 
 
-def round_prompts(cfg: Config, n_items: int, round_: int, searcher: int) -> list[int]:
-    """Round r deals the next searchers x P prompts of the epoch order, P to each searcher in turn."""
-    P = prompts_per_searcher(cfg)
-    picked = explore.pick_prompts(n_items, round_ * cfg.searchers * P, cfg.searchers * P, cfg.seed)
-    return picked[searcher * P:(searcher + 1) * P]
-
-
 def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: int, version: int, dtype,
            waited: float = 0.0) -> list[torch.Tensor]:
     """One searcher's round as [ints, floats, stats], rows padded to max_new_tokens (INTS, FLOATS say how)."""
     t0 = time.time()
     P, n, width = prompts_per_searcher(cfg), samples_per_prompt(cfg), cfg.max_new_tokens
-    picked = round_prompts(cfg, len(task.items), round_, searcher)
+    # round r deals the next searchers x P prompts of the epoch order, P to each searcher in turn
+    picked = explore.pick_prompts(len(task.items), (round_ * cfg.searchers + searcher) * P, P, cfg.seed)
     items = [task.items[i] for i in picked]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r, scores, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P,
-                                                     cfg.temperature, cfg.seed * 1_000_003 + 500_009 + round_,
-                                                     [searcher * P + i for i in range(P)])
+    r, rewards, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P,
+                                                      cfg.temperature, cfg.seed * 1_000_003 + 500_009 + round_,
+                                                      [searcher * P + i for i in range(P)])
     sampler.release_kv()
     sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
     with torch.no_grad():
         ref_logp = response_logprobs(ref, sequences, [len(prompt_ids[p]) for p in r.prompt_index],
                                      cfg.temperature, dtype)[0].cpu().split([len(t) for t in r.tokens])
-    ints = torch.zeros(P * n, INTS + 2 * width, dtype=torch.long)
-    floats = torch.zeros(P * n, FLOATS + width, dtype=torch.float32)
+    ints, floats, _ = empty_round(cfg)
     for row, (p, tokens, logp, entropy, reward, ref_t, mask) in enumerate(zip(
-            r.prompt_index, r.tokens, r.logprobs, r.entropies, scores_to_rewards(cfg, scores), ref_logp, r.masks)):
+            r.prompt_index, r.tokens, r.logprobs, r.entropies, rewards, ref_logp, r.masks)):
         ints[row, :INTS + len(tokens)] = torch.tensor([picked[p], version, round_, len(tokens), *tokens])
         ints[row, INTS + width:INTS + width + len(tokens)] = mask
         # sums over the model's tokens (a tool's have sampler logprob and entropy 0)

@@ -203,7 +203,7 @@ def test_the_searchers_wire_carries_the_mask(monkeypatch):
     tokens = [[5, 6, 7, 8, 9], [10, 11, 12]]
     rollouts = Rollouts([0, 0], [0, 1], tokens, [torch.full((len(t),), -1.0) for t in tokens],
                         [torch.ones(len(t)) for t in tokens], ["stop"] * 2, masks, [1, 0], [0, 0])
-    monkeypatch.setattr(search, "generate_and_score", lambda *a, **k: (rollouts, [1.0, 0.0], 0, 0))
+    monkeypatch.setattr(search, "generate_and_score", lambda *a, **k: (rollouts, torch.tensor([1.0, 0.0]), 0, 0))
     monkeypatch.setattr(search, "encode_prompts", lambda tok, template, items: [[1, 2, 3] for _ in items])
     ref = trainer.Policy(tiny_model("llama", seed=1))
     task = reward.Task("x.jsonl", [{"question": "q", "answer": "1"}])

@@ -416,7 +416,7 @@ def test_evaluation_counts_a_pass_as_training_does(monkeypatch):
     partial credit, 0.6 passes at --success 0.5 and not at 1)."""
     def sampled(cfg, sampler, tokenizer, task, items, prompts, n, temperature, seed, keys):
         index = [p for p, k in enumerate(n) for _ in range(k)]
-        return SimpleNamespace(prompt_index=index), [0.6 if p == 0 else 0.3 for p in index], 0, 0
+        return SimpleNamespace(prompt_index=index), torch.tensor([0.6 if p == 0 else 0.3 for p in index]), 0, 0
 
     monkeypatch.setattr(collect, "generate_and_score", sampled)
     monkeypatch.setattr(collect, "encode_prompts", lambda tokenizer, template, items: [[1]] * len(items))
