@@ -15,31 +15,6 @@ import torch
 from kernels.sampling import sample_keys
 
 
-class BlockPool:
-    """KV memory in fixed-size blocks: a free list and a reference count per block."""
-
-    def __init__(self, num_blocks: int):
-        self.free = list(range(num_blocks))[::-1]
-        self.refs = [0] * num_blocks
-
-    def alloc(self, n: int) -> list[int] | None:
-        if n > len(self.free):
-            return None
-        blocks = [self.free.pop() for _ in range(n)]
-        self.retain(blocks)
-        return blocks
-
-    def retain(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self.refs[b] += 1
-
-    def release(self, blocks: list[int]) -> None:
-        for b in blocks:
-            self.refs[b] -= 1
-            if self.refs[b] == 0:
-                self.free.append(b)
-
-
 @dataclass
 class DecodeBatch:
     """One decode step's inputs; rows sorted by prompt, group g's from group_start[g] on, its KV prompt_blocks[g]."""
@@ -62,7 +37,6 @@ class _Prompt:
     index: int
     tokens: list[int]
     waiting: deque                       # sample indices not running yet (a preempted one goes back in front)
-    unfinished: int                      # rollouts not finished yet, running or waiting
     running: int = 0                     # rollouts running now
     blocks: list[int] | None = None      # its KV blocks once prefilled
     logits: torch.Tensor | None = None   # its last-position logits: every rollout's first token comes from them
@@ -90,8 +64,9 @@ class Generation:
         self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
         self.seed, self.prompt_keys, self.tools = seed, prompt_keys, tools
         self.calls: dict[tuple, Future] = {}  # (prompt, sample, call) -> its output: a restart reuses it
-        self.pool = BlockPool(s.num_blocks)
-        self.pending = deque(_Prompt(i, p, deque(range(k)), k) for i, (p, k) in enumerate(zip(prompts, n)) if k > 0)
+        # KV blocks not in use; a used block is one prompt's (freed with its last rollout, or evicted) or one rollout's
+        self.free_blocks = list(range(s.num_blocks))[::-1]
+        self.pending = deque(_Prompt(i, p, deque(range(k))) for i, (p, k) in enumerate(zip(prompts, n)) if k > 0)
         self.active: list[_Prompt] = []    # prefilled prompts with unfinished rollouts, oldest first
         self.running: list[_Rollout] = []  # admission order: the last is the newest
         self.free_slots = list(range(s.max_slots))[::-1]
@@ -117,7 +92,7 @@ class Generation:
                 continue
             self.reserve_blocks()
             if rollouts := self.stepping():
-                self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.pool.free))
+                self.peak_blocks = max(self.peak_blocks, self.s.num_blocks - len(self.free_blocks))
                 self.step(rollouts)
         return self.results
 
@@ -147,14 +122,13 @@ class Generation:
     def admit(self) -> int:
         """Start waiting rollouts while slots and blocks allow, prefilling new prompts as needed."""
         started = []
-        while self.free_slots and len(self.pool.free) > len(started):
+        while self.free_slots and len(self.free_blocks) > len(started):
             prompt = next((p for p in self.active if p.waiting), None)
             if prompt is None:
-                if not self.prefill_pending(len(self.pool.free) - len(started)):
+                if not self.prefill_pending(len(self.free_blocks) - len(started)):
                     break
                 continue
             rollout = _Rollout(prompt, prompt.waiting.popleft(), self.free_slots.pop())
-            self.pool.retain(prompt.blocks)
             prompt.running += 1
             self.running.append(rollout)
             started.append(rollout)
@@ -172,7 +146,7 @@ class Generation:
                 break
             free_blocks -= need
             prompt = self.pending.popleft()
-            prompt.blocks = self.pool.alloc(need - 1)
+            prompt.blocks = [self.free_blocks.pop() for _ in range(need - 1)]
             self.s.clear_blocks(prompt.blocks[-1:])  # the others are written whole
             batch.append(prompt)
         if batch:
@@ -202,25 +176,26 @@ class Generation:
 
     def alloc_block(self, rollout: _Rollout) -> int | None:
         """A free block, made by dropping idle prompts' KV (newest first), then preempting the newest rollout."""
-        while not (got := self.pool.alloc(1)):
+        while not self.free_blocks:
             idle = [p for p in self.active if p.running == 0]
             if idle:
                 self.evict(idle[-1])
                 continue
             victim = self.running.pop()
             self.preemptions += 1
-            self.pool.release(victim.blocks + victim.prompt.blocks)
+            self.free_blocks.extend(victim.blocks)
             victim.prompt.waiting.appendleft(victim.sample)
             victim.prompt.running -= 1
             self.free_slots.append(victim.slot)
             if victim is rollout:
                 return None
-        return got[0]
+        return self.free_blocks.pop()
 
     def evict(self, prompt: _Prompt) -> None:
         """Free an idle prompt's KV; it is prefilled again when its rollouts get room."""
+        assert not prompt.running, "a prompt's KV is freed only once none of its rollouts runs"
         self.evictions += 1
-        self.pool.release(prompt.blocks)
+        self.free_blocks.extend(prompt.blocks)
         prompt.blocks = prompt.logits = None
         self.active.remove(prompt)
         self.pending.appendleft(prompt)  # evicted newest-first, so pending stays in prompt order
@@ -315,9 +290,8 @@ class Generation:
         self.running.remove(rollout)
         self.free_slots.append(rollout.slot)
         prompt = rollout.prompt
-        self.pool.release(rollout.blocks + prompt.blocks)
+        self.free_blocks.extend(rollout.blocks)
         prompt.running -= 1
-        prompt.unfinished -= 1
-        if prompt.unfinished == 0:  # its last rollout: the prompt's own reference goes
-            self.pool.release(prompt.blocks)
+        if not prompt.running and not prompt.waiting:  # its last rollout: the prompt's KV goes
+            self.free_blocks.extend(prompt.blocks)
             self.active.remove(prompt)
