@@ -38,7 +38,8 @@ def load_handoff(sampler, lm, flat: torch.Tensor, names: list[str]) -> None:
     """A sync's flat weights into the sampler: as they come, or with LoRA the adapters merged into lm's base."""
     if not lora.adapter_names(lm):
         return load_flat(sampler.weights, flat, names)
-    received = {name: torch.empty(lm.state_dict()[name].shape) for name in names}  # whole, even where lm is sharded
+    state = lm.state_dict()  # built once: each call walks the whole model
+    received = {name: torch.empty(state[name].shape) for name in names}  # whole, even where lm is sharded
     load_flat(received, flat, names)
     sync_sampler(sampler, lm, received)
 
