@@ -7,8 +7,6 @@ trainer's step throughput and MFU, LoRA against full fine-tuning; programs score
     python bench.py trainer [--device cuda] # one RL update (trainer.train_on_batch), packed against padded
                                             # micro-batches: tokens/s, TFLOP/s, MFU; LoRA against full fine-tuning
     python bench.py reward [--workers N]    # HumanEval's 164 canonical solutions through the sandbox: programs/s
-    python bench.py tools                   # multi-turn sampling with a Python tool: KV reuse against prefilling
-                                            # each conversation again at every turn, 32 rollouts x 4 turns
 
 It writes JSON (--out). The sampler and trainer cases import only torch, triton and transformers of the
 packages, so a GPU machine's own python runs them.
@@ -31,7 +29,6 @@ import trainer
 from forward import ModelConfig
 from kernels import attention
 from rollout import Sampler
-from tools import Tools
 
 
 def timed(fn, device: str):
@@ -98,40 +95,6 @@ def bench_cpu(args) -> dict:
     ours, hf = run_fanout(sampler, [prompt], [64], 128, "cpu"), run_hf(model, prompt, 64, 128, "cpu")
     return {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen,
             "fanout": ours, "hf_generate": hf, "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
-
-
-def bench_tools(args) -> dict:
-    """Multi-turn sampling, each tool turn fed into its rollout's KV (fanout) against the conversation prefilled
-    again at every turn (a sampler without KV reuse): the same turns and calls, in the same sandbox. The model
-    calls on cue: every token may close a call, and a turn of `turn` tokens does."""
-    _, tokenizer, sampler, chosen = cpu_case(args)
-    n, turn, calls, prompt, script = 32, 32, 3, fixed_prompt(tokenizer, 256), "print(list(range(100)))"
-    tools = Tools(tokenizer, config.Config(max_tool_calls=calls, max_new_tokens=1024))
-    tools.closing_ids = torch.ones(len(tokenizer), dtype=torch.bool)
-    tools.code = lambda turn_ids: script if len(turn_ids) >= turn else None
-    framed = len(tools.turn(tools.run(script, 0).result()[0]))
-    total = (calls + 1) * turn + calls * framed
-
-    def again():  # each turn: every conversation so far prefilled as a prompt of its own, then the call
-        conversations, fed = [prompt] * n, 0
-        for t in range(calls + 1):
-            r = sampler.generate(conversations, [1] * n, turn, seed=t)
-            fed += sampler.stats["fed_tokens"]
-            outputs = [tools.run(script, 0) for _ in range(n)] if t < calls else [None] * n
-            conversations = [c + new + (tools.turn(o.result()[0]) if o else []) for c, new, o in
-                             zip(conversations, r.tokens, outputs)]
-        return fed
-
-    sampler.generate([prompt], [4], 4, seed=1)  # warm-up
-    reused, seconds = timed(lambda: sampler.generate([prompt], [n], total, seed=0, tools=tools), "cpu")
-    assert all(len(t) == total and sum(m.tolist()) == (calls + 1) * turn for t, m in
-               zip(reused.tokens, reused.masks)), "a rollout missed a call"
-    fed, (fed_again, seconds_again) = sampler.stats["fed_tokens"], timed(again, "cpu")
-    speed = lambda s, fed: {"seconds": s, "tokens_per_s": n * (calls + 1) * turn / s, "fed_tokens": fed}
-    return {"case": f"tools: SmolLM2-135M {chosen['dtype']}, 1 prompt x {n} rollouts, 256-token prompt, {calls + 1} "
-                    f"turns of {turn} tokens, {calls} calls of {framed}-token turns", **chosen,
-            "kv_reuse": speed(seconds, fed), "prefill_again": speed(seconds_again, fed_again),
-            "speedup_tokens_per_s": seconds_again / seconds}
 
 
 # ---- GPU ----
@@ -319,7 +282,7 @@ def bench_reward(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "tools", "trainer", "reward"])
+    parser.add_argument("what", choices=["sampler", "trainer", "reward"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
@@ -344,7 +307,7 @@ def main():
         setattr(args, flag, getattr(args, flag) or defaults[args.device == "cpu"])
     torch.manual_seed(0)
     result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
-              "reward": bench_reward, "tools": bench_tools}[args.what](args)
+              "reward": bench_reward}[args.what](args)
     print(json.dumps(result, indent=1))
     if "hf_generate" in result:
         print(f"fanout {result['fanout']['tokens_per_s']:.1f} tokens/s, HF generate "

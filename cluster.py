@@ -151,22 +151,6 @@ def my_share(n: int, rank: int, world: int) -> tuple[int, int]:
     return n * rank // world, n * (rank + 1) // world
 
 
-def searcher_count(searchers: int, world: int) -> int:
-    """--searchers as a number: -1 = every rank but one (one virtual searcher in a world of one)."""
-    return max(world - 1, 1) if searchers == -1 else searchers
-
-
-def check_world_size(cfg: Config, world: int) -> None:
-    searchers = searcher_count(cfg.searchers, world)
-    if searchers and world > 1 and searchers >= world:
-        raise SystemExit(f"--searchers {searchers} leaves no trainer among {world} processes; use at most "
-                         f"{world - 1} or launch more")
-    trainers = world - searchers if searchers and world > 1 else world
-    if cfg.prompts_per_step % trainers:
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {trainers} trainer ranks; "
-                         "use a multiple of their number")
-
-
 def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
     """Prompt positions per rank, balanced by rollouts (largest first, to the least loaded), groups whole."""
     shares, load = [[] for _ in range(world)], [0] * world
@@ -200,11 +184,18 @@ class Roles:
     trainers_gloo: object = None  # the trainer ranks over gloo: a round's tensors from trainer rank 0 to all
 
 
-def make_roles(searchers: int, rank: int, world: int) -> Roles:
-    """The same groups on every rank, in the same order (torch.distributed requires it); sync: every rank trains."""
-    if world == 1 or not searchers:
+def make_roles(cfg: Config, rank: int, world: int) -> Roles:
+    """The trainer and searcher ranks (cfg.searchers a count), checked against the world size; the same groups on
+    every rank, in the same order (torch.distributed requires it); synchronous or one process: every rank trains."""
+    n_trainers = world - cfg.searchers if cfg.searchers and world > 1 else world
+    if n_trainers < 1:
+        raise SystemExit(f"--searchers {cfg.searchers} leaves no trainer among {world} processes; use at most "
+                         f"{world - 1} or launch more")
+    if cfg.prompts_per_step % n_trainers:
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step} does not split over {n_trainers} trainer ranks; "
+                         "use a multiple of their number")
+    if n_trainers == world:
         return Roles(False, world, rank=rank)
-    n_trainers = world - searchers
     trainers, trainers_gloo = (dist.new_group(list(range(n_trainers)), backend=b) for b in (None, "gloo"))
     handoff = dist.new_group([0, *range(n_trainers, world)], backend="gloo")
     searching = rank >= n_trainers

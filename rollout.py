@@ -35,18 +35,6 @@ class Rollouts:
     tool_errors: list[int]
 
 
-def check_request(n: list[int], max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """One sentence for each request that would otherwise sample nonsense or fail deep inside."""
-    if min(n, default=0) < 0:
-        raise ValueError(f"a rollout count is negative ({min(n)}); ask for 0 or more rollouts per prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is negative; use 0 for greedy decoding or a positive value")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} is outside (0, 1]; use 1.0 to sample from the whole distribution")
-
-
 def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
     """z with every token outside the smallest set whose probability reaches top_p set to -inf."""
     sorted_z, order = z.sort(-1, descending=True)
@@ -79,7 +67,7 @@ class Sampler:
         # Triton kernels on CUDA, their plain-torch twins elsewhere (DESIGN.md, Kernels)
         self.use_triton = self.device.type == "cuda" if use_triton is None else use_triton
         prefix = "" if self.use_triton else "reference_"
-        for name in ("write_kv", "prefix_attention", "decode_attention", "merge_attention"):
+        for name in ("prefix_attention", "decode_attention"):
             setattr(self, name, getattr(attention, prefix + name))
         self.sample = getattr(sampling, prefix + "sample")
         # decode steps padded to powers of two, replayed as CUDA graphs kept for the run, the temperature an input
@@ -108,7 +96,7 @@ class Sampler:
         rep = c.num_heads // c.num_kv_heads
 
         def attend(layer, q, k, v):
-            self.write_kv(self.k_pool[layer], self.v_pool[layer], k[valid], v[valid], slots)
+            attention.write_kv(self.k_pool[layer], self.v_pool[layer], k[valid], v[valid], slots)
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
                                                v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True)
             return o.transpose(1, 2)
@@ -136,7 +124,7 @@ class Sampler:
 
         def attend(layer, q, k, v):
             kp, vp = self.k_pool[layer], self.v_pool[layer]
-            self.write_kv(kp, vp, k[valid], v[valid], slots)
+            attention.write_kv(kp, vp, k[valid], v[valid], slots)
             return attention.reference_extend_attention(q, kp, vp, prompt_blocks, prompt_len, own_blocks, start,
                                                         start + lengths, self.cfg.head_dim ** -0.5)
 
@@ -172,33 +160,28 @@ class Sampler:
 
         def attend(layer, q, k, v):
             kp, vp = self.k_pool[layer], self.v_pool[layer]
-            self.write_kv(kp, vp, k, v, b.write_slots)
+            attention.write_kv(kp, vp, k, v, b.write_slots)
             o1, lse1 = self.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len, b.prompt_blocks,
                                              scale, b.max_count)
             o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
-            return self.merge_attention(o1, lse1, o2, lse2, q.dtype)
+            return attention.merge_attention(o1, lse1, o2, lse2, q.dtype)
 
         logits = forward(self.cfg, self.weights, b.tokens, b.positions, attend)
         return self.sample_tokens(logits, b.keys, temperature, top_p)
 
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
         """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""
-        rows, groups = len(b.tokens), len(b.group_start)
-        extra_rows, extra_groups = triton.next_power_of_2(rows) - rows, triton.next_power_of_2(groups) - groups
+        rows, groups, scratch = len(b.tokens), len(b.group_start), self.scratch_block
         width = triton.next_power_of_2(b.prompt_blocks.shape[1])
-
-        def pad(x, n, value):
-            return torch.cat([x, x.new_full((n, *x.shape[1:]), value)])
-
-        scratch = self.scratch_block
-        prompt_blocks = F.pad(b.prompt_blocks, (0, width - b.prompt_blocks.shape[1]), value=scratch)
-        return DecodeBatch(
-            tokens=pad(b.tokens, extra_rows, 0), positions=pad(b.positions, extra_rows, 0),
-            keys=pad(b.keys, extra_rows, 0), write_slots=pad(b.write_slots, extra_rows, scratch * self.block_size),
-            seq_len=pad(b.seq_len, extra_rows, 1), block_table=pad(b.block_table, extra_rows, scratch),
-            group_start=pad(b.group_start, extra_groups, rows), group_count=pad(b.group_count, extra_groups, 0),
-            prompt_len=pad(b.prompt_len, extra_groups, 1), prompt_blocks=pad(prompt_blocks, extra_groups, scratch),
-            num_splits=b.num_splits, max_count=min(triton.next_power_of_2(b.max_count), triton.next_power_of_2(rows)))
+        fill = dict(tokens=0, positions=0, keys=0, write_slots=scratch * self.block_size, seq_len=1,
+                    block_table=scratch, group_start=rows, group_count=0, prompt_len=1, prompt_blocks=scratch)
+        padded = {}
+        for name, value in fill.items():  # per row, or per group (a group's fields are group_* and prompt_*)
+            x, n = getattr(b, name), groups if name.startswith(("group", "prompt")) else rows
+            x = F.pad(x, (0, width - x.shape[1]), value=value) if name == "prompt_blocks" else x
+            padded[name] = torch.cat([x, x.new_full((triton.next_power_of_2(n) - n, *x.shape[1:]), value)])
+        return DecodeBatch(**padded, num_splits=b.num_splits,
+                           max_count=min(triton.next_power_of_2(b.max_count), triton.next_power_of_2(rows)))
 
     def _capture(self, static: DecodeBatch, sampled: bool):
         """One padded decode step as a CUDA graph; `static`'s tensors and graph_temperature become its inputs."""
@@ -223,7 +206,14 @@ class Sampler:
         if len(n) != len(prompts) or (prompt_keys is not None and len(prompt_keys) != len(prompts)):
             raise ValueError(f"generate got {len(prompts)} prompts but {len(n)} rollout counts and "
                              f"{len(prompt_keys or prompts)} prompt keys; pass one of each per prompt")
-        check_request(n, max_new_tokens, temperature, top_p)
+        if min(n, default=0) < 0:  # one sentence for each request that would sample nonsense or fail deep inside
+            raise ValueError(f"a rollout count is negative ({min(n)}); ask for 0 or more rollouts per prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} is negative; use 0 for greedy decoding or a positive value")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} is outside (0, 1]; use 1.0 to sample from the whole distribution")
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")

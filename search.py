@@ -119,11 +119,9 @@ def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -
     """A searcher rank's life: round w + 1 sampled with the weights of sync w, handed over at sync w + 1."""
     names, state = handoff_names(lm, sampler), lm.state_dict()
     flat = torch.empty(sum(state[n].numel() for n in names), dtype=torch.bfloat16)
-    opening = torch.zeros(1, dtype=torch.long)
-    dist.broadcast(opening, 0, roles.handoff)  # the first sync: 0, or the resumed one
-    first = int(opening.item())
     version, _ = broadcast_weights(flat, 0, roles.handoff)
     load_handoff(sampler, lm, flat, names)
+    first = version // cfg.sync_every  # the first sync: 0, or the one a resumed run opens with
     if first == 0:
         gather_round(cfg, search(cfg, sampler, ref, tokenizer, task, 0, roles.rank, version, dtype), roles)
     waited = 0.0
@@ -137,8 +135,8 @@ def serve(cfg: Config, sampler, ref, lm, tokenizer, task, roles: Roles, dtype) -
 
 
 class Searchers:
-    """The trainer's side: `open` (the first sync) and `sync` send the weights and return the round due, one
-    [ints, floats, stats] per searcher; virtual searchers run here in turn and make the same rounds as ranks."""
+    """The trainer's side: `sync` sends the weights and returns the round due, one [ints, floats, stats] per
+    searcher; virtual searchers run here in turn and make the same rounds as ranks."""
 
     def __init__(self, cfg: Config, roles: Roles, sampler, ref, lm, tokenizer, task, dtype):
         self.cfg, self.roles, self.sampler, self.ref, self.lm = cfg, roles, sampler, ref, lm
@@ -174,23 +172,16 @@ class Searchers:
         self.waited = time.time() - t0
         return due
 
-    def open(self, w0: int, version: int):
-        if not self.virtual and self.roles.rank == 0:
-            dist.broadcast(torch.tensor([w0]), 0, self.roles.handoff)
-        flat = self._send(version)
+    def sync(self, w: int, version: int, first: bool = False):
+        """Sync w: the weights out (version: the trainer's step), the round due in (None at a resumed run's first
+        sync); round w was sampled with sync w - 1's weights, round 0 with sync 0's."""
         if not self.virtual:
-            return self._receive() if w0 == 0 else None
-        load_handoff(self.sampler, self.lm, flat, self.names)
-        due = self._search_all(0, version) if w0 == 0 else None
-        self.pending = self._search_all(w0 + 1, version) if w0 + 1 < self.n_syncs else None
-        return due
-
-    def sync(self, w: int, version: int):
-        if not self.virtual:
-            due = self._receive()
+            due = None if first else self._receive()
             self._send(version)
-            return due
-        due = self.pending
+            return self._receive() if first and w == 0 else due
+        due = None if first else self.pending
         load_handoff(self.sampler, self.lm, self._send(version), self.names)
+        if first and w == 0:
+            due = self._search_all(0, version)
         self.pending = self._search_all(w + 1, version) if w + 1 < self.n_syncs else None
         return due

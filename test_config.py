@@ -68,7 +68,7 @@ def test_tba_bad_input_is_one_sentence():
         with pytest.raises(ValueError, match=re.escape(message)):
             config.Config(**flags)
     with pytest.raises(SystemExit, match="--searchers 3 leaves no trainer among 3 processes"):
-        cluster.check_world_size(config.Config(searchers=3, loss="tb"), 3)
+        cluster.make_roles(config.Config(searchers=3, loss="tb"), 0, 3)
 
 
 def test_dtype_auto_probes_once_per_cpu_and_picks_the_faster(tmp_path, monkeypatch):
@@ -140,4 +140,4 @@ def test_prompts_split_over_ranks_by_budget():
     assert cluster.split_by_budget([8] * 4, 2) == [[0, 2], [1, 3]]  # equal budgets: equal shares
     assert cluster.split_by_budget([12, 4, 4, 4], 2) == [[0], [1, 2, 3]]
     with pytest.raises(SystemExit, match="--prompts-per-step 6 does not split over 4 trainer ranks"):
-        cluster.check_world_size(config.Config(prompts_per_step=6), 4)
+        cluster.make_roles(config.Config(prompts_per_step=6), 0, 4)

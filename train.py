@@ -24,7 +24,7 @@ import explore
 import lora
 import loss
 import reward
-from cluster import check_world_size, make_roles, my_share, pick_dtype, searcher_count, setup_process, shard
+from cluster import make_roles, my_share, pick_dtype, setup_process, shard
 from collect import encode_prompts, evaluate, sample_step
 from config import Config, parse_config
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
@@ -39,8 +39,9 @@ def main(cfg: Config):
     rank, world, device = setup_process()
     if cfg.export_hf and Path(cfg.export_hf).exists():
         raise SystemExit(f"--export-hf {cfg.export_hf} already exists; name a new folder so nothing is overwritten")
-    cfg = dataclasses.replace(cfg, searchers=searcher_count(cfg.searchers, world))
-    check_world_size(cfg, world)
+    # --searchers -1: every rank but one (one virtual searcher in a world of one)
+    cfg = dataclasses.replace(cfg, searchers=max(world - 1, 1) if cfg.searchers == -1 else cfg.searchers)
+    roles = make_roles(cfg, rank, world)
     torch.manual_seed(cfg.seed)
     train_task, eval_task = load_tasks(cfg, rank)
     lm, tokenizer = load_model(cfg, device)
@@ -53,7 +54,6 @@ def main(cfg: Config):
             lora.add_adapters(lm, cfg)
     except ValueError as e:
         raise SystemExit(str(e))
-    roles = make_roles(cfg.searchers, rank, world)
     if roles.searching:  # a searcher rank samples rounds for the trainer ranks until the run ends (search.py)
         policy = Policy(lm.requires_grad_(False))
         serve(cfg, sampler, Base(policy) if cfg.lora_rank else policy, lm, tokenizer, train_task, roles, dtype)
@@ -171,10 +171,8 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
     prompt_ids = {}  # training prompt -> its encoded chat prompt
     bar = tqdm(total=cfg.steps, desc="train", disable=roles.rank != 0, initial=start_step)
     w0 = start_step // k
-    due = searchers.open(w0, start_step)
-    for w in range(w0, sync_count(cfg)):
-        if w > w0:
-            due = searchers.sync(w, w * k)
+    for w in range(w0, max(sync_count(cfg), w0 + 1)):  # resumed at the end: the first sync alone, as searchers expect
+        due = searchers.sync(w, max(w * k, start_step), first=w == w0)
         if due is not None:
             buffer.add([r for ints, floats, _ in due for r in to_responses(ints, floats)])
             seconds, waited, failures, timeouts, tokens = (sum(x) for x in zip(*(s.tolist() for *_, s in due)))

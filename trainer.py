@@ -262,7 +262,9 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     adv = global_advantages(cfg, batch.rewards, batch.group, batch.rl, group)
     plans, run = plan_step(cfg, model, batch, adv, temperature, autocast_dtype, group)
     batches = [sorted(i for row in rows for piece in row for i in piece) for rows in plans]  # each one's order
-    per_response = partial(split_responses, batches, lengths)
+    # per-token values of each micro-batch -> {response: its tokens' values}
+    per_response = lambda values: {i: part for b, v in zip(batches, values)
+                                   for i, part in zip(b, v.split([lengths[i] for i in b]))}
     groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
     log_z_pass = tb and all_max(int(sum(map(len, groups)) > len(set().union(*groups))), group) > 0  # all ranks or none
     old_pass = cfg.kl_in_reward and ref_model is not None
@@ -323,11 +325,6 @@ def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocas
         return response_logprobs(m, batch.sequences, batch.prompt_lens, temperature, autocast_dtype, share, plans[k])
 
     return plans, run
-
-
-def split_responses(batches: list[list[int]], lengths: list[int], values: list[torch.Tensor]) -> dict:
-    """Per-token values of each micro-batch -> {response: its tokens' values}."""
-    return {i: part for b, v in zip(batches, values) for i, part in zip(b, v.split([lengths[i] for i in b]))}
 
 
 def cat_on(parts: list[torch.Tensor], device, dtype=torch.float32) -> torch.Tensor:

@@ -222,72 +222,19 @@ def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
             lse.view(rows, kv, num_splits, rep).transpose(2, 3).reshape(rows, heads, num_splits))
 
 
-@triton.jit
-def _merge_kernel(o1_ptr, lse1_ptr, o2_ptr, lse2_ptr, out_ptr, num_splits, HEADS: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr):
-    """One program per row: all heads, the prefix part and num_splits decode parts."""
-    h, d = tl.arange(0, H_PAD), tl.arange(0, D_PAD)
-    h_valid = h < HEADS
-    mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
-    row_head = tl.program_id(0) * HEADS + h
-    lse1 = tl.load(lse1_ptr + row_head, mask=h_valid, other=0.0)
-    # A first pass for the max over parts, which is finite, so no weight is exp(inf - inf).
-    m = lse1
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(lse2_ptr + row_head * num_splits + s, mask=h_valid, other=0.0))
-    total = tl.exp(lse1 - m)
-    acc = total[:, None] * tl.load(o1_ptr + row_head[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
-    for s in range(num_splits):
-        part = row_head * num_splits + s
-        w = tl.exp(tl.load(lse2_ptr + part, mask=h_valid, other=0.0) - m)
-        total += w
-        acc += w[:, None] * tl.load(o2_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
-    out = acc / total[:, None]
-    tl.store(out_ptr + row_head[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
-    """Merge the prefix partial with S decode partials into o [R, heads, d] (a part of each row has keys)."""
-    rows, heads, num_splits, head_dim = o2.shape
-    out = torch.empty(rows, heads, head_dim, device=o1.device, dtype=out_dtype)
-    _merge_kernel[(rows,)](o1.contiguous(), lse1.contiguous(), o2.contiguous(), lse2.contiguous(), out, num_splits,
-                           HEADS=heads, HEAD_DIM=head_dim, H_PAD=triton.next_power_of_2(heads),
-                           D_PAD=triton.next_power_of_2(head_dim))
-    return out
-
-
-def reference_merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor,
-                              out_dtype: torch.dtype) -> torch.Tensor:
-    """Torch twin of merge_attention: o = sum_i exp(lse_i - logsumexp(lse)) o_i."""
+    """The prefix partial and S decode partials merged into o [R, heads, d] (a part of each row has keys), on every
+    device: o = sum_i exp(lse_i - logsumexp(lse)) o_i (torch ops; CUDA graphs replay them, a compiler fuses them)."""
     lse = torch.cat([lse1[..., None], lse2], -1)
     o = torch.cat([o1[:, :, None], o2], 2)
     weight = (lse - lse.logsumexp(-1, keepdim=True)).exp()
     return (weight[..., None] * o).sum(2).to(out_dtype)
 
 
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_pool_ptr, v_pool_ptr, slots_ptr, TOKEN_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    """One token: its kv_heads * head_dim values are contiguous in the input and in the pool slot."""
-    t = tl.program_id(0)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    i = tl.arange(0, BLOCK)
-    mask = i < TOKEN_SIZE
-    tl.store(k_pool_ptr + slot * TOKEN_SIZE + i, tl.load(k_ptr + t * TOKEN_SIZE + i, mask=mask), mask=mask)
-    tl.store(v_pool_ptr + slot * TOKEN_SIZE + i, tl.load(v_ptr + t * TOKEN_SIZE + i, mask=mask), mask=mask)
-
-
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write k, v [T, kv_heads, d] into the pools' slots [T] in place (decode tokens and prefill alike)."""
-    assert k.dtype == v.dtype == k_pool.dtype == v_pool.dtype, "write_kv copies bits: cast k, v to the pool's dtype"
-    assert k_pool.is_contiguous() and v_pool.is_contiguous(), "the KV pools must be contiguous"
-    token_size = k.shape[1] * k.shape[2]
-    _write_kv_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_pool, v_pool, slots, TOKEN_SIZE=token_size,
-                                    BLOCK=triton.next_power_of_2(token_size))
-
-
-def reference_write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       slots: torch.Tensor) -> None:
-    """Torch twin of write_kv; view (not reshape) so a non-contiguous pool fails instead of writing a copy."""
+    """Write k, v [T, kv_heads, d] into the pools' slots [T] in place (decode tokens and prefill alike), on every
+    device (one indexed copy, which CUDA graphs capture); view, not reshape, so a non-contiguous pool fails instead
+    of writing a copy."""
     k_pool.view(-1, *k_pool.shape[2:])[slots] = k
     v_pool.view(-1, *v_pool.shape[2:])[slots] = v
