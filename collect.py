@@ -16,7 +16,9 @@ from trainer import Batch
 
 
 def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int]]:
-    chats = [[{"role": "user", "content": template.format(question=item["question"])}] for item in items]
+    """Each item's chat: its own messages as they are (a system message kept), or its question in the template."""
+    chats = [item.get("messages") or [{"role": "user", "content": template.format(question=item["question"])}]
+             for item in items]
     return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
             for c in chats]
 

@@ -26,8 +26,13 @@ class Config:
     dtype: str = "auto"                    # sampler and trainer compute dtype: auto (bf16 on CUDA; on a CPU the faster
                                            # of bf16 and float32, probed once per machine) | bfloat16 | float32
     # task
-    task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...] or a .jsonl
-    task_size: int = 2000                  # items generated (rg) or read at most (jsonl), before the held-out split
+    task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...], humaneval,
+                                           # a .jsonl or .parquet file or a datasets save_to_disk folder (README, data)
+    task_size: int = 2000                  # items generated (rg) or read at most (files), before the held-out split
+    question_key: str = ""                 # the data's prompt column, a string or chat messages; a.b reaches into a
+                                           # nested one ("" = question, problem or prompt: the first there is)
+    answer_key: str = ""                   # its answer column ("" = answer, reward_model.ground_truth or solution);
+                                           # an answer with a \boxed{} is its last one's inside (MATH's solutions)
     prompt_template: str = "{question}\nStart your reply with 'Answer:'."  # wraps each question (chat template applied after)
     score_timeout: float = 5.0             # seconds per verifier call or program (wall and CPU); past it: 0, counted
     score_workers: int = 0                 # scoring processes per rank (0 = the CPUs, shared by this machine's ranks)

@@ -31,32 +31,39 @@ from reasoning_gym.factory import DATASETS
 
 from sandbox import SANDBOX_START_S, Limits, check_sandbox, run_program
 
-JSONL_FIX = ('each line must be {"question": ..., "answer": ...}, or in a code file {"question": ..., "tests": ...} '
-             '(optionally "entry_point", "setup"), tests being Python that raises if the program is wrong')
+DATA_FIX = ("a row holds a prompt (question, problem or prompt: text or chat messages) and an answer (answer, "
+            "reward_model.ground_truth, or a solution's last \\boxed{}), or columns named by --question-key and "
+            "--answer-key; a code row has tests (Python that raises if the program is wrong), entry_point, setup")
+QUESTION_KEYS, ANSWER_KEYS = ("question", "problem", "prompt"), ("answer", "reward_model.ground_truth", "solution")
 HUMANEVAL_PROMPT = ("Complete the following Python function. Reply with the whole function, with the imports and "
                     "helpers it needs, in one ```python code block.\n\n```python\n{prompt}```")
 
 
 @dataclass
 class Task:
-    spec: str  # what the user typed: "rg:NAME?key=value&...", "path/to/data.jsonl" or "humaneval"
+    spec: str  # what the user typed: "rg:NAME?key=value&...", a .jsonl or .parquet file, a folder, "humaneval"
     items: list[dict]  # {"question": str, "answer": str, ...}; rg items also carry "entry" (the raw entry); code
-    # items {"question", "tests", "setup", "entry_point"}: scored by running the response's program (score())
+    # items {"question", "tests", "setup", "entry_point"}: scored by running the response's program (score()); a
+    # prompt given as chat messages is also kept as "messages" (the question is their JSON)
 
 
 # ---- loading ----
 
-def load_task(spec: str, size: int, seed: int) -> Task:
-    """`size` items of `spec` (rg:NAME, a .jsonl, humaneval; all if size <= 0); code needs a working sandbox."""
+def load_task(spec: str, size: int, seed: int, question_key: str = "", answer_key: str = "") -> Task:
+    """`size` items of `spec` (all if size <= 0): rg:NAME, humaneval, or a .jsonl, .parquet or datasets.save_to_disk
+    folder whose columns the keys name (default: the common layouts, DATA_FIX); code needs a working sandbox."""
     if spec.startswith("rg:"):
         return Task(spec, _rg_items(spec, size, seed))
-    if spec.endswith(".jsonl") or spec == "humaneval":
-        items = _humaneval_items() if spec == "humaneval" else _jsonl_items(spec)
-        if "tests" in items[0]:
-            check_sandbox()
-        return Task(spec, items[:size] if size > 0 else items)
-    raise ValueError(f"unknown task {spec!r}: pass rg:NAME[?key=value&...] (a reasoning-gym dataset), humaneval, "
-                     "or a path ending in .jsonl")
+    if spec == "humaneval":
+        items = _humaneval_items()[:size if size > 0 else None]
+    elif spec.endswith((".jsonl", ".parquet")) or Path(spec).is_dir():
+        items = _file_items(spec, size, question_key, answer_key)
+    else:
+        raise ValueError(f"unknown task {spec!r}: pass rg:NAME[?key=value&...] (a reasoning-gym dataset), humaneval, "
+                         "a .jsonl or .parquet file, or a folder written by datasets' save_to_disk")
+    if "tests" in items[0]:
+        check_sandbox()
+    return Task(spec, items)
 
 
 def _parse_rg_spec(spec: str) -> tuple[str, dict]:
@@ -100,57 +107,114 @@ def _rg_items(spec: str, size: int, seed: int) -> list[dict]:
             for e in entries]
 
 
-def _jsonl_items(path: str) -> list[dict]:
-    """Every line's item; a file whose first line has "tests" is code, and then every line must have them."""
-    if not Path(path).is_file():
-        raise ValueError(f"task file {path!r} does not exist; pass an existing .jsonl file ({JSONL_FIX}) or rg:NAME")
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    objects = [(_json_object(line, f"{path} line {n}"), f"{path} line {n}") for n, line in enumerate(lines, 1)
-               if line.strip()]
-    if not objects:
-        raise ValueError(f"task file {path!r} has no items; {JSONL_FIX}")
-    code, secret = "tests" in objects[0][0], [str(Path(path).resolve())]  # the file a program must not read
-    return [{**_code_item(obj, where), "secret_files": secret} if code else _math_item(obj, where)
-            for obj, where in objects]
+def _file_items(path: str, size: int, question_key: str, answer_key: str) -> list[dict]:
+    """Every row's item; a file whose first row has "tests" is code, and then every row must have them. The columns
+    are the keys, else the first of QUESTION_KEYS and ANSWER_KEYS that the first row has."""
+    rows = _file_rows(path, size)
+    if not rows:
+        raise ValueError(f"task file {path!r} has no items; {DATA_FIX}")
+    first = rows[0][0]
+    pick = lambda key, keys: key or next((k for k in keys if _column(first, k) is not None), keys[0])
+    q, a, secret = pick(question_key, QUESTION_KEYS), pick(answer_key, ANSWER_KEYS), [str(Path(path).resolve())]
+    if "tests" in first:
+        return [{**_code_item(row, where), **_prompt(row, q, where), "secret_files": secret} for row, where in rows]
+    return [_math_item(row, where, q, a) for row, where in rows]
+
+
+def _file_rows(path: str, size: int) -> list[tuple[dict, str]]:
+    """(row, where it is) for the first `size` rows (all if size <= 0) of a .jsonl (by json), or of a .parquet or a
+    save_to_disk folder (by pyarrow: Arrow stream files that the folder's state.json lists)."""
+    if not Path(path).exists():
+        raise ValueError(f"task file {path!r} does not exist; pass an existing .jsonl or .parquet file, a save_to_disk "
+                         "folder, humaneval or rg:NAME")
+    stop = size if size > 0 else None
+    if path.endswith(".jsonl"):
+        lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+                 if line.strip()][:stop]
+        return [(_json_object(line, f"{path} line {n}"), f"{path} line {n}") for n, line in lines]
+    import pyarrow
+    import pyarrow.parquet  # here: only data files need it
+    folder = Path(path)
+    try:
+        if folder.is_dir():
+            files = json.loads((folder / "state.json").read_text())["_data_files"]
+            table = pyarrow.concat_tables([pyarrow.ipc.open_stream(folder / f["filename"]).read_all() for f in files])
+        else:
+            table = pyarrow.parquet.read_table(path)
+    except (OSError, KeyError, json.JSONDecodeError, pyarrow.ArrowException) as e:
+        raise ValueError(f"task {path!r} cannot be read as {'a save_to_disk folder' if folder.is_dir() else 'parquet'}"
+                         f" ({type(e).__name__}: {e}); pass a file or folder that datasets or pyarrow wrote (of a "
+                         "DatasetDict, one split's folder)") from None
+    return [(row, f"{path} row {i}") for i, row in enumerate(table.slice(0, stop).to_pylist())]
+
+
+def _column(row: dict, key: str):
+    """row[key], or for a dotted key ("reward_model.ground_truth") the value inside nested columns; None if absent."""
+    for part in key.split("."):
+        row = row.get(part) if isinstance(row, dict) else None
+    return row
 
 
 def _json_object(line: str, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not valid JSON: {e}; {JSONL_FIX}") from None
+        raise ValueError(f"{where} is not valid JSON: {e}; each line must be one JSON object: {DATA_FIX}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object; {JSONL_FIX}")
+        raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object; {DATA_FIX}")
     return obj
 
 
-def _math_item(obj: dict, where: str) -> dict:
-    for key in ("question", "answer"):
-        if obj.get(key) is None:
-            raise ValueError(f"{where} has no {key!r}; {JSONL_FIX}")
-    return {**obj, "question": str(obj["question"]), "answer": str(obj["answer"])}
+def _prompt(row: dict, key: str, where: str) -> dict:
+    """The row's prompt as {"question": str}, or a list of chat messages as {"question": their JSON (what tells two
+    prompts apart), "messages": the messages (role, content), which the chat template renders as they are}."""
+    value = _column(row, key)
+    if value is None:
+        raise ValueError(f"{where} has no column {key!r} (its columns: {', '.join(row)}); name the prompt's column "
+                         "with --question-key")
+    if isinstance(value, str):
+        return {"question": value}
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in value):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+        return {"question": json.dumps(messages), "messages": messages}
+    raise ValueError(f"{where}: its {key!r} is a {type(value).__name__} that is neither a string nor a list of chat "
+                     "messages ({'role': ..., 'content': ...}); fix the row or name another column with --question-key")
+
+
+def _math_item(row: dict, where: str, question_key: str, answer_key: str) -> dict:
+    answer = _column(row, answer_key)
+    if answer is None:
+        raise ValueError(f"{where} has no column {answer_key!r} (its columns: {', '.join(row)}); name the answer's "
+                         "column with --answer-key")
+    answer = str(answer).strip()
+    if "\\boxed" in answer:  # MATH's solutions: the answer is their last \boxed{}
+        answer = _last_boxed(answer) or ""
+    if not answer:
+        raise ValueError(f"{where}: its answer ({answer_key!r}) is empty, or its \\boxed{{}} is; fill it in or drop "
+                         "the row")
+    return {**row, **_prompt(row, question_key, where), "answer": answer}
 
 
 def _code_item(obj: dict, where: str) -> dict:
-    for key in ("question", "tests"):
-        if obj.get(key) is None:
-            raise ValueError(f"{where} has no {key!r} (the file's first line has tests: it is code); {JSONL_FIX}")
+    if obj.get("tests") is None:
+        raise ValueError(f"{where} has no 'tests' (the file's first row has tests: it is code); {DATA_FIX}")
     entry, trees = obj.get("entry_point"), {}
     if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
-        raise ValueError(f"{where}: entry_point {entry!r} is not a Python name; {JSONL_FIX}")
+        raise ValueError(f"{where}: entry_point {entry!r} is not a Python name; {DATA_FIX}")
     for key in ("setup", "tests"):
         try:
-            trees[key] = ast.parse(obj.get(key, ""))
+            trees[key] = ast.parse(obj.get(key) or "")
         except SyntaxError as e:
             raise ValueError(f"{where}: its {key!r} is not valid Python ({e.msg}, at its line {e.lineno}); "
-                             f"{JSONL_FIX}") from None
+                             f"{DATA_FIX}") from None
         except TypeError:
             raise ValueError(f"{where}: its {key!r} is a JSON {type(obj[key]).__name__}, not Python source; "
-                             f"{JSONL_FIX}") from None
+                             f"{DATA_FIX}") from None
     if entry and not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in trees["tests"].body):
         raise ValueError(f"{where} names entry_point {entry!r}, so its tests must define check(candidate), which is "
-                         f"called with it (HumanEval's form); {JSONL_FIX}")
-    return {**obj, "question": str(obj["question"])}
+                         f"called with it (HumanEval's form); {DATA_FIX}")
+    return obj
 
 
 def _humaneval_items() -> list[dict]:
@@ -183,15 +247,22 @@ def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
 
 def extract_answer(text: str) -> str | None:
     """The inside of the last non-empty \\boxed{...}, else the rest of the line after the last "Answer:", else None."""
-    for match in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
-        inside = _braced(text, match.end() - 1)
-        if inside and inside.strip():
-            return inside.strip()
+    boxed = _last_boxed(text)
+    if boxed:
+        return boxed
     lines = [line for line in text.splitlines() if "answer:" in line.lower()]
     if not lines:
         return None
     after = lines[-1][lines[-1].lower().rindex("answer:") + len("answer:"):]
     return after.strip(" \t*").rstrip(".").strip() or None
+
+
+def _last_boxed(text: str) -> str | None:
+    for match in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
+        inside = _braced(text, match.end() - 1)
+        if inside and inside.strip():
+            return inside.strip()
+    return None
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -215,7 +286,7 @@ def extract_program(text: str) -> str | None:
 
 def _run_tests(limits: Limits, program: str, item: dict) -> float | str:
     """A code item's verifier: 1.0 if the program passed its tests in the sandbox, 0.0, or "timeout"."""
-    run = run_program(program, item["tests"], item.get("setup", ""), item.get("entry_point"), limits,
+    run = run_program(program, item["tests"], item.get("setup") or "", item.get("entry_point"), limits,
                       item.get("secret_files", ()))
     return "timeout" if run.timed_out else float(run.passed)
 

@@ -4,12 +4,17 @@ and timeouts. Run by test_all.py."""
 
 import itertools
 import json
+import random
 import time
 
+import pyarrow
+import pyarrow.parquet
 import pytest
 
+import collect
 import config
 import reward
+import test_sampler
 import train
 from test_sandbox import RIGHT, TESTS, fenced
 
@@ -130,6 +135,91 @@ def _write_lines(tmp_path, lines: list[str]) -> str:
     return str(path)
 
 
+def random_rows(seed: int, n: int = 6) -> list[tuple[str, str]]:
+    """(question, answer) pairs of fresh random arithmetic."""
+    rng = random.Random(seed)
+    pairs = [(rng.randint(1, 999), rng.randint(1, 999)) for _ in range(n)]
+    return [(f"What is {a} + {b}? Show your work.", str(a + b)) for a, b in pairs]
+
+
+def write_parquet(path, columns: dict) -> str:
+    pyarrow.parquet.write_table(pyarrow.table(columns), path)
+    return str(path)
+
+
+def loaded(spec: str, **keys) -> list[tuple]:
+    return [(it["question"], it["answer"], it.get("messages")) for it in reward.load_task(spec, 0, 0, **keys).items]
+
+
+def test_data_layouts_load_as_the_same_items(tmp_path):
+    """Parquet, a datasets.save_to_disk folder, verl's layout (chat messages, reward_model.ground_truth), MATH's
+    (problem, solution with the answer in its last \\boxed{}) and columns named by flags all load into the items the
+    equivalent JSONL does; a system message is kept; --task-size caps the rows read."""
+    rows = random_rows(seed=int(time.time()))
+    qs, answers = [q for q, _ in rows], [a for _, a in rows]
+    jsonl = _write_lines(tmp_path, [json.dumps({"question": q, "answer": a}) for q, a in rows])
+    expected = loaded(jsonl)
+    assert expected == [(q, a, None) for q, a in rows]
+    assert loaded(write_parquet(tmp_path / "plain.parquet", {"question": qs, "answer": answers})) == expected
+    mapped = write_parquet(tmp_path / "mine.parquet", {"text": qs, "meta": [{"gold": a} for a in answers]})
+    assert loaded(mapped, question_key="text", answer_key="meta.gold") == expected
+    math_rows = [{"problem": q, "solution": f"Add them: \\boxed{{1}} is wrong, so \\boxed{{{a}}}."} for q, a in rows]
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows))
+    assert loaded(str(tmp_path / "math.jsonl")) == expected
+    system = {"role": "system", "content": "You check sums."}
+    verl = write_parquet(tmp_path / "verl.parquet", {
+        "data_source": ["sums"] * len(rows), "prompt": [[system, {"role": "user", "content": q}] for q in qs],
+        "ability": ["math"] * len(rows), "reward_model": [{"style": "rule", "ground_truth": a} for a in answers]})
+    chats = [[system, {"role": "user", "content": q}] for q in qs]
+    assert loaded(verl) == [(json.dumps(chat), a, chat) for chat, a in zip(chats, answers)]
+    assert len(reward.load_task(verl, 2, 0).items) == 2
+    # written by datasets 5.2.0: Dataset.from_list(rows).save_to_disk(path, num_shards=2), rows as below
+    saved = [("What is 2+3?", "5"), ("What is 7*6?", "42"), ("Simplify $\\frac{6}{8}$.", "\\frac{3}{4}")]
+    assert loaded(str(test_sampler.ROOT / "testdata" / "saved")) == [(q, a, None) for q, a in saved]
+    assert len(loaded(str(test_sampler.ROOT / "testdata" / "saved_dict" / "train"))) == 2
+
+
+def test_chat_message_prompts_render_with_the_chat_template(smollm2):
+    """A prompt given as chat messages goes to the model's chat template as it is (its system message kept); a
+    string goes through --prompt-template as a user message."""
+    tok = smollm2[1]
+    messages = [{"role": "system", "content": "Reply in French."}, {"role": "user", "content": "What is 4 + 5?"}]
+    ids = collect.encode_prompts(tok, "IGNORED {question}", [{"question": "What is 4 + 5?", "messages": messages},
+                                                            {"question": "What is 4 + 5?"}])
+    assert ids[0] == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert "Reply in French." in tok.decode(ids[0]) and "IGNORED" not in tok.decode(ids[0])
+    assert "IGNORED What is 4 + 5?" in tok.decode(ids[1])
+
+
+@pytest.mark.parametrize("columns, keys, message", [
+    ({"question": ["q1", "q2"], "gold": ["1", "2"]}, {},
+     r"row 0 has no column 'answer' \(its columns: question, gold\); name the answer's column with --answer-key"),
+    ({"text": ["q1", "q2"], "answer": ["1", "2"]}, {"question_key": "prompt"}, r"row 0 has no column 'prompt' \(its "
+     r"columns: text, answer\)"),
+    ({"question": ["q1", "q2"], "answer": ["1", " "]}, {}, r"row 1: its answer \('answer'\) is empty"),
+    ({"question": ["q1", "q2"], "answer": ["1", "\\boxed{}"]}, {}, r"row 1: its answer \('answer'\) is empty"),
+    ({"prompt": [["q1"], ["q2"]], "answer": ["1", "2"]}, {}, r"row 0: its 'prompt' is a list that is neither a string "
+     r"nor a list of chat messages"),
+    ({"prompt": [[{"role": "user", "content": "q"}], [{"role": "user", "text": "q"}]], "answer": ["1", "2"]}, {},
+     r"row 1: its 'prompt' is a list that is neither"),
+])
+def test_bad_data_is_one_sentence_naming_file_row_and_column(tmp_path, columns, keys, message):
+    path = write_parquet(tmp_path / "bad.parquet", columns)
+    with pytest.raises(ValueError, match=f"bad.parquet {message}") as e:
+        reward.load_task(path, 0, 0, **keys)
+    assert "\n" not in str(e.value)
+
+
+def test_unreadable_data_is_one_sentence(tmp_path):
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    for spec, message in [(str(tmp_path / "broken.parquet"), "cannot be read as parquet"),
+                          (str(tmp_path), "cannot be read as a save_to_disk folder"),
+                          (str(test_sampler.ROOT / "testdata" / "saved_dict"), "of a DatasetDict, one split's folder"),
+                          (str(tmp_path / "none.parquet"), "does not exist")]:
+        with pytest.raises(ValueError, match=message):
+            reward.load_task(spec, 0, 0)
+
+
 def test_rg_task_options_reach_reasoning_gym():
     task = reward.load_task(SMALL_ARITHMETIC, size=20, seed=3)
     assert len(task.items) == 20
@@ -155,12 +245,11 @@ def test_rg_scoring_right_wrong_and_partial_credit():
 
 def test_jsonl_task_scored_by_math_verify(tmp_path):
     rows = [{"question": "a", "answer": "1/2"}, {"question": "b", "answer": "0.5"}, {"question": "c", "answer": 42},
-            {"question": "d", "answer": "\\frac{1}{2}", "source": "x"}, {"question": "e", "answer": ""},
-            {"question": "f", "answer": "2^{10}"}]
+            {"question": "d", "answer": "\\frac{1}{2}", "source": "x"}, {"question": "f", "answer": "2^{10}"}]
     task = reward.load_task(_write_lines(tmp_path, [json.dumps(r) for r in rows] + [""]), size=0, seed=0)
-    assert [it["answer"] for it in task.items] == ["1/2", "0.5", "42", "\\frac{1}{2}", "", "2^{10}"]
+    assert [it["answer"] for it in task.items] == ["1/2", "0.5", "42", "\\frac{1}{2}", "2^{10}"]
     assert task.items[3]["source"] == "x"
-    a, b, c, d, e, f = task.items
+    (a, b, c, d, f), e = task.items, {"question": "e", "answer": ""}  # a file refuses an empty answer; score() counts
     items = [a, b, c, c, d, d, a, e, f]
     responses = ["\\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}", "Answer: 42", "answer: 41", "Answer: 0.5",
                  "\\boxed{\\frac{2}{4}}", "I do not know", "Answer: 1",
@@ -207,7 +296,7 @@ def test_missing_jsonl(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "line 3 is not valid JSON"),
     ("[1, 2]", "line 3 is a JSON list, not an object"),
-    ('{"question": "q"}', "line 3 has no 'answer'"),
+    ('{"question": "q"}', r"line 3 has no column 'answer' \(its columns: question\)"),
 ])
 def test_malformed_jsonl_line_is_named(tmp_path, bad, message):
     path = _write_lines(tmp_path, ['{"question": "q1", "answer": "1"}', "", bad])

@@ -97,7 +97,7 @@ def main(cfg: Config):
 def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
     """(training task, held-out task), first: the likeliest thing to be mistyped; a weak sandbox refuses code."""
     try:
-        task = reward.load_task(cfg.task, cfg.task_size, cfg.seed)
+        task = reward.load_task(cfg.task, cfg.task_size, cfg.seed, cfg.question_key, cfg.answer_key)
         code = f"--task {cfg.task}" if "tests" in task.items[0] else f"--max-tool-calls {cfg.max_tool_calls}"
         if "tests" in task.items[0] or cfg.max_tool_calls:  # what a program may reach here (README, the sandbox)
             seen = reward.check_sandbox()
