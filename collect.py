@@ -24,34 +24,34 @@ def encode_prompts(tokenizer, template: str, items: list[dict]) -> list[list[int
 
 
 def sample_round(cfg: Config, sampler, tokenizer, task, picked, budgets, first_key: int, temperature: float,
-                 seed: int, rank: int, world: int) -> tuple[Batch, dict]:
-    """This rank's share of a round (balanced by budget), sampled and scored, and its counts; prompt i keyed
-    first_key + i."""
+                 seed: int, rank: int, world: int) -> tuple[Batch, dict, list[dict]]:
+    """This rank's share of a round (balanced by budget), sampled and scored, its counts and each response's note
+    (generate_and_score); prompt i keyed first_key + i."""
     mine = split_by_budget(budgets, world)[rank]
     items = [task.items[picked[i]] for i in mine]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r, rewards, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids,
-                                                      [budgets[i] for i in mine], temperature, seed,
-                                                      [first_key + i for i in mine])
+    r, rewards, failed, timeouts, notes = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids,
+                                                             [budgets[i] for i in mine], temperature, seed,
+                                                             [first_key + i for i in mine])
     batch = Batch([prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)],
                   [len(prompt_ids[p]) for p in r.prompt_index],
                   torch.tensor([first_key + mine[p] for p in r.prompt_index]),
                   rewards, r.logprobs, r.entropies, torch.ones(len(r.tokens), dtype=torch.bool), {}, masks=r.masks)
     return batch, {"failures": failed, "timeouts": timeouts, "tool_calls": sum(r.tool_calls),
-                   "tool_errors": sum(r.tool_errors)}
+                   "tool_errors": sum(r.tool_errors)}, notes
 
 
 def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, step: int, temperature: float, step_ids,
-                rank: int, world: int) -> tuple[Batch, dict]:
-    """One step's rollouts on this rank and its sampling metrics over all ranks. Dynamic sampling drops groups of
-    equal rewards and samples more rounds until prompts_per_step are held (ALGORITHMS.md 0); all-right groups stay
-    for the echo term (ALGORITHMS.md 4)."""
-    B, parts, held, all_budgets, sums = cfg.prompts_per_step, [], 0, [], Counter()
+                rank: int, world: int) -> tuple[Batch, dict, list[dict]]:
+    """One step's rollouts on this rank, its sampling metrics over all ranks, and its first kept groups' first notes.
+    Dynamic sampling drops groups of equal rewards and samples more rounds until prompts_per_step are held
+    (ALGORITHMS.md 0); all-right groups stay for the echo term (ALGORITHMS.md 4)."""
+    B, parts, held, all_budgets, sums, samples = cfg.prompts_per_step, [], 0, [], Counter(), []
     for round_ in range(cfg.max_gen_rounds if cfg.dynamic_sampling else 1):
         picked, budgets = state.next_prompts()
         all_budgets += budgets
-        batch, counts = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
-                                     cfg.seed * 1_000_003 + step, rank, world)
+        batch, counts, notes = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
+                                            cfg.seed * 1_000_003 + step, rank, world)
         per_prompt = [[] for _ in picked]
         for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
             per_prompt[key - round_ * B].append(r)
@@ -64,6 +64,9 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
         needed = sorted(g for ranks_kept in all_gather(kept) for g in ranks_kept)[:B - held]
         kept = [g for g in kept if g in needed]
         held += len(needed)
+        if round_ == 0:
+            samples = [{"step": step, **notes[i], "group_reward": batch.rewards[batch.group == g].mean().item()}
+                       for g, i in sorted(first.items()) if g in kept][:cfg.log_samples]
         echo_only = [g for g in keys if all_right[first[g]] and g not in kept] if cfg.echo_coef > 0 else []
         rows = [i for i, g in enumerate(batch.group.tolist()) if g in kept or g in echo_only]
         parts.append(batch.select(rows, torch.tensor([g in kept for g in batch.group.tolist()])))
@@ -103,7 +106,7 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
                    tool_ok=1 - totals["tool_errors"] / totals["tool_calls"] if totals["tool_calls"] else float("nan"))
     if cfg.echo_coef > 0:
         row.update(echo_clips=int(echo_clips), echo_clip_frac=clip_len / clip_resp if clip_resp else 0.0)
-    return batch, row
+    return batch, row, samples
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -113,38 +116,51 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def generate_and_score(cfg: Config, sampler, tokenizer, task, items, prompt_ids, n, temperature: float, seed: int,
                        prompt_keys: list[int]):
-    """(rollouts, rewards, verifier failures, programs out of time) for n[i] rollouts of each prompt."""
+    """(rollouts, rewards, verifier failures, programs out of time, notes) for n[i] rollouts of each prompt; a note
+    per response to read: its prompt and response decoded, its reward and the verifier's verdict (reward.score)."""
     tools = Tools(tokenizer, cfg, items) if cfg.max_tool_calls else None
     r = sampler.generate(prompt_ids, n, cfg.max_new_tokens, temperature, cfg.top_p, [tokenizer.eos_token_id], seed,
                          prompt_keys=prompt_keys, tools=tools)
     # what the model wrote is scored, never a tool's output
     texts = tokenizer.batch_decode([[t for t, m in zip(ts, mask.tolist()) if m] for ts, mask in zip(r.tokens, r.masks)],
                                    skip_special_tokens=True)
+    verdicts = []
     scores, failed, timeouts = reward.score(task, [items[p] for p in r.prompt_index], texts, cfg.score_timeout,
-                                            cfg.score_workers, memory_mb=cfg.sandbox_memory_mb)
+                                            cfg.score_workers, memory_mb=cfg.sandbox_memory_mb, verdicts=verdicts)
     rewards = torch.tensor(scores, dtype=torch.float32)
     if cfg.binary_reward:  # reasoning-gym gives partial credit when the answer merely contains the gold
         rewards = (rewards >= 1.0).float()
-    return r, rewards, failed, timeouts
+    prompts = tokenizer.batch_decode(prompt_ids)
+    responses = tokenizer.batch_decode(r.tokens) if tools else texts
+    notes = [{"prompt": prompts[p], "response": text, "reward": x, **verdict, "finish": finish}
+             for p, text, x, verdict, finish in zip(r.prompt_index, responses, rewards.tolist(), verdicts,
+                                                    r.finish_reason)]
+    return r, rewards, failed, timeouts, notes
 
 
-def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1, group=None) -> dict:
-    """pass@1, pass@k and greedy accuracy on the held-out prompts, each rank (of `group`) taking its share."""
+def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, world: int = 1,
+             group=None) -> tuple[dict, list[dict]]:
+    """avg@k (the mean accuracy of k = eval_samples samples a prompt), unbiased pass@k, greedy accuracy, the samples'
+    mean length and share cut at max_new_tokens; each rank (of `group`) takes its share; every completion's note."""
     start, stop = my_share(len(task.items), rank, world)
     items = task.items[start:stop]
     prompts = encode_prompts(tokenizer, cfg.prompt_template, items)
-    n = cfg.eval_samples
-    sums = []
-    for samples, temperature in ((n, cfg.temperature), (1, 0.0)):
-        r, rewards, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompts,
-                                                          [samples] * len(prompts), temperature, seed,
-                                                          list(range(start, stop)))
+    k, sums, notes = cfg.eval_samples, [], []
+    for samples, temperature in ((k, cfg.temperature), (1, 0.0)):
+        r, rewards, failed, timeouts, said = generate_and_score(cfg, sampler, tokenizer, task, items, prompts,
+                                                                [samples] * len(prompts), temperature, seed,
+                                                                list(range(start, stop)))
         correct = [0] * len(prompts)
         for p, passed in zip(r.prompt_index, (rewards >= cfg.success).tolist()):
             correct[p] += passed
-        sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed, timeouts]
-    right, pass_n, failed, timeouts, greedy_right, _, greedy_failed, greedy_timeouts = all_sum(*sums, group=group)
-    total = len(task.items)
-    return {"pass@1": right / (total * n), f"pass@{n}": pass_n / total, "greedy_acc": greedy_right / total,
-            "eval_samples": total * n, "verifier_failures": int(failed + greedy_failed),
-            "timeouts": int(timeouts + greedy_timeouts)}
+        sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed, timeouts,
+                 sum(len(t) for t in r.tokens), r.finish_reason.count("length")]
+        notes += [{"prompt_index": start + p, "sample": s, "greedy": temperature == 0, **note}
+                  for p, s, note in zip(r.prompt_index, r.sample_index, said)]
+    right, pass_k, failed, timeouts, tokens, cut, greedy_right, _, greedy_failed, greedy_timeouts, *_ = all_sum(
+        *sums, group=group)
+    n = len(task.items)
+    return ({f"avg@{k}": right / (n * k), f"pass@{k}": pass_k / n, "greedy_acc": greedy_right / n,
+             "response_len": tokens / (n * k), "truncated_frac": cut / (n * k), "eval_prompts": n,
+             "verifier_failures": int(failed + greedy_failed), "timeouts": int(timeouts + greedy_timeouts)},
+            sorted(sum(all_gather(notes, group), []), key=lambda n: (n["greedy"], n["prompt_index"], n["sample"])))

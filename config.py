@@ -105,8 +105,12 @@ class Config:
     lora_dropout: float = 0.0              # dropout on an adapter's input in the update passes
     seed: int = 0                          # seeds data order, sampling and initialisation
     # evaluation and output
+    eval_task: str = ""                    # an evaluation set, any task spec (files read whole; rg: eval_prompts items),
+                                           # never trained on; "" = eval_prompts prompts held out of --task
     eval_prompts: int = 64                 # held-out prompts, never trained on
-    eval_samples: int = 4                  # samples per held-out prompt for pass@1 (plus one greedy)
+    eval_samples: int = 4                  # samples per eval prompt: avg@k and pass@k at k = this (plus one greedy)
+    eval_every: int = 0                    # evaluate every N steps as well as before and after training (0 = not)
+    log_samples: int = 4                   # completions per step written to samples.jsonl (and wandb) (0 = none)
     out_dir: str = "runs/demo"             # metrics.jsonl, plot.png and checkpoints/ go here
     wandb: str = "disabled"                # disabled | offline | online
     save_every: int = 0                    # checkpoint every N steps and at the end (0 = never)
@@ -124,10 +128,11 @@ class Config:
         rules = [(getattr(self, name) in options, f"{flag(name)} is unknown; use one of {', '.join(options)}")
                  for name, options in CHOICES.items()]
         rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
-            "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "eval_samples", "max_gen_rounds",
-            "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
+            "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "eval_samples", "eval_prompts",
+            "max_gen_rounds", "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
         rules += [(getattr(self, name) >= 0, f"{flag(name)} must be at least 0") for name in (
-            "max_tool_calls", "max_tool_output_tokens", "lora_rank", "score_workers", "search_prompts")]
+            "max_tool_calls", "max_tool_output_tokens", "lora_rank", "score_workers", "search_prompts", "eval_every",
+            "log_samples")]
         rules += [(getattr(self, name) > 0, f"{flag(name)} must be above 0") for name in (
             "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample", "lora_alpha")]
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max

@@ -19,20 +19,17 @@ from config import Config
 
 
 class Logger:
-    """Metrics to a JSONL file (rank 0), wandb when enabled, and a plot at the end."""
+    """Metrics to metrics.jsonl, completions to samples.jsonl and eval_<step>.jsonl (rank 0), all to wandb when
+    enabled, and a plot at the end."""
 
     def __init__(self, cfg: Config, enabled: bool, start_step: int = 0):
-        self.enabled, self.rows = enabled, []
+        self.enabled, self.rows, self.k = enabled, [], cfg.eval_samples
         self.dir = Path(cfg.out_dir)
         self.wandb = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / "metrics.jsonl"
-            if start_step > 0:  # resumed: keep what came before the checkpoint, drop what a killed run logged after
-                kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-                self.rows = [r for r in kept if r.get("step", -1) < start_step and r.get("eval") != "after"]
-            self.file = open(path, "w")
-            self.file.writelines(json.dumps(row) + "\n" for row in self.rows)
+            self.rows, self.file = reopen(self.dir / "metrics.jsonl", start_step)
+            self.samples = reopen(self.dir / "samples.jsonl", start_step)[1]
             if cfg.wandb != "disabled":
                 import wandb
                 self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
@@ -44,36 +41,62 @@ class Logger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log(row)
+            self.wandb.log({f"eval/{k}": v for k, v in row.items()} if "eval" in row else row)
+
+    def completions(self, notes: list[dict], eval_step: int | None = None) -> None:
+        """Notes of completions (collect.generate_and_score): a step's appended to samples.jsonl, an evaluation's
+        written to eval_<eval_step>.jsonl; with wandb on, the same as a Table."""
+        if not self.enabled or not notes:
+            return
+        file = self.samples if eval_step is None else open(self.dir / f"eval_{eval_step}.jsonl", "w")
+        file.writelines(json.dumps(note) + "\n" for note in notes)
+        file.flush() if eval_step is None else file.close()
+        if self.wandb is not None:
+            import wandb
+            columns = list(dict.fromkeys(key for note in notes for key in note))
+            table = wandb.Table(columns, [[note.get(c) for c in columns] for note in notes], allow_mixed_types=True)
+            self.wandb.log({"samples" if eval_step is None else "eval/completions": table})
 
     def plot(self) -> None:
-        """plot.png: reward with held-out pass@1, entropy (and E3's target), response length, moving temperature."""
+        """plot.png: reward with the evaluations' avg@k, pass@k, greedy accuracy and share cut at max_new_tokens;
+        entropy (and E3's target); response length, the evaluations' too; the temperature if it moved."""
         if not self.enabled:
             return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        steps = [r for r in self.rows if "step" in r]
+        steps, evals = [r for r in self.rows if "step" in r], [r for r in self.rows if "eval_step" in r]
         panels = {"reward": ("reward",), "entropy": ("entropy", "entropy_target"), "response length": ("response_len",)}
         if len({r.get("temperature") for r in steps}) > 1:
             panels["temperature"] = ("temperature",)
+        eval_keys = {"reward": (f"avg@{self.k}", f"pass@{self.k}", "greedy_acc", "truncated_frac"),
+                     "response length": ("response_len",)}
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
         for ax, (title, keys) in zip(axes[0], panels.items()):
             for key in (k for k in keys if any(k in r for r in steps)):  # E3's target, only where E3 runs
                 ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key)
+            for key in eval_keys.get(title, ()) if evals else ():
+                ax.plot([r["eval_step"] for r in evals], [r[key] for r in evals], "o--", label=f"eval {key}")
             ax.set(title=title, xlabel="step")
-        evals = {r["eval"]: r["pass@1"] for r in self.rows if "eval" in r}
-        last = max([r["step"] for r in steps], default=0)
-        axes[0][0].plot([x for x, e in ((0, "before"), (last, "after")) if e in evals], list(evals.values()), "o--",
-                        label="held-out pass@1")
-        for ax in axes[0]:
             if len(ax.lines) > 1:
                 ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.dir / "plot.png", dpi=100)
         self.file.close()
+        self.samples.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def reopen(path: Path, start_step: int) -> tuple[list[dict], object]:
+    """(the rows a run keeps, path open to append to): what came before the checkpoint a run resumes from; a killed
+    run's later rows and evaluations, and its final one, are done again. A new run keeps none."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if start_step and path.is_file() else []
+    rows = [r for r in rows if r.get("step", -1) < start_step and r.get("eval_step", 0) <= start_step
+            and r.get("eval") != "after"]
+    file = open(path, "w")
+    file.writelines(json.dumps(row) + "\n" for row in rows)
+    return rows, file
 
 
 def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: int, loop_state=None,

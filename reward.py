@@ -245,6 +245,16 @@ def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
             Task(task.spec, [first_item[q] for q in questions[:n_eval]]))
 
 
+def without(task: Task, held: Task) -> Task:
+    """task less every item whose prompt is one of held's: an evaluation set is never trained on."""
+    seen = {item["question"] for item in held.items}
+    kept = [item for item in task.items if item["question"] not in seen]
+    if not kept:
+        raise ValueError(f"every prompt of task {task.spec!r} is in the evaluation set {held.spec!r}; train on "
+                         "other data")
+    return Task(task.spec, kept)
+
+
 def extract_answer(text: str) -> str | None:
     """The inside of the last non-empty \\boxed{...}, else the rest of the line after the last "Answer:", else None."""
     boxed = _last_boxed(text)
@@ -284,11 +294,11 @@ def extract_program(text: str) -> str | None:
     return textwrap.dedent(blocks[-1]) if blocks and blocks[-1].strip() else None
 
 
-def _run_tests(limits: Limits, program: str, item: dict) -> float | str:
-    """A code item's verifier: 1.0 if the program passed its tests in the sandbox, 0.0, or "timeout"."""
+def _run_tests(limits: Limits, program: str, item: dict) -> tuple[float | str, str]:
+    """A code item's verifier: (1.0 if the program passed its tests in the sandbox, 0.0, or "timeout"; its output)."""
     run = run_program(program, item["tests"], item.get("setup") or "", item.get("entry_point"), limits,
                       item.get("secret_files", ()))
-    return "timeout" if run.timed_out else float(run.passed)
+    return "timeout" if run.timed_out else float(run.passed), run.output
 
 
 # ---- verifiers (run inside worker processes) ----
@@ -317,16 +327,19 @@ def _parse_math(text: str) -> list:
             or math_verify.parse(text, parsing_timeout=None))
 
 
-def _call(verifier: Callable[[str, dict], float], answer: str, item: dict) -> float | str:
-    """The verifier's reward, "timeout" (a program ran out of time) or "failure" (it raised or gave a non-number)."""
+def _call(verifier: Callable[[str, dict], float], answer: str, item: dict) -> tuple[float | str, str | None]:
+    """(the verifier's reward, "timeout" (a program ran out of time) or "failure" (it raised or gave a non-number);
+    the program's output, where it ran one)."""
+    output = None
     try:
         reward = verifier(answer, item)
+        reward, output = reward if isinstance(reward, tuple) else (reward, None)
         if reward == "timeout":
-            return reward
+            return reward, output
         reward = float(reward)
     except Exception:
-        return "failure"
-    return reward if math.isfinite(reward) else "failure"
+        return "failure", output
+    return reward if math.isfinite(reward) else "failure", output
 
 
 def _quiet_worker() -> None:
@@ -353,7 +366,8 @@ def default_workers() -> int:
 
 
 def score(task: Task, items: list[dict], responses: list[str], timeout: float = 5.0, workers: int = 0,
-          verifier: Callable[[str, dict], float] | None = None, memory_mb: int = 1024) -> tuple[list[float], int, int]:
+          verifier: Callable[[str, dict], float] | None = None, memory_mb: int = 1024,
+          verdicts: list | None = None) -> tuple[list[float], int, int]:
     """(rewards, verifier failures, programs out of time), by `workers` processes (0: the CPUs). A code item's
     program runs in the sandbox (`timeout` s, `memory_mb`), 1 if every test passed; an answer goes to reasoning-gym
     or math-verify; none: 0 without a call. A raise, a hang, a timeout: 0, counted. `verifier` replaces the task's."""
@@ -370,7 +384,7 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
         else:
             todo.append((i, extract_answer(response), answer_verifier, timeout))
     todo = [(i, answer, verifier or check, wait) for i, answer, check, wait in todo if answer is not None]
-    results: dict[int, float | str] = {}
+    seen, results = {i: answer for i, answer, *_ in todo}, {}  # results: index -> (reward or why none, output)
     while todo:
         if workers not in _pools:
             _pools[workers] = _CONTEXT.Pool(workers, initializer=_quiet_worker)
@@ -381,10 +395,14 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
             try:
                 results[i] = result.get(wait)
             except multiprocessing.TimeoutError:
-                results[i] = "failure"
+                results[i] = "failure", None
                 _pools.pop(workers).terminate()
                 break
         todo = [job for job in todo if job[0] not in results]
-    outcomes = [results.get(i, 0.0) for i in range(len(responses))]
+    outcomes = [results.get(i, ("no answer", None))[0] for i in range(len(responses))]
+    if verdicts is not None:  # what the verifier saw and said, per response
+        verdicts.extend({"verdict": outcome, **({"output": results.get(i, (0, None))[1]} if "tests" in item else
+                                                {"answer": seen.get(i), "gold": item["answer"]})}
+                        for i, (outcome, item) in enumerate(zip(outcomes, items)))
     return ([r if isinstance(r, float) else 0.0 for r in outcomes], outcomes.count("failure"),
             outcomes.count("timeout"))

@@ -62,9 +62,9 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
     picked = explore.pick_prompts(len(task.items), (round_ * cfg.searchers + searcher) * P, P, cfg.seed)
     items = [task.items[i] for i in picked]
     prompt_ids = encode_prompts(tokenizer, cfg.prompt_template, items)
-    r, rewards, failed, timeouts = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P,
-                                                      cfg.temperature, cfg.seed * 1_000_003 + 500_009 + round_,
-                                                      [searcher * P + i for i in range(P)])
+    r, rewards, failed, timeouts, _ = generate_and_score(cfg, sampler, tokenizer, task, items, prompt_ids, [n] * P,
+                                                         cfg.temperature, cfg.seed * 1_000_003 + 500_009 + round_,
+                                                         [searcher * P + i for i in range(P)])
     sampler.release_kv()
     sequences = [prompt_ids[p] + t for p, t in zip(r.prompt_index, r.tokens)]
     with torch.no_grad():

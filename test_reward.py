@@ -220,6 +220,14 @@ def test_unreadable_data_is_one_sentence(tmp_path):
             reward.load_task(spec, 0, 0)
 
 
+def test_an_eval_set_is_never_trained_on():
+    task = reward.Task("t", [{"question": q, "answer": "1"} for q in "abcab"])
+    held = reward.Task("e", [{"question": "b", "answer": "1"}, {"question": "z", "answer": "1"}])
+    assert [it["question"] for it in reward.without(task, held).items] == ["a", "c", "a"]
+    with pytest.raises(ValueError, match="every prompt of task 't' is in the evaluation set 'e'"):
+        reward.without(reward.Task("t", held.items), held)
+
+
 def test_rg_task_options_reach_reasoning_gym():
     task = reward.load_task(SMALL_ARITHMETIC, size=20, seed=3)
     assert len(task.items) == 20

@@ -41,24 +41,77 @@ def test_bad_task_in_a_run_is_one_sentence(tmp_path):
         assert message in run.stderr
 
 
-def test_demo_loop_runs_end_to_end(tmp_path, smollm2):
-    """Two tiny steps on a small random model with the real tokenizer: metrics, eval rows and the plot."""
+def test_demo_loop_runs_end_to_end(tmp_path, smollm2, monkeypatch):
+    """Two tiny steps on a small random model with the real tokenizer: metrics, eval rows (before, every step,
+    after) with their completions, the plot; samples.jsonl holds what the sampler made and the rewards the trainer
+    used (the trained batch's ids decoded again)."""
     save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
     cfg = config.Config(model=str(tmp_path / "model"), task="rg:chain_sum?min_digits=1&max_digits=1", steps=2,
-                          task_size=200, prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=6,
-                          eval_prompts=4, eval_samples=2, out_dir=str(tmp_path / "out"), lr=1e-3)
+                        task_size=200, prompts_per_step=3, rollouts_per_prompt=3, max_new_tokens=6,
+                        eval_prompts=4, eval_samples=2, eval_every=1, log_samples=2, out_dir=str(tmp_path / "out"),
+                        lr=1e-3)
+    batches, train_on_batch = [], train.train_on_batch
+    monkeypatch.setattr(train, "train_on_batch", lambda cfg, model, ref, opt, batch, *a: batches.append(batch) or
+                        train_on_batch(cfg, model, ref, opt, batch, *a))
     train.main(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("eval") for r in rows if "eval" in r] == ["before", "after"]
+    out, tok = tmp_path / "out", smollm2[1]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    assert [(r["eval"], r["eval_step"]) for r in evals] == [("before", 0), ("during", 1), ("after", 2)]
     steps = [r for r in rows if "step" in r]
     assert [r["step"] for r in steps] == [0, 1]
     for key in ("reward", "pass_rate", "entropy", "loss", "clip_frac"):
         assert all(math.isfinite(r[key]) for r in steps)
-    assert rows[1]["eval_samples"] == 8
+    for r in evals:
+        assert r["eval_prompts"] == 4 and 0 <= r["avg@2"] <= r["pass@2"] <= 1 and 0 <= r["truncated_frac"] <= 1
+        notes = [json.loads(line) for line in (out / f"eval_{r['eval_step']}.jsonl").read_text().splitlines()]
+        assert len(notes) == 4 * 3 and sum(n["greedy"] for n in notes) == 4
+        assert r["response_len"] > 0 and sum(n["finish"] == "length" for n in notes if not n["greedy"]) == \
+            round(r["truncated_frac"] * 8)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0, 0, 1, 1]
+    for s in samples:
+        batch = batches[s["step"]]
+        rows_ = [i for i, (seq, p) in enumerate(zip(batch.sequences, batch.prompt_lens))
+                 if tok.decode(seq[:p]) == s["prompt"] and tok.decode(seq[p:], skip_special_tokens=True) ==
+                 s["response"] and batch.rewards[i].item() == s["reward"]]
+        assert rows_, s
+        group = batch.group == batch.group[rows_[0]]
+        assert s["group_reward"] == pytest.approx(batch.rewards[group].mean().item())
+        assert s["answer"] is None or s["answer"] in s["response"] and s["gold"]
     # the first row says how the run computes: --dtype auto's choice for this CPU, and why
     assert rows[0]["run"] == "started" and rows[0]["dtype"] in ("float32", "bfloat16") and rows[0]["threads"] >= 1
     assert rows[0]["dtype_why"].startswith("auto: the model's MLP product")
     assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
+
+
+def test_an_eval_task_is_what_is_evaluated_and_never_trained_on(tmp_path, smollm2, monkeypatch):
+    """--eval-task: its prompts (a parquet file, all of them) are each evaluation's and only they; the training file's
+    rows that share a prompt with it are never drawn; no held-out split of the training task."""
+    save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
+    questions = [f"What is {a} + {b}?" for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in questions))
+    import pyarrow
+    import pyarrow.parquet
+    evaluated = [questions[1], "What is 9 + 9?", "What is 2 + 2?"]
+    pyarrow.parquet.write_table(pyarrow.table({"problem": evaluated, "solution": ["\\boxed{1}"] * 3}),
+                                tmp_path / "eval.parquet")
+    cfg = config.Config(model=str(tmp_path / "model"), task=str(tmp_path / "train.jsonl"),
+                        eval_task=str(tmp_path / "eval.parquet"), eval_prompts=1, eval_samples=2, eval_every=1,
+                        steps=2, prompts_per_step=3, rollouts_per_prompt=2, max_new_tokens=4,
+                        out_dir=str(tmp_path / "out"), log_samples=3)
+    batches, train_on_batch = [], train.train_on_batch
+    monkeypatch.setattr(train, "train_on_batch", lambda cfg, model, ref, opt, batch, *a: batches.append(batch) or
+                        train_on_batch(cfg, model, ref, opt, batch, *a))
+    train.main(cfg)
+    tok = smollm2[1]
+    trained = {tok.decode(seq[:p]) for b in batches for seq, p in zip(b.sequences, b.prompt_lens)}
+    assert len(trained) == 3 and all(questions[1] not in t for t in trained)
+    assert all(any(q in t for t in trained) for q in (questions[0], questions[2], questions[3]))
+    for step in (0, 1, 2):
+        notes = [json.loads(line) for line in (tmp_path / "out" / f"eval_{step}.jsonl").read_text().splitlines()]
+        assert sorted({n["prompt_index"] for n in notes}) == [0, 1, 2] and len(notes) == 3 * 3
+        assert all(evaluated[n["prompt_index"]] in n["prompt"] and n["gold"] == "1" for n in notes)
 
 
 @pytest.mark.parametrize("flags, expect", [
@@ -108,11 +161,15 @@ def test_two_ranks_train_like_one(tmp_path):
     set hundreds of weights apart by a fraction of lr (seen: 724 of 135M on a 2-core Xeon with AMX); --adam-eps 1e-5
     makes such a weight move by lr x g / eps, still lr for the 3/4 of the weights whose gradients are real."""
     args = ["demo", "--steps", "2", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
-            "--max-new-tokens", "16", "--eval-prompts", "4", "--eval-samples", "1", "--lr", "1e-5",
+            "--max-new-tokens", "16", "--eval-prompts", "4", "--lr", "1e-5",
             # the cross-rank paths too: dynamic sampling's rounds and trimming, E3 budgets (8 training prompts,
             # so step 1 starts epoch 2), TIS, echo clips
             "--task-size", "12", "--dynamic-sampling", "--max-gen-rounds", "2", "--budget-min", "6", "--budget-max",
-            "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any", "--adam-eps", "1e-5"]
+            "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any", "--adam-eps", "1e-5",
+            # evaluation sharded over the ranks: 5 prompts of a file, before, after each step and at the end
+            "--eval-task", str(tmp_path / "eval.jsonl"), "--eval-every", "1", "--eval-samples", "3"]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"question": f"{a} + {b} =", "answer": str(a + b)}) + "\n"
+                                                 for a, b in ((3, 4), (1, 1), (9, 2), (5, 5), (2, 6))))
     runs, weights = [], []
     for ranks in (1, 2):
         out = tmp_path / f"ranks{ranks}"
@@ -124,6 +181,10 @@ def test_two_ranks_train_like_one(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
         runs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
         weights.append(load_file(out / "export" / "model.safetensors"))
+    evals = [[r for r in rows if "eval" in r] for rows in runs]
+    assert len(evals[0]) == 3 and evals[0] == evals[1] and evals[0][0]["eval_prompts"] == 5
+    completions = [(tmp_path / f"ranks{ranks}" / f"eval_{s}.jsonl").read_text() for ranks in (1, 2) for s in range(3)]
+    assert completions[:3] == completions[3:]
     one, two = ([r for r in rows if "step" in r] for rows in runs)
     assert len(one) == len(two) == 2 and one[0]["grad_norm"] > 0  # some group had a reward signal
     for a, b in zip(one, two):
@@ -317,20 +378,23 @@ def test_tba_one_process_and_torchrun_agree_and_resume(tmp_path, smollm2):
 
 
 def test_plot_draws_what_tells_something(tmp_path, monkeypatch):
-    """plot.png: reward with held-out pass@1 (not pass rate again, the same curve for a binary reward), entropy with
-    E3's target where it runs, response length, and the temperature only where E3's controller moves it."""
+    """plot.png: reward with the evaluations' figures (not pass rate again, the same curve for a binary reward),
+    entropy with E3's target where it runs, response length with the evaluations', and the temperature only where
+    E3's controller moves it."""
     import matplotlib.figure
     drawn = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(
         [(ax.get_title(), [line.get_label() for line in ax.lines]) for ax in fig.axes]))
     for temperatures in ([1.0, 1.0], [1.0, 1.1]):
         log = outputs.Logger(config.Config(out_dir=str(tmp_path)), enabled=True)
-        log.log({"eval": "before", "pass@1": 0.1})
+        figures = {"avg@4": 0.1, "pass@4": 0.2, "greedy_acc": 0.1, "truncated_frac": 0.0, "response_len": 5.0}
+        log.log({"eval": "before", "eval_step": 0, **figures})
         for step, tau in enumerate(temperatures):
             log.log({"step": step, "reward": 0.5, "pass_rate": 0.5, "entropy": 1.0, "response_len": 9.0,
                      "temperature": tau, **({"entropy_target": 1.0} if tau != 1.0 else {})})
-        log.log({"eval": "after", "pass@1": 0.6})
+        log.log({"eval": "after", "eval_step": 2, **figures})
         log.plot()
-    assert drawn[0] == [("reward", ["reward", "held-out pass@1"]), ("entropy", ["entropy"]),
-                        ("response length", ["response_len"])]
+    evals = ["eval avg@4", "eval pass@4", "eval greedy_acc", "eval truncated_frac"]
+    assert drawn[0] == [("reward", ["reward", *evals]), ("entropy", ["entropy"]),
+                        ("response length", ["response_len", "eval response_len"])]
     assert drawn[1][1] == ("entropy", ["entropy", "entropy_target"]) and drawn[1][3] == ("temperature", ["temperature"])

@@ -139,7 +139,7 @@ def test_the_trainer_gets_the_ids_sampled_and_the_verifier_the_models_words(smol
     generate = s.generate
     s.generate = lambda *a, **k: sampled.append(generate(*a, **k)) or sampled[-1]
     task = reward.load_task(cfg.task, 4, 0)
-    batch, counts = collect.sample_round(cfg, s, tok, task, [0, 1], [2, 2], 0, 1.0, 0, 0, 1)
+    batch, counts, _ = collect.sample_round(cfg, s, tok, task, [0, 1], [2, 2], 0, 1.0, 0, 0, 1)
     r = sampled[0]
     assert counts["tool_calls"] == sum(r.tool_calls) > 0
     for seq, p, tokens, mask, mine, text in zip(batch.sequences, batch.prompt_lens, r.tokens, r.masks, batch.masks,
@@ -203,7 +203,7 @@ def test_the_searchers_wire_carries_the_mask(monkeypatch):
     tokens = [[5, 6, 7, 8, 9], [10, 11, 12]]
     rollouts = Rollouts([0, 0], [0, 1], tokens, [torch.full((len(t),), -1.0) for t in tokens],
                         [torch.ones(len(t)) for t in tokens], ["stop"] * 2, masks, [1, 0], [0, 0])
-    monkeypatch.setattr(search, "generate_and_score", lambda *a, **k: (rollouts, torch.tensor([1.0, 0.0]), 0, 0))
+    monkeypatch.setattr(search, "generate_and_score", lambda *a, **k: (rollouts, torch.tensor([1.0, 0.0]), 0, 0, []))
     monkeypatch.setattr(search, "encode_prompts", lambda tok, template, items: [[1, 2, 3] for _ in items])
     ref = trainer.Policy(tiny_model("llama", seed=1))
     task = reward.Task("x.jsonl", [{"question": "q", "answer": "1"}])

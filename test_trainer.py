@@ -416,12 +416,54 @@ def test_evaluation_counts_a_pass_as_training_does(monkeypatch):
     partial credit, 0.6 passes at --success 0.5 and not at 1)."""
     def sampled(cfg, sampler, tokenizer, task, items, prompts, n, temperature, seed, keys):
         index = [p for p, k in enumerate(n) for _ in range(k)]
-        return SimpleNamespace(prompt_index=index), torch.tensor([0.6 if p == 0 else 0.3 for p in index]), 0, 0
+        r = SimpleNamespace(prompt_index=index, sample_index=[0] * len(index), tokens=[[1]] * len(index),
+                            finish_reason=["stop"] * len(index))
+        return r, torch.tensor([0.6 if p == 0 else 0.3 for p in index]), 0, 0, [{}] * len(index)
 
     monkeypatch.setattr(collect, "generate_and_score", sampled)
     monkeypatch.setattr(collect, "encode_prompts", lambda tokenizer, template, items: [[1]] * len(items))
     task = reward.Task("x.jsonl", [{"question": "a"}, {"question": "b"}])
     for success, passed in ((0.5, 0.5), (1.0, 0.0)):
-        result = collect.evaluate(config.Config(success=success, eval_samples=2), None, None, task, seed=0)
-        assert result["pass@1"] == result["greedy_acc"] == passed and result["pass@2"] == passed
+        result, _ = collect.evaluate(config.Config(success=success, eval_samples=2), None, None, task, seed=0)
+        assert result["avg@2"] == result["greedy_acc"] == passed and result["pass@2"] == passed
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_evaluation_figures_are_their_formulas(monkeypatch, k):
+    """On random per-sample outcomes, lengths and cut-offs (13 prompts over 1..3 ranks' shares): avg@k is the mean
+    over every prompt's k samples, pass@k the unbiased estimator 1 - C(n-c, k) / C(n, k) (with n = k: a pass
+    anywhere), greedy accuracy, mean length and the share cut at max_new_tokens; each completion noted once."""
+    gen = torch.Generator().manual_seed(k)
+    P = 13
+    outcome, length = torch.rand(P, k, generator=gen) < 0.4, torch.randint(1, 9, (P, k), generator=gen)
+    greedy = torch.rand(P, generator=gen) < 0.5
+
+    def sampled(cfg, sampler, tokenizer, task, items, prompts, n, temperature, seed, keys):
+        index = [p for p, m in enumerate(n) for _ in range(m)]
+        sample = [s for m in n for s in range(m)]
+        got = [greedy[keys[p]] if temperature == 0 else outcome[keys[p], s] for p, s in zip(index, sample)]
+        lens = [1 if temperature == 0 else int(length[keys[p], s]) for p, s in zip(index, sample)]
+        r = SimpleNamespace(prompt_index=index, sample_index=sample, tokens=[[7] * m for m in lens],
+                            finish_reason=["length" if m == 8 else "stop" for m in lens])
+        return r, torch.tensor(got, dtype=torch.float32), 0, 0, [{"key": keys[p]} for p in index]
+
+    monkeypatch.setattr(collect, "generate_and_score", sampled)
+    monkeypatch.setattr(collect, "encode_prompts", lambda tokenizer, template, items: [[1]] * len(items))
+    task = reward.Task("x.jsonl", [{"question": str(i)} for i in range(P)])
+    c = outcome.sum(1).tolist()
+    expected = {f"avg@{k}": outcome.float().mean().item(),
+                f"pass@{k}": sum(1 - math.comb(k - ci, k) / math.comb(k, k) for ci in c) / P,
+                "greedy_acc": greedy.float().mean().item(), "response_len": length.float().mean().item(),
+                "truncated_frac": (length == 8).float().mean().item()}
+    for world in (1, 2, 3):  # each rank's share, summed as all_sum would (one process: the sums by hand)
+        shares = [collect.evaluate(config.Config(eval_samples=k), None, None, task, 0, rank, world)
+                  for rank in range(world)]
+        if world == 1:
+            result, notes = shares[0]
+            assert result == pytest.approx({**result, **expected}) and result["eval_prompts"] == P
+            assert sorted((n["key"], n["sample"], n["greedy"]) for n in notes) == sorted(
+                [(p, s, False) for p in range(P) for s in range(k)] + [(p, 0, True) for p in range(P)])
+        # every rank weighs its share by the whole set: the shares' figures add up to the set's
+        assert sum(r[f"avg@{k}"] for r, _ in shares) == pytest.approx(expected[f"avg@{k}"])
+        assert sum(r[f"pass@{k}"] for r, _ in shares) == pytest.approx(expected[f"pass@{k}"])
 

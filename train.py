@@ -80,34 +80,56 @@ def main(cfg: Config):
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
     log.log({"run": "resumed" if start_step else "started", **setup,
              **({"searchers": cfg.searchers, "trainers": roles.n_trainers} if tba else {})})
-    evaluate_now = partial(evaluate, cfg, sampler, tokenizer, eval_task, cfg.seed + 1, roles.rank, roles.n_trainers,
-                           roles.trainers)
+
+    def evaluate_at(step: int, when: str = "during") -> dict | None:
+        """The eval set with the weights after `step` steps (during: every eval_every, never at the end): figures to
+        metrics.jsonl, completions to eval_<step>.jsonl."""
+        if when == "during" and not (cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps):
+            return None
+        sync_sampler(sampler, model.lm)
+        figures, notes = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, roles.rank, roles.n_trainers,
+                                  roles.trainers)
+        log.log({"eval": when, "eval_step": step, **figures})
+        log.completions(notes, step)
+        return figures
+
     if start_step == 0:
-        before = evaluate_now()
-        log.log({"eval": "before", **before})
+        before = evaluate_at(0, "before")
     else:
         before = next((r for r in log.rows if r.get("eval") == "before"), None) if rank == 0 else None
     if rank == 0:
         print(f"resumed from {checkpoint} at step {start_step}" if start_step else f"before training: {before}")
     loop = train_async if tba else train_sync
-    loop(cfg, model, ref_model, optimizer, sampler, tokenizer, train_task, dtype, roles, start_step, saved, log)
-    finish(cfg, model, sampler, tokenizer, log, before, evaluate_now, rank)
+    loop(cfg, model, ref_model, optimizer, sampler, tokenizer, train_task, dtype, roles, start_step, saved, log,
+         evaluate_at)
+    finish(cfg, model, tokenizer, log, before, evaluate_at(cfg.steps, "after"), rank)
 
 
 def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
-    """(training task, held-out task), first: the likeliest thing to be mistyped; a weak sandbox refuses code."""
+    """(training task, eval set: --eval-task, else held out of the task), first: the likeliest thing to be
+    mistyped; a weak sandbox refuses code."""
     try:
-        task = reward.load_task(cfg.task, cfg.task_size, cfg.seed, cfg.question_key, cfg.answer_key)
-        code = f"--task {cfg.task}" if "tests" in task.items[0] else f"--max-tool-calls {cfg.max_tool_calls}"
-        if "tests" in task.items[0] or cfg.max_tool_calls:  # what a program may reach here (README, the sandbox)
+        load = partial(reward.load_task, question_key=cfg.question_key, answer_key=cfg.answer_key)
+        task = load(cfg.task, cfg.task_size, cfg.seed)
+        if cfg.eval_task:  # read whole, or eval_prompts generated with a seed of its own
+            held = load(cfg.eval_task, cfg.eval_prompts if cfg.eval_task.startswith("rg:") else 0, cfg.seed + 1)
+            train = reward.without(task, held)
+            if rank == 0:
+                print(f"eval set {cfg.eval_task}: {len(held.items)} prompts; {len(task.items) - len(train.items)} "
+                      f"items of --task {cfg.task} share a prompt with it and are not trained on")
+        else:
+            train, held = reward.split_task(task, cfg.eval_prompts, cfg.seed)
+        code = [spec for spec, t in ((cfg.task, task), (cfg.eval_task, held)) if "tests" in t.items[0]]
+        if code or cfg.max_tool_calls:  # what a program may reach here (README, the sandbox)
             seen = reward.check_sandbox()
             if rank == 0:
                 print(f"code sandbox on this machine: {seen}")
             if seen["mode"] == "weak" and not cfg.allow_weak_sandbox:
-                raise SystemExit(f"{code}: the code sandbox is weak here (not root, no user namespaces), so a "
-                                 "program could write your files, signal the trainer and reach the network; run as "
-                                 "root or where user namespaces are allowed, or pass --allow-weak-sandbox")
-        return reward.split_task(task, cfg.eval_prompts, cfg.seed)
+                raise SystemExit(f"{f'--task {code[0]}' if code else f'--max-tool-calls {cfg.max_tool_calls}'}: the "
+                                 "code sandbox is weak here (not root, no user namespaces), so a program could write "
+                                 "your files, signal the trainer and reach the network; run as root or where user "
+                                 "namespaces are allowed, or pass --allow-weak-sandbox")
+        return train, held
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
 
@@ -126,7 +148,7 @@ def compute_dtype(cfg: Config, lm, device, rank: int) -> tuple[torch.dtype, dict
 
 
 def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
-               saved, log) -> None:
+               saved, log, evaluate_at) -> None:
     """The synchronous loop: each rank samples and scores its share of the step, then all train on it."""
     state = explore.Explore(cfg, len(task.items), model.lm.config.vocab_size)
     if saved:
@@ -141,8 +163,8 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
             reset_reference(ref_model, model)
         temperature = state.controller.tau if state.controller is not None else cfg.temperature
         sync_sampler(sampler, model.lm)
-        batch, row = sample_step(cfg, state, sampler, tokenizer, task, step, temperature, step_ids, roles.rank,
-                                 roles.n_trainers)
+        batch, row, samples = sample_step(cfg, state, sampler, tokenizer, task, step, temperature, step_ids,
+                                          roles.rank, roles.n_trainers)
         sampler.release_kv()  # the KV pool's memory goes to training until the next step (unless graphs use it)
         t_gen = time.time() - t0
         beta = loss.tb_beta(step, cfg.tb_beta_start, cfg.tb_beta_end, cfg.tb_beta_steps) if cfg.loss == "tb" else 0.0
@@ -153,13 +175,15 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
         row = {"step": step, **row, "temperature": temperature, **({"tb_beta": beta} if cfg.loss == "tb" else {}),
                **stats, "t_gen": t_gen, "t_step": time.time() - t0}
         log.log(row)
+        log.completions(samples)
         bar.set_postfix(reward=f"{row['reward']:.3f}", entropy=f"{row['entropy']:.2f}")
+        evaluate_at(step + 1)
         if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             save_checkpoint(cfg, model, optimizer, ref_model, step, roles.rank, state.state_dict())
 
 
 def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
-                saved, log) -> None:
+                saved, log, evaluate_at) -> None:
     """TBA (ALGORITHMS.md 2): the trainer draws each step's batch from the replay buffer. At sync w its weights go
     out and round w comes back, sampled with sync w - 1's (round 0: the initial ones); checkpoints at syncs."""
     k = cfg.sync_every
@@ -197,8 +221,13 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
                    "broadcast_bytes": searchers.broadcast["bytes"], "weights_checksum": searchers.broadcast["checksum"],
                    **({"tb_beta": beta} if cfg.loss == "tb" else {}), **stats, "t_step": time.time() - t0}
             log.log(row)
+            log.completions([{"step": step, "prompt": tokenizer.decode(prompt_ids[p]), "fresh": fresh,
+                              "response": tokenizer.decode(rs[0]["tokens"], skip_special_tokens=True),
+                              "reward": rs[0]["reward"], "group_reward": sum(r["reward"] for r in rs) / len(rs)}
+                             for p, fresh, rs in slots[start:stop][:cfg.log_samples]])
             bar.update()
             bar.set_postfix(reward=f"{row['reward']:.3f}", staleness=f"{row['staleness_mean']:.1f}")
+            evaluate_at(step + 1)
     if cfg.save_every:
         save_checkpoint(cfg, model, optimizer, None, cfg.steps - 1, roles.rank,
                         {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
@@ -235,16 +264,14 @@ def replay_batch(cfg: Config, slots, start: int, stop: int, prompt_ids: dict, to
                  [r["mask"] for *_, r in rows])
 
 
-def finish(cfg: Config, model, sampler, tokenizer, log, before, evaluate_now, rank: int) -> None:
-    """A run's end: held-out evaluation with the trained weights, the export, the plot."""
-    sync_sampler(sampler, model.lm)
-    after = evaluate_now()
-    log.log({"eval": "after", **after})
+def finish(cfg: Config, model, tokenizer, log, before, after, rank: int) -> None:
+    """A run's end, after the last evaluation: the export, the plot."""
     if rank == 0:
         print(f"after training:  {after}")
         if before:
-            print(f"held-out pass@1 {before['pass@1']:.3f} -> {after['pass@1']:.3f}, "
-                  f"greedy {before['greedy_acc']:.3f} -> {after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
+            k = f"avg@{cfg.eval_samples}"
+            print(f"eval {k} {before[k]:.3f} -> {after[k]:.3f}, greedy {before['greedy_acc']:.3f} -> "
+                  f"{after['greedy_acc']:.3f}; outputs in {cfg.out_dir}")
     if cfg.export_hf:
         export_hf(cfg, model, tokenizer, rank)
     log.plot()
