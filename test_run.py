@@ -398,3 +398,20 @@ def test_plot_draws_what_tells_something(tmp_path, monkeypatch):
     assert drawn[0] == [("reward", ["reward", *evals]), ("entropy", ["entropy"]),
                         ("response length", ["response_len", "eval response_len"])]
     assert drawn[1][1] == ("entropy", ["entropy", "entropy_target"]) and drawn[1][3] == ("temperature", ["temperature"])
+
+
+def test_completions_go_to_wandb_as_tables(tmp_path, monkeypatch):
+    """With wandb on (offline here), a step's logged completions and an evaluation's are Tables of their notes."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = outputs.Logger(config.Config(out_dir=str(tmp_path / "out"), wandb="offline"), enabled=True)
+    samples = [{"step": 0, "prompt": "p", "response": f"r{i}", "reward": float(i), "verdict": v, "answer": a,
+                "gold": "1"} for i, (v, a) in enumerate([(1.0, "1"), ("no answer", None)])]
+    log.completions(samples)
+    log.completions([{"prompt_index": 0, "sample": 0, "greedy": True, "verdict": "timeout", "output": "x"}], 0)
+    log.plot()
+    tables = {p.name.split("_")[0]: json.loads(p.read_text())
+              for p in tmp_path.glob("wandb/*/files/media/table/**/*.json")}
+    assert tables["samples"]["columns"] == list(samples[0]) and len(tables["samples"]["data"]) == 2
+    assert tables["samples"]["data"][1][5] is None and tables["completions"]["data"] == [[0, 0, True, "timeout", "x"]]
+    assert [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()] == samples
