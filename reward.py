@@ -44,7 +44,7 @@ class Task:
     spec: str  # what the user typed: "rg:NAME?key=value&...", a .jsonl or .parquet file, a folder, "humaneval"
     items: list[dict]  # {"question": str, "answer": str, ...}; rg items also carry "entry" (the raw entry); code
     # items {"question", "tests", "setup", "entry_point"}: scored by running the response's program (score()); a
-    # prompt given as chat messages is also kept as "messages" (the question is their JSON)
+    # prompt given as chat messages is also kept as "messages" (the question is the last one's text)
 
 
 # ---- loading ----
@@ -166,8 +166,8 @@ def _json_object(line: str, where: str) -> dict:
 
 
 def _prompt(row: dict, key: str, where: str) -> dict:
-    """The row's prompt as {"question": str}, or a list of chat messages as {"question": their JSON (what tells two
-    prompts apart), "messages": the messages (role, content), which the chat template renders as they are}."""
+    """The row's prompt as {"question": str}, or a list of chat messages as {"question": the last one's text (the
+    problem, whatever the system message), "messages": the messages, which the chat template renders as they are}."""
     value = _column(row, key)
     if value is None:
         raise ValueError(f"{where} has no column {key!r} (its columns: {', '.join(row)}); name the prompt's column "
@@ -177,7 +177,7 @@ def _prompt(row: dict, key: str, where: str) -> dict:
     if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in value):
         messages = [{"role": m["role"], "content": m["content"]} for m in value]
-        return {"question": json.dumps(messages), "messages": messages}
+        return {"question": messages[-1]["content"], "messages": messages}
     raise ValueError(f"{where}: its {key!r} is a {type(value).__name__} that is neither a string nor a list of chat "
                      "messages ({'role': ..., 'content': ...}); fix the row or name another column with --question-key")
 

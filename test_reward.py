@@ -171,7 +171,7 @@ def test_data_layouts_load_as_the_same_items(tmp_path):
         "data_source": ["sums"] * len(rows), "prompt": [[system, {"role": "user", "content": q}] for q in qs],
         "ability": ["math"] * len(rows), "reward_model": [{"style": "rule", "ground_truth": a} for a in answers]})
     chats = [[system, {"role": "user", "content": q}] for q in qs]
-    assert loaded(verl) == [(json.dumps(chat), a, chat) for chat, a in zip(chats, answers)]
+    assert loaded(verl) == [(q, a, chat) for q, a, chat in zip(qs, answers, chats)]
     assert len(reward.load_task(verl, 2, 0).items) == 2
     # written by datasets 5.2.0: Dataset.from_list(rows).save_to_disk(path, num_shards=2), rows as below
     saved = [("What is 2+3?", "5"), ("What is 7*6?", "42"), ("Simplify $\\frac{6}{8}$.", "\\frac{3}{4}")]
@@ -220,10 +220,14 @@ def test_unreadable_data_is_one_sentence(tmp_path):
             reward.load_task(spec, 0, 0)
 
 
-def test_an_eval_set_is_never_trained_on():
+def test_an_eval_set_is_never_trained_on(tmp_path):
+    """Training items whose problem is an eval prompt's are dropped, whatever the system message around it."""
     task = reward.Task("t", [{"question": q, "answer": "1"} for q in "abcab"])
     held = reward.Task("e", [{"question": "b", "answer": "1"}, {"question": "z", "answer": "1"}])
     assert [it["question"] for it in reward.without(task, held).items] == ["a", "c", "a"]
+    chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}] for q in "bc"]
+    verl = reward.load_task(write_parquet(tmp_path / "v.parquet", {"prompt": chats, "answer": ["1", "2"]}), 0, 0)
+    assert [it["messages"] for it in reward.without(verl, held).items] == chats[1:]
     with pytest.raises(ValueError, match="every prompt of task 't' is in the evaluation set 'e'"):
         reward.without(reward.Task("t", held.items), held)
 
