@@ -89,6 +89,7 @@ def main(cfg: Config):
         sync_sampler(sampler, model.lm)
         figures, notes = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, roles.rank, roles.n_trainers,
                                   roles.trainers)
+        sampler.release_kv()  # for the training steps that follow
         log.log({"eval": when, "eval_step": step, **figures})
         log.completions(notes, step)
         return figures
