@@ -11,6 +11,7 @@ each rollout's own blocks, merged by log-sum-exp (kernels/attention.py); which r
 
 import warnings
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -110,26 +111,11 @@ class Sampler:
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
         return self.sample(logits, keys, temperature)
 
-    def extend(self, turns: list[list[int]], start: torch.Tensor, prompt_len: torch.Tensor,
-               prompt_blocks: torch.Tensor, own_blocks: torch.Tensor) -> torch.Tensor:
-        """Rollout i's new tokens turns[i] (the token that closed its tool call, then the tool's turn) fed into its
-        own KV from own position start[i], over its prompt's KV and its own: the logits of each one's last token.
-        Only these tokens are computed: the conversation before them is never fed again."""
-        dev, bs = self.device, self.block_size
-        lengths = torch.tensor([len(t) for t in turns], device=dev)
-        tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in turns], batch_first=True).to(dev)
-        own = start[:, None] + torch.arange(tokens.shape[1], device=dev)  # own positions
-        valid = torch.arange(tokens.shape[1], device=dev) < lengths[:, None]
-        slots = (own_blocks.gather(1, (own // bs).clamp(max=own_blocks.shape[1] - 1)).long() * bs + own % bs)[valid]
-
-        def attend(layer, q, k, v):
-            kp, vp = self.k_pool[layer], self.v_pool[layer]
-            attention.write_kv(kp, vp, k[valid], v[valid], slots)
-            return attention.reference_extend_attention(q, kp, vp, prompt_blocks, prompt_len, own_blocks, start,
-                                                        start + lengths, self.cfg.head_dim ** -0.5)
-
-        last = (torch.arange(len(turns), device=dev), lengths - 1)
-        return forward(self.cfg, self.weights, tokens, prompt_len[:, None] + own, attend, keep=last)
+    def extend(self, b: DecodeBatch, last: torch.Tensor) -> torch.Tensor:
+        """The logits at rows `last` of a forward feeding b's tokens, eagerly: a tool turn's, several rows a rollout,
+        each attending as a decode step's row does. Only these tokens are computed: the conversation before them is
+        never fed again."""
+        return forward(self.cfg, self.weights, b.tokens, b.positions, partial(self._attend, b), keep=last)
 
     def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):
         """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row."""
@@ -155,18 +141,17 @@ class Sampler:
             graph.replay()
         return tuple(x[:rows].clone() for x in out)
 
+    def _attend(self, b: DecodeBatch, layer: int, q, k, v):
+        """Write the rows' K/V, then attend each row over its prompt's keys and its own, merged."""
+        kp, vp, scale = self.k_pool[layer], self.v_pool[layer], self.cfg.head_dim ** -0.5
+        attention.write_kv(kp, vp, k, v, b.write_slots)
+        o1, lse1 = self.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len, b.prompt_blocks,
+                                         scale, b.max_count)
+        o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
+        return attention.merge_attention(o1, lse1, o2, lse2, q.dtype)
+
     def _decode(self, b: DecodeBatch, temperature, top_p: float):
-        scale = self.cfg.head_dim ** -0.5
-
-        def attend(layer, q, k, v):
-            kp, vp = self.k_pool[layer], self.v_pool[layer]
-            attention.write_kv(kp, vp, k, v, b.write_slots)
-            o1, lse1 = self.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len, b.prompt_blocks,
-                                             scale, b.max_count)
-            o2, lse2 = self.decode_attention(q, kp, vp, b.seq_len, b.block_table, scale, b.num_splits)
-            return attention.merge_attention(o1, lse1, o2, lse2, q.dtype)
-
-        logits = forward(self.cfg, self.weights, b.tokens, b.positions, attend)
+        logits = forward(self.cfg, self.weights, b.tokens, b.positions, partial(self._attend, b))
         return self.sample_tokens(logits, b.keys, temperature, top_p)
 
     def _pad(self, b: DecodeBatch) -> DecodeBatch:

@@ -207,54 +207,45 @@ class Generation:
         return sample_keys(self.seed, *rows)
 
     def step(self, rollouts: list[_Rollout]) -> None:
-        """Every rollout not waiting for a tool feeds what it has not fed (its last token; after a tool turn, the
-        token that closed the call and the turn, in their own forward) and samples its next token."""
+        """Every rollout not waiting for a tool feeds what it has not fed and samples its next token: its last token
+        in a decode step, or after a tool turn the token that closed the call and the turn, in a forward of their
+        own (one row a token, attending as a decode step's rows do, the rollout's last row sampled)."""
         turns, decoding = [r for r in rollouts if r.length - r.fed > 1], [r for r in rollouts if r.length - r.fed == 1]
         if turns:
-            self.take_turns(turns)
+            rows = [(r, p) for r in turns for p in range(r.fed, r.length)]
+            last = torch.tensor([i for i, (r, p) in enumerate(rows) if p == r.length - 1], device=self.s.device)
+            logits = self.s.extend(self.feed(rows), last)
+            self.record(turns, *self.s.sample_tokens(logits, self.keys(turns), self.temperature, self.top_p))
         if decoding:  # chosen before the turns sampled: a rollout takes one token a step
-            self.decode(decoding)
+            batch = self.feed([(r, r.length - 1) for r in decoding])
+            self.record(decoding, *self.s.decode_step(batch, self.temperature, self.top_p))
 
-    def take_turns(self, rollouts: list[_Rollout]) -> None:
+    def feed(self, rows: list[tuple[_Rollout, int]]) -> DecodeBatch:
+        """A forward's inputs, each (rollout, own position) a row feeding its token there (rows grouped by prompt);
+        the rollouts count as fed."""
         s, dev = self.s, self.s.device
-        slot = torch.tensor([r.slot for r in rollouts], device=dev)
-        logits = s.extend([self.out_tok[r.slot, r.fed:r.length].tolist() for r in rollouts],
-                          torch.tensor([r.fed for r in rollouts], device=dev),
-                          torch.tensor([len(r.prompt.tokens) for r in rollouts], device=dev),
-                          self.prompt_blocks([r.prompt for r in rollouts]), self.slot_blocks[slot])
-        self.fed(rollouts)
-        self.record(rollouts, *s.sample_tokens(logits, self.keys(rollouts), self.temperature, self.top_p))
-
-    def fed(self, rollouts: list[_Rollout]) -> None:
-        self.fed_tokens += sum(r.length - r.fed for r in rollouts)
-        for r in rollouts:
-            r.fed = r.length
-
-    def prompt_blocks(self, prompts: list[_Prompt]) -> torch.Tensor:
-        return torch.nn.utils.rnn.pad_sequence([torch.tensor(p.blocks, dtype=torch.int32) for p in prompts],
-                                               batch_first=True).to(self.s.device)
-
-    def decode(self, rows: list[_Rollout]) -> None:
-        """One token for every running rollout: feed its last token, attend, sample."""
-        s, dev = self.s, self.s.device
-        counts = Counter(r.prompt for r in rows)  # its keys are the groups, in row order
-        slot = torch.tensor([r.slot for r in rows], device=dev)
-        pos = torch.tensor([r.length - 1 for r in rows], device=dev)  # own position of the fed token
+        rollouts = list(dict.fromkeys(r for r, _ in rows))
+        counts = Counter(r.prompt for r, _ in rows)  # its keys are the groups, in row order
+        slot = torch.tensor([r.slot for r, _ in rows], device=dev)
+        pos = torch.tensor([p for _, p in rows], device=dev)  # own position of the fed token
         group_count = torch.tensor(list(counts.values()), dtype=torch.int32, device=dev)
         prompt_len = torch.tensor([len(g.tokens) for g in counts], dtype=torch.int32, device=dev)
         block_table = self.slot_blocks[slot]
         batch = DecodeBatch(
             tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
-            keys=self.keys(rows), seq_len=(pos + 1).to(torch.int32), block_table=block_table,
+            keys=self.keys([r for r, _ in rows]), seq_len=(pos + 1).to(torch.int32), block_table=block_table,
             write_slots=block_table[torch.arange(len(rows), device=dev), pos // s.block_size].long() * s.block_size
             + pos % s.block_size,
             group_start=torch.cumsum(group_count, 0, dtype=torch.int32) - group_count, group_count=group_count,
-            prompt_len=prompt_len, prompt_blocks=self.prompt_blocks(list(counts)),
+            prompt_len=prompt_len, prompt_blocks=torch.nn.utils.rnn.pad_sequence(
+                [torch.tensor(g.blocks, dtype=torch.int32) for g in counts], batch_first=True).to(dev),
             # split-K parallelism for the kernels' long own-token reads; the torch path reads them at once
-            num_splits=max(1, min(8, -(-max(r.length for r in rows) // 512))) if s.use_triton else 1,
+            num_splits=max(1, min(8, -(-max(r.length for r in rollouts) // 512))) if s.use_triton else 1,
             max_count=max(counts.values()))
-        self.fed(rows)
-        self.record(rows, *s.decode_step(batch, self.temperature, self.top_p))
+        self.fed_tokens += len(rows)
+        for r in rollouts:
+            r.fed = r.length
+        return batch
 
     def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
         """Store each rollout's new token; finished rollouts leave and free their slot and blocks; one that closed a

@@ -249,3 +249,24 @@ def test_bad_tool_input_is_one_sentence(smollm2, monkeypatch):
     monkeypatch.setattr(reward, "check_sandbox", lambda: {"mode": "weak"})
     with pytest.raises(SystemExit, match="--max-tool-calls 2: the code sandbox is weak here"):
         train.load_tasks(config.Config(max_tool_calls=2, task_size=20, eval_prompts=4), 0)
+
+
+def test_tool_turns_through_the_triton_kernels_give_the_torch_paths_tokens(smollm2, tmp_path):
+    """A tool turn's forward runs the decode step's kernels (one row a token): the Triton ones (in the interpreter
+    here, compiled on a GPU) give the torch path's tokens, turns and log-probs, on a small random model."""
+    from test_sampler import save_tiny_model
+    import transformers
+    tok = smollm2[1]
+    model = transformers.AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, "llama", tok, seed=2),
+                                                              dtype=torch.float32)
+    cfg = config.Config(max_tool_calls=2, max_tool_output_tokens=6, max_new_tokens=40)
+    prompts = [chat(tok, "What is 6 x 7?"), chat(tok, "Name a prime.")]
+    runs = []
+    for use_triton in (False, True):
+        s = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), dtype=torch.float32, use_triton=use_triton)
+        runs.append(s.generate(prompts, [2, 1], cfg.max_new_tokens, 1.0, seed=5,
+                               tools=ScriptedTools(tok, cfg, every=5, script="print(1)")))
+    assert sum(runs[0].tool_calls) >= 3 and runs[0].tokens == runs[1].tokens
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].masks, runs[1].masks))
+    for a, b in zip(runs[0].logprobs, runs[1].logprobs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

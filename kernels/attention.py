@@ -190,24 +190,6 @@ def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     return o_rows[:rows], lse_rows[:rows]
 
 
-def reference_extend_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, prompt_blocks: torch.Tensor,
-                               prompt_len: torch.Tensor, own_blocks: torch.Tensor, start: torch.Tensor,
-                               own_len: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rollout e's new tokens q[e] [T, heads, d] at its own positions start[e] + t (their K/V written) over its
-    prompt's keys and its own below own_len[e], causally: o [E, T, heads, d]. Torch on every device: only a tool
-    turn is fed this way. A padded token (past own_len - start) reads keys too, and its output is not used."""
-    rows, width, heads, d = q.shape
-    kv = k_pool.shape[2]
-    kp, vp, prompt_mask = _paged_keys(k_pool, v_pool, prompt_blocks, prompt_len)
-    ko, vo, own_mask = _paged_keys(k_pool, v_pool, own_blocks, own_len)
-    position = start[:, None, None] + torch.arange(width, device=q.device)[:, None]  # [E, T, 1]
-    causal = torch.where(torch.arange(ko.shape[2], device=q.device) <= position, own_mask[:, 0], float("-inf"))
-    mask = torch.cat([prompt_mask.expand(-1, -1, width, -1), causal[:, None]], -1).repeat_interleave(heads // kv, 2)
-    qg = q.float().view(rows, width, kv, heads // kv, d).permute(0, 2, 1, 3, 4).reshape(rows, kv, -1, d)
-    o, _ = masked_attention(qg, torch.cat([kp, ko], 2), torch.cat([vp, vo], 2), mask, scale)
-    return o.view(rows, kv, width, heads // kv, d).permute(0, 2, 1, 3, 4).reshape(rows, width, heads, d).to(q.dtype)
-
-
 def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seq_len: torch.Tensor,
                                block_table: torch.Tensor, scale: float,
                                num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
