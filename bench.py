@@ -7,6 +7,7 @@ trainer's step throughput and MFU, LoRA against full fine-tuning; programs score
     python bench.py trainer [--device cuda] # one RL update (trainer.train_on_batch), packed against padded
                                             # micro-batches: tokens/s, TFLOP/s, MFU; LoRA against full fine-tuning
     python bench.py reward [--workers N]    # HumanEval's 164 canonical solutions through the sandbox: programs/s
+    python bench.py busy [--steps 8]        # demo steps alone and beside a busy process, threads following it or not
 
 It writes JSON (--out). The sampler and trainer cases import only torch, triton and transformers of the
 packages, so a GPU machine's own python runs them.
@@ -16,6 +17,9 @@ import argparse
 import copy
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,22 +83,36 @@ def cpu_dtype(args, hf_config) -> tuple[torch.dtype, dict]:
     return dtype, {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
 
 
-def cpu_case(args):
-    """SmolLM2-135M in train.py's dtype for this CPU: the HF model (in it too), its tokenizer, and our sampler."""
+def bench_cpu(args) -> dict:
+    """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler."""
     path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dtype, chosen = cpu_dtype(args, model.config)
-    model = model.to(dtype)  # HF generate in the same dtype: the faster one on this CPU for both
+    model = model.to(dtype)
     sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype)
-    return model, transformers.AutoTokenizer.from_pretrained(path), sampler, chosen
-
-
-def bench_cpu(args) -> dict:
-    model, tokenizer, sampler, chosen = cpu_case(args)
-    prompt = fixed_prompt(tokenizer, 256)
+    prompt = fixed_prompt(transformers.AutoTokenizer.from_pretrained(path), 256)
     ours, hf = run_fanout(sampler, [prompt], [64], 128, "cpu"), run_hf(model, prompt, 64, 128, "cpu")
     return {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen,
             "fanout": ours, "hf_generate": hf, "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
+
+
+def bench_busy(args) -> dict:
+    """`train.py demo --steps N` alone and beside one busy process (a spinning python), its threads following the
+    load (the default) and fixed at all the cores (OMP_NUM_THREADS): the seconds of its steps, side by side."""
+    result, cores = {"case": f"train.py demo, {args.steps} steps, alone and beside one busy process"}, {}
+    for load in ("alone", "loaded"):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "loaded" else None
+        for threads, env in (("follow", {}), ("fixed", {"OMP_NUM_THREADS": str(cluster.physical_cores())})):
+            out = Path(tempfile.mkdtemp()) / "run"
+            subprocess.run([sys.executable, "train.py", "demo", "--steps", str(args.steps), "--eval-prompts", "4",
+                            "--eval-samples", "1", "--out-dir", str(out)], env={**os.environ, **env}, check=True,
+                           capture_output=True)
+            rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+            result[f"{load}_{threads}_s"] = sum(r["t_step"] for r in rows)
+            cores[f"{load}_{threads}"] = [r["threads"] for r in rows]
+        busy and busy.kill()
+    return {**result, "threads_each_step": cores, **{f"loaded_over_alone_{t}": result[f"loaded_{t}_s"] /
+                                                     result[f"alone_{t}_s"] for t in ("follow", "fixed")}}
 
 
 # ---- GPU ----
@@ -282,7 +300,7 @@ def bench_reward(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "trainer", "reward"])
+    parser.add_argument("what", choices=["sampler", "trainer", "reward", "busy"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="CPU sampler and trainer cases: auto picks what train.py picks on this CPU")
@@ -302,12 +320,13 @@ def main():
     trainer_args.add_argument("--repeats", type=int, default=3, help="trainer and reward cases")
     trainer_args.add_argument("--peak-tflops", type=float, default=None, help="for MFU on a GPU not in the table")
     parser.add_argument("--workers", type=int, default=0, help="reward case: scoring processes (0 = the CPUs)")
+    parser.add_argument("--steps", type=int, default=8, help="busy case: demo steps each way")
     args = parser.parse_args()
     for flag, defaults in TRAINER_DEFAULTS.items():
         setattr(args, flag, getattr(args, flag) or defaults[args.device == "cpu"])
     torch.manual_seed(0)
     result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
-              "reward": bench_reward}[args.what](args)
+              "reward": bench_reward, "busy": bench_busy}[args.what](args)
     print(json.dumps(result, indent=1))
     if "hf_generate" in result:
         print(f"fanout {result['fanout']['tokens_per_s']:.1f} tokens/s, HF generate "

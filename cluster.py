@@ -31,10 +31,27 @@ def setup_process():
     return rank, world, device
 
 
-def set_threads() -> None:
-    """torch's threads: OMP_NUM_THREADS, else this rank's share of the physical cores it may run on."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+def set_threads(follow_load: bool = False) -> int:
+    """torch's threads: OMP_NUM_THREADS, else this rank's share of the physical cores it may run on; with follow_load
+    one fewer when that runs a product clearly faster (another process holds a core, and OpenMP's barriers wait)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    n = max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    # n threads are clearly faster than n - 1 when they beat the halfway mark between n/(n-1) and no speed-up
+    if follow_load and n > 1 and product_ms(n) > product_ms(n - 1) * (1 - 0.5 / n):
+        n -= 1
+    torch.set_num_threads(n)
+    return n
+
+
+def product_ms(threads: int) -> float:
+    """Milliseconds of 16 products of 384 x 384 matrices on `threads` threads, after one to start them."""
+    torch.set_num_threads(threads)
+    a = torch.randn(384, 384) @ torch.randn(384, 384)
+    start = time.perf_counter()
+    for _ in range(16):
+        a @ a
+    return (time.perf_counter() - start) * 1e3
 
 
 def physical_cores() -> int:

@@ -110,6 +110,28 @@ def test_threads_are_the_physical_cores_of_the_affinity(monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("cores", [2, 16])
+def test_threads_follow_the_load(monkeypatch, cores):
+    """One thread fewer only where the cores' product is not clearly faster than one fewer's: another process
+    holds a core. Alone, n threads run n/(n-1) faster and stay; OMP_NUM_THREADS, or not following, keeps all."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(cluster, "physical_cores", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for speedup, expected in ((cores / (cores - 1), cores), (1.0, cores - 1), (0.5, cores - 1)):
+            monkeypatch.setattr(cluster, "product_ms", lambda n: 100.0 / speedup ** (n - cores + 1))
+            assert cluster.set_threads(follow_load=True) == expected == torch.get_num_threads()
+            assert cluster.set_threads() == cores
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert cluster.set_threads(follow_load=True) == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert cluster.product_ms(1) > 0  # the real probe runs
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_scoring_workers_sit_idle_while_the_model_runs():
     """The verifier pool's workers block on their queue between score() calls: while the parent computes
     they use no CPU time, so they do not compete with torch's threads."""

@@ -11,6 +11,7 @@ One step (DESIGN.md, data flow): pick prompts -> hand the weights to the sampler
 
 import copy
 import dataclasses
+import os
 import sys
 import time
 from functools import partial
@@ -24,7 +25,7 @@ import explore
 import lora
 import loss
 import reward
-from cluster import make_roles, my_share, pick_dtype, setup_process, shard
+from cluster import make_roles, my_share, pick_dtype, set_threads, setup_process, shard
 from collect import encode_prompts, evaluate, sample_step
 from config import Config, parse_config
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
@@ -144,7 +145,8 @@ def compute_dtype(cfg: Config, lm, device, rank: int) -> tuple[torch.dtype, dict
     dtype, why = choice[0]
     setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
     if rank == 0:
-        print(f"compute dtype {setup['dtype']} ({why}); {setup['threads']} intra-op threads per rank")
+        print(f"compute dtype {setup['dtype']} ({why}); {setup['threads']} intra-op threads per rank"
+              f"{'' if 'OMP_NUM_THREADS' in os.environ else ', one fewer in a CPU step that finds a core taken'}")
     return dtype, setup
 
 
@@ -159,6 +161,7 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
                total=cfg.steps)
     for step in bar:
         t0 = time.time()
+        threads = set_threads(follow_load=sampler.device.type == "cpu")  # fair to a busy machine (cluster.py)
         optimizer.param_groups[0]["lr"] = lr_at(cfg, step)  # the one group: every parameter
         if ref_model is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0 and step > 0:
             reset_reference(ref_model, model)
@@ -174,7 +177,7 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
             row["entropy_target"] = state.controller.target(step) if state.controller.h0 is not None else row["entropy"]
             state.controller.update(row["entropy"], step)
         row = {"step": step, **row, "temperature": temperature, **({"tb_beta": beta} if cfg.loss == "tb" else {}),
-               **stats, "t_gen": t_gen, "t_step": time.time() - t0}
+               **stats, "t_gen": t_gen, "t_step": time.time() - t0, "threads": threads}
         log.log(row)
         log.completions(samples)
         bar.set_postfix(reward=f"{row['reward']:.3f}", entropy=f"{row['entropy']:.2f}")
@@ -208,6 +211,7 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
                             {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
         for step in range(max(w * k, start_step), min(w * k + k, cfg.steps)):  # resumed at the end: none
             t0 = time.time()
+            threads = set_threads(follow_load=sampler.device.type == "cpu")
             optimizer.param_groups[0]["lr"] = lr_at(cfg, step)
             buffer.drop_stale(step)
             slots = buffer.draw(cfg.prompts_per_step, cfg.rollouts_per_prompt, cfg.fresh_prob, cfg.replay_inv_temp,
@@ -220,7 +224,8 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
                    "prompts_held": len(buffer.items), **buffer.removed, "sync": w, **sent,
                    "trainer_waited": searchers.waited, "broadcast_s": searchers.broadcast["seconds"],
                    "broadcast_bytes": searchers.broadcast["bytes"], "weights_checksum": searchers.broadcast["checksum"],
-                   **({"tb_beta": beta} if cfg.loss == "tb" else {}), **stats, "t_step": time.time() - t0}
+                   **({"tb_beta": beta} if cfg.loss == "tb" else {}), **stats, "t_step": time.time() - t0,
+                   "threads": threads}
             log.log(row)
             log.completions([{"step": step, "prompt": tokenizer.decode(prompt_ids[p]), "fresh": fresh,
                               "response": tokenizer.decode(rs[0]["tokens"], skip_special_tokens=True),
