@@ -19,8 +19,7 @@ from config import Config
 
 
 class Logger:
-    """Metrics to metrics.jsonl, completions to samples.jsonl and eval_<step>.jsonl (rank 0), all to wandb when
-    enabled, and a plot at the end."""
+    """Metrics (metrics.jsonl), completions (samples.jsonl, eval_<step>.jsonl) on rank 0, wandb when on, a plot."""
 
     def __init__(self, cfg: Config, enabled: bool, start_step: int = 0):
         self.enabled, self.rows, self.k = enabled, [], cfg.eval_samples

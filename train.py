@@ -108,8 +108,7 @@ def main(cfg: Config):
 
 
 def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
-    """(training task, eval set: --eval-task, else held out of the task), first: the likeliest thing to be
-    mistyped; a weak sandbox refuses code."""
+    """(training task, eval set: --eval-task or held out), first: the likeliest thing mistyped; code needs a sandbox."""
     try:
         load = partial(reward.load_task, question_key=cfg.question_key, answer_key=cfg.answer_key)
         task = load(cfg.task, cfg.task_size, cfg.seed)

@@ -215,8 +215,7 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2
 
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Write k, v [T, kv_heads, d] into the pools' slots [T] in place (decode tokens and prefill alike), on every
-    device (one indexed copy, which CUDA graphs capture); view, not reshape, so a non-contiguous pool fails instead
-    of writing a copy."""
+    """Write k, v [T, kv_heads, d] into the pools' slots [T] in place, on every device (an indexed copy, which CUDA
+    graphs capture); view, not reshape, so a non-contiguous pool fails instead of writing a copy."""
     k_pool.view(-1, *k_pool.shape[2:])[slots] = k
     v_pool.view(-1, *v_pool.shape[2:])[slots] = v
