@@ -99,20 +99,22 @@ def bench_cpu(args) -> dict:
 def bench_busy(args) -> dict:
     """`train.py demo --steps N` alone and beside one busy process (a spinning python), its threads following the
     load (the default) and fixed at all the cores (OMP_NUM_THREADS): the seconds of its steps, side by side."""
-    result, cores = {"case": f"train.py demo, {args.steps} steps, alone and beside one busy process"}, {}
+    result = {"case": f"train.py demo, {args.steps} steps, alone and beside one busy process"}
     for load in ("alone", "loaded"):
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "loaded" else None
-        for threads, env in (("follow", {}), ("fixed", {"OMP_NUM_THREADS": str(cluster.physical_cores())})):
-            out = Path(tempfile.mkdtemp()) / "run"
-            subprocess.run([sys.executable, "train.py", "demo", "--steps", str(args.steps), "--eval-prompts", "4",
-                            "--eval-samples", "1", "--out-dir", str(out)], env={**os.environ, **env}, check=True,
-                           capture_output=True)
-            rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
-            result[f"{load}_{threads}_s"] = sum(r["t_step"] for r in rows)
-            cores[f"{load}_{threads}"] = [r["threads"] for r in rows]
-        busy and busy.kill()
-    return {**result, "threads_each_step": cores, **{f"loaded_over_alone_{t}": result[f"loaded_{t}_s"] /
-                                                     result[f"alone_{t}_s"] for t in ("follow", "fixed")}}
+        try:  # the busy process goes whatever happens to a run
+            for threads, env in (("follow", {}), ("fixed", {"OMP_NUM_THREADS": str(cluster.physical_cores())})):
+                out = Path(tempfile.mkdtemp()) / "run"
+                subprocess.run([sys.executable, "train.py", "demo", "--steps", str(args.steps), "--eval-prompts", "4",
+                                "--eval-samples", "1", "--out-dir", str(out)], env={**os.environ, **env}, check=True,
+                               capture_output=True)
+                rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+                result[f"{load}_{threads}_s"] = sum(r["t_step"] for r in rows)
+        finally:
+            if busy:
+                busy.kill()
+    return {**result, **{f"loaded_over_alone_{t}": result[f"loaded_{t}_s"] / result[f"alone_{t}_s"] for t in
+                         ("follow", "fixed")}}
 
 
 # ---- GPU ----

@@ -45,8 +45,7 @@ def set_threads(follow_load: bool = False) -> int:
 
 
 def product_ms(threads: int) -> float:
-    """The best of 3 times 8 products of 384 x 384 matrices on `threads` threads (after one to start them), in ms:
-    a moment's hiccup does not decide."""
+    """The best of 3 times (a moment's hiccup does not decide) of 8 products of 384 x 384 on `threads` threads, ms."""
     torch.set_num_threads(threads)
     a, times = torch.randn(384, 384) @ torch.randn(384, 384), []
     for _ in range(3):

@@ -150,9 +150,8 @@ def evaluate(cfg: Config, sampler, tokenizer, task, seed: int, rank: int = 0, wo
         r, rewards, failed, timeouts, said = generate_and_score(cfg, sampler, tokenizer, task, items, prompts,
                                                                 [samples] * len(prompts), temperature, seed,
                                                                 list(range(start, stop)))
-        correct = [0] * len(prompts)
-        for p, passed in zip(r.prompt_index, (rewards >= cfg.success).tolist()):
-            correct[p] += passed
+        correct = torch.bincount(torch.tensor(r.prompt_index, dtype=torch.long), (rewards >= cfg.success).float(),
+                                 len(prompts)).long().tolist()  # each prompt's right samples
         sums += [sum(correct), sum(pass_at_k(samples, c, samples) for c in correct), failed, timeouts,
                  sum(len(t) for t in r.tokens), r.finish_reason.count("length")]
         notes += [{"prompt_index": start + p, "sample": s, "greedy": temperature == 0, **note}

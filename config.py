@@ -29,10 +29,8 @@ class Config:
     task: str = "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"  # rg:NAME[?k=v&...], humaneval,
                                            # a .jsonl or .parquet file or a datasets save_to_disk folder (README, data)
     task_size: int = 2000                  # items generated (rg) or read at most (files), before the held-out split
-    question_key: str = ""                 # the data's prompt column, a string or chat messages; a.b reaches into a
-                                           # nested one ("" = question, problem or prompt: the first there is)
-    answer_key: str = ""                   # its answer column ("" = answer, reward_model.ground_truth or solution);
-                                           # an answer with a \boxed{} is its last one's inside (MATH's solutions)
+    question_key: str = ""                 # the prompt column, text or chat messages ("" = question, problem or prompt)
+    answer_key: str = ""                   # the answer column ("" = answer, reward_model.ground_truth or solution)
     prompt_template: str = "{question}\nStart your reply with 'Answer:'."  # wraps each question (chat template applied after)
     score_timeout: float = 5.0             # seconds per verifier call or program (wall and CPU); past it: 0, counted
     score_workers: int = 0                 # scoring processes per rank (0 = the CPUs, shared by this machine's ranks)
@@ -105,8 +103,7 @@ class Config:
     lora_dropout: float = 0.0              # dropout on an adapter's input in the update passes
     seed: int = 0                          # seeds data order, sampling and initialisation
     # evaluation and output
-    eval_task: str = ""                    # an evaluation set, any task spec (files read whole; rg: eval_prompts items),
-                                           # never trained on; "" = eval_prompts prompts held out of --task
+    eval_task: str = ""                    # an eval set, any task spec, never trained on ("" = held out of --task)
     eval_prompts: int = 64                 # held-out prompts, never trained on
     eval_samples: int = 4                  # samples per eval prompt: avg@k and pass@k at k = this (plus one greedy)
     eval_every: int = 0                    # evaluate every N steps as well as before and after training (0 = not)

@@ -66,18 +66,18 @@ class Explore:
         if self.position // self.n_items > epoch:
             self.epoch_ranks = difficulty_ranks(self.reward_sum, self.count)
 
+    SAVED = ("position", "reward_sum", "count", "epoch_ranks")  # and the controller's own
+
     def state_dict(self) -> dict:
-        return {"position": self.position, "reward_sum": self.reward_sum.clone(), "count": self.count.clone(),
-                "epoch_ranks": self.epoch_ranks.clone(),
+        return {**{name: copy.deepcopy(getattr(self, name)) for name in self.SAVED},
                 "controller": self.controller.state_dict() if self.controller is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["count"]) != self.n_items:
             raise ValueError(f"the checkpoint's difficulty stats cover {len(state['count'])} prompts, this task has "
                              f"{self.n_items}; resume with the same --task and --task-size")
-        self.position = state["position"]
-        self.reward_sum, self.count, self.epoch_ranks = (state[k].clone() for k in ("reward_sum", "count",
-                                                                                   "epoch_ranks"))
+        for name in self.SAVED:
+            setattr(self, name, copy.deepcopy(state[name]))
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
 

@@ -24,9 +24,8 @@ from bench import qwen25_15b_config, random_weights
 
 
 def random_model(folder: Path, device=None, hf_config=None) -> Path:
-    """A model folder of Qwen2.5-1.5B's shape (or hf_config's) with SmolLM2's tokenizer, copied from the embedded
-    model unless the folder has one (its 49k ids are part of the model's vocabulary, the others decode to nothing);
-    with `device`, random bf16 weights made there (3 GB for 1.5B parameters: never carried)."""
+    """A model folder of Qwen2.5-1.5B's shape (or hf_config's) with SmolLM2's tokenizer (its 49k ids in the model's
+    vocabulary); with `device`, random bf16 weights made there (3 GB for 1.5B parameters: never carried)."""
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "tokenizer.json").is_file():
         source = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
@@ -53,10 +52,9 @@ def run_stage(command: list[str], env: dict, seconds: float, log: Path) -> int |
 
 
 def gpu_stages(here: Path, model: Path) -> list[tuple]:
-    """(name, seconds at most, command, environment, figure: its log -> a line, raising if the stage missed a part).
-    Under 8 minutes in all. The tests run compiled on the GPU; the runs cover the paths no CPU test reaches: FSDP2
-    on nccl, CUDA-graph decoding across steps, the fused log-prob, TIS with the sampler's GPU logprobs, LoRA (merged
-    hand-off, KL to the base), one async (TBA) step whose pi_old is the sampler's, checkpoints."""
+    """(name, seconds at most, command, environment, figure: its log -> a line, raising if the stage missed a part),
+    under 8 minutes in all: the tests compiled on the GPU, and runs of the paths no CPU test reaches (FSDP2 on nccl,
+    CUDA-graph decoding across steps, the fused log-prob, TIS, LoRA, one TBA step whose pi_old is the sampler's)."""
     py, load = sys.executable, lambda what: json.loads((here / f"bench_{what}.json").read_text())
     tests = dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8")  # poisoned
     site = {"PYTHONPATH": str(here / "site")}  # the packages --prepare packed: reward.py's, tyro
@@ -109,8 +107,7 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
 
 def gpu_check(args) -> dict:
     """Each stage in its own process under a time cap, PASS or FAIL and its figure printed, a failure never stopping
-    the next; one JSON summary. --dry-run prints each stage's command and builds the model folder's config and
-    tokenizer (what a GPU session carries: README, On GPUs)."""
+    the next; one JSON summary. --dry-run prints each stage's command and builds the model folder, weights aside."""
     here = Path(args.dir)
     stages = gpu_stages(here, random_model(here / "model"))
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": args.dry_run, "stages": []}

@@ -43,8 +43,7 @@ class Logger:
             self.wandb.log({f"eval/{k}": v for k, v in row.items()} if "eval" in row else row)
 
     def completions(self, notes: list[dict], eval_step: int | None = None) -> None:
-        """Notes of completions (collect.generate_and_score): a step's appended to samples.jsonl, an evaluation's
-        written to eval_<eval_step>.jsonl; with wandb on, the same as a Table."""
+        """A step's completion notes appended to samples.jsonl, an evaluation's to eval_<step>.jsonl; wandb Tables."""
         if not self.enabled or not notes:
             return
         file = self.samples if eval_step is None else open(self.dir / f"eval_{eval_step}.jsonl", "w")
@@ -57,8 +56,7 @@ class Logger:
             self.wandb.log({"samples" if eval_step is None else "eval/completions": table})
 
     def plot(self) -> None:
-        """plot.png: reward with the evaluations' avg@k, pass@k, greedy accuracy and share cut at max_new_tokens;
-        entropy (and E3's target); response length, the evaluations' too; the temperature if it moved."""
+        """plot.png: reward and the evaluations' figures, entropy (E3's target), response lengths, E3's temperature."""
         if not self.enabled:
             return
         import matplotlib
@@ -88,8 +86,7 @@ class Logger:
 
 
 def reopen(path: Path, start_step: int) -> tuple[list[dict], object]:
-    """(the rows a run keeps, path open to append to): what came before the checkpoint a run resumes from; a killed
-    run's later rows and evaluations, and its final one, are done again. A new run keeps none."""
+    """(the rows a run keeps, path open to append to): those before the checkpoint it resumes from (none if new)."""
     rows = [json.loads(line) for line in path.read_text().splitlines()] if start_step and path.is_file() else []
     rows = [r for r in rows if r.get("step", -1) < start_step and r.get("eval_step", 0) <= start_step
             and r.get("eval") != "after"]

@@ -132,8 +132,7 @@ def _file_rows(path: str, size: int) -> list[tuple[dict, str]]:
         lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
                  if line.strip()][:stop]
         return [(_json_object(line, f"{path} line {n}"), f"{path} line {n}") for n, line in lines]
-    import pyarrow
-    import pyarrow.parquet  # here: only data files need it
+    import pyarrow.parquet  # here: only data files need it (it binds pyarrow too)
     folder = Path(path)
     try:
         if folder.is_dir():
@@ -148,11 +147,15 @@ def _file_rows(path: str, size: int) -> list[tuple[dict, str]]:
     return [(row, f"{path} row {i}") for i, row in enumerate(table.slice(0, stop).to_pylist())]
 
 
-def _column(row: dict, key: str):
-    """row[key], or for a dotted key ("reward_model.ground_truth") the value inside nested columns; None if absent."""
+def _column(row: dict, key: str, where: str = "", what: str = ""):
+    """row[key] (a dotted key reaches into nested columns); absent: None, or with `where` one sentence naming a flag."""
+    value = row
     for part in key.split("."):
-        row = row.get(part) if isinstance(row, dict) else None
-    return row
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None and where:
+        raise ValueError(f"{where} has no column {key!r} (its columns: {', '.join(row)}); name the {what}'s column "
+                         f"with --{'question' if what == 'prompt' else 'answer'}-key")
+    return value
 
 
 def _json_object(line: str, where: str) -> dict:
@@ -168,10 +171,7 @@ def _json_object(line: str, where: str) -> dict:
 def _prompt(row: dict, key: str, where: str) -> dict:
     """The row's prompt as {"question": str}, or a list of chat messages as {"question": the last one's text (the
     problem, whatever the system message), "messages": the messages, which the chat template renders as they are}."""
-    value = _column(row, key)
-    if value is None:
-        raise ValueError(f"{where} has no column {key!r} (its columns: {', '.join(row)}); name the prompt's column "
-                         "with --question-key")
+    value = _column(row, key, where, "prompt")
     if isinstance(value, str):
         return {"question": value}
     if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
@@ -183,11 +183,7 @@ def _prompt(row: dict, key: str, where: str) -> dict:
 
 
 def _math_item(row: dict, where: str, question_key: str, answer_key: str) -> dict:
-    answer = _column(row, answer_key)
-    if answer is None:
-        raise ValueError(f"{where} has no column {answer_key!r} (its columns: {', '.join(row)}); name the answer's "
-                         "column with --answer-key")
-    answer = str(answer).strip()
+    answer = str(_column(row, answer_key, where, "answer")).strip()
     if "\\boxed" in answer:  # MATH's solutions: the answer is their last \boxed{}
         answer = _last_boxed(answer) or ""
     if not answer:
@@ -240,9 +236,8 @@ def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
                          f"{n_eval} and train on the rest; use a larger task size or fewer eval prompts")
     questions = list(first_item)
     random.Random(seed).shuffle(questions)
-    held = set(questions[:n_eval])
-    return (Task(task.spec, [item for item in task.items if item["question"] not in held]),
-            Task(task.spec, [first_item[q] for q in questions[:n_eval]]))
+    held = Task(task.spec, [first_item[q] for q in questions[:n_eval]])
+    return without(task, held), held
 
 
 def without(task: Task, held: Task) -> Task:
@@ -257,8 +252,7 @@ def without(task: Task, held: Task) -> Task:
 
 def extract_answer(text: str) -> str | None:
     """The inside of the last non-empty \\boxed{...}, else the rest of the line after the last "Answer:", else None."""
-    boxed = _last_boxed(text)
-    if boxed:
+    if boxed := _last_boxed(text):
         return boxed
     lines = [line for line in text.splitlines() if "answer:" in line.lower()]
     if not lines:

@@ -113,8 +113,7 @@ class Sampler:
 
     def extend(self, b: DecodeBatch, last: torch.Tensor) -> torch.Tensor:
         """The logits at rows `last` of a forward feeding b's tokens, eagerly: a tool turn's, several rows a rollout,
-        each attending as a decode step's row does. Only these tokens are computed: the conversation before them is
-        never fed again."""
+        each attending as a decode step's row does (the conversation before them is never fed again)."""
         return forward(self.cfg, self.weights, b.tokens, b.positions, partial(self._attend, b), keep=last)
 
     def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):

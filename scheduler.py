@@ -207,9 +207,8 @@ class Generation:
         return sample_keys(self.seed, *rows)
 
     def step(self, rollouts: list[_Rollout]) -> None:
-        """Every rollout not waiting for a tool feeds what it has not fed and samples its next token: its last token
-        in a decode step, or after a tool turn the token that closed the call and the turn, in a forward of their
-        own (one row a token, attending as a decode step's rows do, the rollout's last row sampled)."""
+        """Every rollout not waiting for a tool feeds what it has not fed and samples its next token: its last token in
+        a decode step, or the call's closing token and the tool turn in a forward of their own, one row a token."""
         turns, decoding = [r for r in rollouts if r.length - r.fed > 1], [r for r in rollouts if r.length - r.fed == 1]
         if turns:
             rows = [(r, p) for r in turns for p in range(r.fed, r.length)]
@@ -221,8 +220,7 @@ class Generation:
             self.record(decoding, *self.s.decode_step(batch, self.temperature, self.top_p))
 
     def feed(self, rows: list[tuple[_Rollout, int]]) -> DecodeBatch:
-        """A forward's inputs, each (rollout, own position) a row feeding its token there (rows grouped by prompt);
-        the rollouts count as fed."""
+        """A forward's inputs: each (rollout, own position) row feeds its token there (grouped by prompt); marks fed."""
         s, dev = self.s, self.s.device
         rollouts = list(dict.fromkeys(r for r, _ in rows))
         counts = Counter(r.prompt for r, _ in rows)  # its keys are the groups, in row order

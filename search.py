@@ -173,8 +173,7 @@ class Searchers:
         return due
 
     def sync(self, w: int, version: int, first: bool = False):
-        """Sync w: the weights out (version: the trainer's step), the round due in (None at a resumed run's first
-        sync); round w was sampled with sync w - 1's weights, round 0 with sync 0's."""
+        """Sync w: the weights (of step `version`) out, round w in (sampled with sync w - 1's, round 0 with 0's)."""
         if not self.virtual:
             due = None if first else self._receive()
             self._send(version)

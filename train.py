@@ -11,7 +11,6 @@ One step (DESIGN.md, data flow): pick prompts -> hand the weights to the sampler
 
 import copy
 import dataclasses
-import os
 import sys
 import time
 from functools import partial
@@ -87,7 +86,8 @@ def main(cfg: Config):
         metrics.jsonl, completions to eval_<step>.jsonl."""
         if when == "during" and not (cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps):
             return None
-        sync_sampler(sampler, model.lm)
+        if step > 0:  # at step 0 the sampler holds the weights it was built from
+            sync_sampler(sampler, model.lm)
         figures, notes = evaluate(cfg, sampler, tokenizer, eval_task, cfg.seed + 1, roles.rank, roles.n_trainers,
                                   roles.trainers)
         sampler.release_kv()  # for the training steps that follow
@@ -144,8 +144,8 @@ def compute_dtype(cfg: Config, lm, device, rank: int) -> tuple[torch.dtype, dict
     dtype, why = choice[0]
     setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
     if rank == 0:
-        print(f"compute dtype {setup['dtype']} ({why}); {setup['threads']} intra-op threads per rank"
-              f"{'' if 'OMP_NUM_THREADS' in os.environ else ', one fewer in a CPU step that finds a core taken'}")
+        print(f"compute dtype {setup['dtype']} ({why}); {setup['threads']} intra-op threads per rank (one fewer in a "
+              "CPU step that finds another process on a core, unless OMP_NUM_THREADS fixes them)")
     return dtype, setup
 
 
