@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -62,33 +61,31 @@ def run_program(program: str, tests: str, setup: str = "", entry_point: str | No
                 limits: Limits = Limits(), secret_files: tuple[str, ...] = ()) -> Run:
     """Setup and program in the sandboxed child, setup and tests in the trusted process; pass: this run's token.
     secret_files (the task's own data: its tests, solutions) read as empty in the sandbox's mount namespace."""
-    token, folder = secrets.token_hex(16), tempfile.mkdtemp(prefix="fanout-sandbox-")
+    token = secrets.token_hex(16)
     verdict, verdict_w = os.pipe()
-    orders = {"folder": folder, "limits": {**dataclasses.asdict(limits), "cpu_s": math.ceil(limits.cpu_s)},
-              "setup": setup, "program": program, "entry_point": entry_point, "verdict": verdict_w,
-              "secret_files": [os.path.realpath(f) for f in secret_files],
-              "path": sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}),
-              "python": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)})}
-    try:
-        with tempfile.TemporaryFile() as out, os.fdopen(verdict, "rb") as verdict_file:
-            try:  # a file, not a pipe, for the output: the file-size limit caps it
-                proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-u", "-c", PROCESS], stdin=subprocess.PIPE,
-                                        stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
-                                        pass_fds=(verdict_w,), env={"PATH": "/usr/bin:/bin", "HOME": folder,
-                                                                    "TMPDIR": folder, "LANG": "C.UTF-8"})
-            finally:
-                os.close(verdict_w)
-            try:  # the tests wait in the pipe until the child has let go of it
-                proc.communicate(frame(orders) + frame({"tests": tests, "token": token}),
-                                 timeout=limits.wall_s + SANDBOX_START_S)
-            except subprocess.TimeoutExpired:  # the sandbox itself stalled (a starved machine): end its group
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            passed = verdict_file.read() == token.encode()
-            out.seek(0)
-            output = out.read(OUTPUT_BYTES)  # at most the file-size limit was written
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with (tempfile.TemporaryDirectory(prefix="fanout-sandbox-", ignore_cleanup_errors=True) as folder,
+          tempfile.TemporaryFile() as out, os.fdopen(verdict, "rb") as verdict_file):
+        orders = {"folder": folder, "limits": {**dataclasses.asdict(limits), "cpu_s": math.ceil(limits.cpu_s)},
+                  "setup": setup, "program": program, "entry_point": entry_point, "verdict": verdict_w,
+                  "secret_files": [os.path.realpath(f) for f in secret_files],
+                  "path": sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}),
+                  "python": sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)})}
+        try:  # a file, not a pipe, for the output: the file-size limit caps it
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-u", "-c", PROCESS], stdin=subprocess.PIPE,
+                                    stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
+                                    pass_fds=(verdict_w,), env={"PATH": "/usr/bin:/bin", "HOME": folder,
+                                                                "TMPDIR": folder, "LANG": "C.UTF-8"})
+        finally:
+            os.close(verdict_w)
+        try:  # the tests wait in the pipe until the child has let go of it
+            proc.communicate(frame(orders) + frame({"tests": tests, "token": token}),
+                             timeout=limits.wall_s + SANDBOX_START_S)
+        except subprocess.TimeoutExpired:  # the sandbox itself stalled (a starved machine): end its group
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        passed = verdict_file.read() == token.encode()
+        out.seek(0)
+        output = out.read(OUTPUT_BYTES)  # at most the file-size limit was written
     return Run(passed, proc.returncode in (124, -9), output.decode(errors="replace"))
 
 
