@@ -7,7 +7,7 @@ import json
 import math
 import os
 import platform
-import time
+import timeit
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +47,8 @@ def set_threads(follow_load: bool = False) -> int:
 def product_ms(threads: int) -> float:
     """The best of 3 times (a moment's hiccup does not decide) of 8 products of 384 x 384 on `threads` threads, ms."""
     torch.set_num_threads(threads)
-    a, times = torch.randn(384, 384) @ torch.randn(384, 384), []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(8):
-            a @ a
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    a = torch.randn(384, 384) @ torch.randn(384, 384)
+    return min(timeit.repeat(lambda: a @ a, number=8, repeat=3)) * 1e3
 
 
 def physical_cores() -> int:
@@ -118,9 +113,7 @@ def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int =
         for product in (lambda: a @ b.T, lambda: c @ b, lambda: c.T @ a):
             best = math.inf
             for i in range(repeats):
-                start = time.perf_counter()
-                product()
-                best = min(best, time.perf_counter() - start)
+                best = min(best, timeit.timeit(product, number=1))
                 if dtype == torch.bfloat16 and i > 0 and (total + best) * 1e3 > result["float32"]:
                     return {**result, "stopped": True, "bfloat16": (total + best) * 1e3}
             total += best
