@@ -84,28 +84,25 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
     if cfg.echo_coef > 0:
         batch.clips = loss.echo_clip([s[p:] for s, p in zip(batch.sequences, batch.prompt_lens)], batch.entropies,
                                      batch.rewards, batch.group, *step_ids, cfg.success, cfg.echo_mode)
+    sums.update({"echo_clips": len(batch.clips), "clip_len": sum(batch.clips.values()),
+                 "clip_resp": sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in batch.clips)})
     totals = dict(zip(sums, all_sum(*sums.values())))
-    clip_len = sum(batch.clips.values())
-    clip_resp = sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in batch.clips)
-    echo_clips, clip_len, clip_resp = all_sum(len(batch.clips), clip_len, clip_resp)
-    row = {"reward": totals["reward"] / totals["responses"], "pass_rate": totals["passed"] / totals["responses"],
-           "entropy": totals["entropy"] / max(totals["tokens"], 1),
-           "response_len": totals["tokens"] / totals["responses"],
+    responses, groups = totals["responses"], totals["groups"]
+    row = {"reward": totals["reward"] / responses, "pass_rate": totals["passed"] / responses,
+           "entropy": totals["entropy"] / max(totals["tokens"], 1), "response_len": totals["tokens"] / responses,
            "verifier_failures": int(totals["failures"]), "timeouts": int(totals["timeouts"]),
-           "groups_sampled": int(totals["groups"]),
-           "degenerate_frac": 1 - totals["informative"] / totals["groups"],
-           "all_right_frac": totals["all_right"] / totals["groups"],
-           "all_wrong_frac": totals["all_wrong"] / totals["groups"],
+           "groups_sampled": int(groups), "degenerate_frac": 1 - totals["informative"] / groups,
+           "all_right_frac": totals["all_right"] / groups, "all_wrong_frac": totals["all_wrong"] / groups,
            "rollouts_min": min(all_budgets), "rollouts_mean": sum(all_budgets) / len(all_budgets),
            "rollouts_max": max(all_budgets)}
     if cfg.dynamic_sampling:  # groups passing the filter / groups sampled, and how many the step trains on
-        row.update(ds_pass_rate=totals["informative"] / totals["groups"], groups_kept=int(totals["kept"]))
+        row.update(ds_pass_rate=totals["informative"] / groups, groups_kept=int(totals["kept"]))
     if cfg.max_tool_calls:  # per rollout: calls, and turns of the model's; calls that ran without an error
-        row.update(tool_calls=totals["tool_calls"] / totals["responses"],
-                   turns=1 + totals["tool_calls"] / totals["responses"],
+        row.update(tool_calls=totals["tool_calls"] / responses, turns=1 + totals["tool_calls"] / responses,
                    tool_ok=1 - totals["tool_errors"] / totals["tool_calls"] if totals["tool_calls"] else float("nan"))
     if cfg.echo_coef > 0:
-        row.update(echo_clips=int(echo_clips), echo_clip_frac=clip_len / clip_resp if clip_resp else 0.0)
+        row.update(echo_clips=int(totals["echo_clips"]),
+                   echo_clip_frac=totals["clip_len"] / totals["clip_resp"] if totals["clip_resp"] else 0.0)
     return batch, row, samples
 
 
