@@ -28,13 +28,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass
 
 OUTPUT_BYTES = 4096  # of a program's output kept in Run.output; the file-size limit caps what it may write
 SANDBOX_START_S = 10.0  # allowed beyond a program's wall-clock limit for the sandbox's own start and clean-up
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Limits:
     """What one sandboxed program may use; past a limit it is stopped (or its call fails) and scores 0."""
     wall_s: float = 5.0    # seconds from its start to its last test; then it is killed, and all it started
@@ -50,7 +49,7 @@ class Limits:
                 raise ValueError(f"sandbox limit {name}={value} must be above 0; no program can run within it")
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     passed: bool     # the trusted process ran every test and each passed: nothing else is a pass
     timed_out: bool  # stopped at the wall-clock or CPU limit
@@ -203,6 +202,7 @@ def isolate(orders: dict, libc, root: bool) -> set:
     """New mount, network, PID and IPC namespaces where the OS gives them; the machine read-only, /tmp empty."""
     RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18  # MS_*
     flags = {"mount": 0x20000, "network": 0x40000000, "pid": 0x20000000, "ipc": 0x8000000}
+    spaces = set()  # none where the OS gives none
     if root:
         spaces = {name for name, flag in flags.items() if libc.unshare(flag) == 0}
     elif libc.unshare(0x10000000 | sum(flags.values())) == 0:  # an ordinary user: all four, in a user namespace
@@ -211,8 +211,6 @@ def isolate(orders: dict, libc, root: bool) -> set:
             with open(f"/proc/self/{name}", "w") as file:
                 file.write(line)
         spaces = set(flags)
-    else:
-        spaces = set()
     size = f"size={4 * orders['limits']['file_mb']}m"
     if "mount" in spaces:
         mount(libc, "none", "/", "", REC | PRIVATE)  # nothing mounted below leaks out of this namespace

@@ -11,7 +11,6 @@ import importlib.util
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -197,7 +196,7 @@ def lay_out(sequences, prompt_lens, rows, share_prompts: bool):
     return ids, positions, (mask & torch.ones(width, width, dtype=torch.bool).tril())[:, None], where
 
 
-@dataclass
+@dataclasses.dataclass
 class Batch:
     """This rank's responses of one step, whole groups keyed by prompt (`group`)."""
     sequences: list[list[int]]        # prompt + response tokens
@@ -234,7 +233,7 @@ class Batch:
                             for i in range(len(self.sequences))])
 
 
-@dataclass
+@dataclasses.dataclass
 class Step:
     """What each micro-batch's loss reads: the step's per-response values and global counts (its denominators)."""
     cfg: Config
@@ -390,8 +389,7 @@ def microbatch_loss(step: Step, b: list[int], logp, entropy, old, ref, log_z: di
 
 def step_stats(cfg: Config, sums: dict, has_ref: bool, group) -> dict:
     """The step's logged figures over the trainer ranks (entropy and TIS weight: means over the tokens run)."""
-    summed = ("loss", "clip_frac", "kl", "tis_weight", "echo_loss", "entropy", "forwarded", "z_n", "z_sum", "z_squares")
-    total = dict(zip(summed, all_sum(*(sums[k] for k in summed), group=group)))
+    total = dict(zip(sums, all_sum(*sums.values(), group=group)))  # grad_norm: already the global norm
     forwarded, z_n = max(total["forwarded"], 1), max(total["z_n"], 1)
     stats = {k: total[k] for k in ("loss", "clip_frac", "kl", "tis_weight", "echo_loss")}
     stats.update(trainer_entropy=total["entropy"] / forwarded, tis_weight=total["tis_weight"] / forwarded,
