@@ -43,11 +43,9 @@ class Config:
 
 def centred_counts(p: torch.Tensor, ns: tuple[int, ...], reward: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Row k: c_i = sum over the ns[k] draws of token i (from p[k], with replacement) of (reward_i - batch mean)."""
-    rows, vocab = p.shape
-    draws = [torch.multinomial(p[k], n, replacement=True, generator=gen) for k, n in enumerate(ns)]
+    draws = [torch.multinomial(row, n, replacement=True, generator=gen) for row, n in zip(p, ns)]
+    counts = torch.stack([d.bincount(minlength=p.shape[-1]) for d in draws])
     mean_reward = torch.stack([reward[d].mean() for d in draws])
-    flat = torch.cat([d + k * vocab for k, d in enumerate(draws)])  # one bincount for all rows
-    counts = torch.bincount(flat, minlength=rows * vocab).view(rows, vocab)
     return counts * (reward - mean_reward[:, None])
 
 
@@ -185,8 +183,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    try:
-        config = tyro.cli(Config)
-    except ValueError as e:  # a bad flag: one sentence, no traceback
-        raise SystemExit(f"bad config: {e}")
-    main(config)
+    main(tyro.cli(Config))  # tyro reports a bad flag (Config's ValueError too) in one box, no traceback
