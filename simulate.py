@@ -120,11 +120,10 @@ def check_mass_balance(cfg: Config) -> list[dict]:
             surrogate(torch.softmax(zg, -1), c, torch.tensor(float(n))).backward()
             step = cfg.check_lr * zg.grad
             measured = (torch.softmax(z - step, -1)[correct].sum() - p[correct].sum()).item()
-            # ALGORITHMS.md's formula: c = R_c on A and R_w on B, each sampled token once (the centred rewards)
-            literal = mass_balance_terms(p, correct, torch.where(correct, 1 - mean_r, -1 - mean_r) * sampled, sampled)
-            terms = mass_balance_terms(p, correct, c, sampled) if kind == "counts" else literal
+            terms = mass_balance_terms(p, correct, c, sampled)  # on distinct draws, c is the literal formula's
             predicted = cfg.check_lr / n * sum(terms)
-            # the literal formula on with-replacement draws ignores multiplicity: shown, not required to agree
+            # the literal formula (R_c, R_w once per sampled token) ignores multiplicity: shown, not required to agree
+            literal = mass_balance_terms(p, correct, (reward - mean_r) * sampled, sampled)
             literal_err = abs(cfg.check_lr / n * sum(literal) - measured) / abs(measured)
             rows.append({"n": n, "kind": kind, "terms": [cfg.check_lr / n * t for t in terms], "predicted": predicted,
                          "measured": measured, "rel_err": abs(predicted - measured) / abs(measured),
