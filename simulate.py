@@ -49,9 +49,9 @@ def centred_counts(p: torch.Tensor, ns: tuple[int, ...], reward: torch.Tensor, g
     return counts * (reward - mean_reward[:, None])
 
 
-def surrogate(p: torch.Tensor, c: torch.Tensor, ns: torch.Tensor) -> torch.Tensor:
+def surrogate(p: torch.Tensor, c: torch.Tensor, ns: tuple[int, ...]) -> torch.Tensor:
     """-(1/N) sum_j r~_j p_{tok_j} = -(1/N) sum_i c_i p_i per row, summed over rows (independent runs just add)."""
-    return -((c * p).sum(-1) / ns).sum()
+    return -((c * p).sum(-1) / c.new_tensor(ns)).sum()
 
 
 def simulate(cfg: Config) -> dict:
@@ -59,13 +59,11 @@ def simulate(cfg: Config) -> dict:
     gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
     reward = torch.full((cfg.vocab,), -1.0, dtype=torch.float64, device=cfg.device)
     reward[:cfg.n_correct] = 1.0
-    ns = torch.tensor(cfg.ns, dtype=torch.float64, device=cfg.device)
     z = torch.zeros(len(cfg.ns), cfg.vocab, dtype=torch.float64, device=cfg.device)
     if cfg.init == "seeded":
         z[:, :cfg.n_correct], z[:, cfg.n_correct] = 3.0, 5.0
-    z.requires_grad_()
-    opt = torch.optim.AdamW([z], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    p0 = torch.softmax(z.detach(), -1)[:, :cfg.n_correct]
+    p0 = torch.softmax(z, -1)[:, :cfg.n_correct]
+    opt = torch.optim.AdamW([z.requires_grad_()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     curves = []
     for step in range(cfg.steps + 1):  # measure the current z, then take a step (not after the last measurement)
         p = torch.softmax(z, -1)
@@ -76,7 +74,7 @@ def simulate(cfg: Config) -> dict:
             break
         c = centred_counts(p.detach(), cfg.ns, reward, gen)
         opt.zero_grad()
-        surrogate(p, c, ns).backward()
+        surrogate(p, c, cfg.ns).backward()
         opt.step()
     q_pos, improved, worst = torch.stack(curves, -1).cpu().tolist()  # each [len(ns)][steps + 1]
     return {str(n): {"q_pos": q_pos[k], "pct_improved": improved[k], "worst_change": worst[k]}
@@ -117,7 +115,7 @@ def check_mass_balance(cfg: Config) -> list[dict]:
                 mean_r = (counts * reward).sum().item() / n
             c, sampled = counts * (reward - mean_r), counts > 0
             zg = z.clone().requires_grad_()  # the measured step uses autograd, not the derivation
-            surrogate(torch.softmax(zg, -1), c, torch.tensor(float(n))).backward()
+            surrogate(torch.softmax(zg, -1), c, (n,)).backward()
             step = cfg.check_lr * zg.grad
             measured = (torch.softmax(z - step, -1)[correct].sum() - p[correct].sum()).item()
             terms = mass_balance_terms(p, correct, c, sampled)  # on distinct draws, c is the literal formula's
@@ -132,15 +130,15 @@ def check_mass_balance(cfg: Config) -> list[dict]:
 
 
 def plot(results: dict, paths: list[Path]):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend to avoid, no global figure left open
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     panels = {"q_pos": "Q_pos (correct probability mass)", "pct_improved": "% of correct tokens above their start",
               "worst_change": "worst change of a correct token's probability"}
     for ax, (key, title) in zip(axes, panels.items()):
         for k, (n, curves) in enumerate(results.items()):
-            color = plt.cm.viridis(k / max(1, len(results) - 1))  # ns are roughly log-spaced: one colour step each
+            color = colormaps["viridis"](k / max(1, len(results) - 1))  # ns are roughly log-spaced: one colour step each
             ax.plot(curves[key], color=color, lw=1, label=f"N = {int(n):,}")
         ax.set(title=title, xlabel="step")
     axes[2].axhline(0, color="grey", lw=0.5)
