@@ -114,9 +114,8 @@ def check_mass_balance(cfg: Config) -> list[dict]:
                 counts = torch.bincount(draws, minlength=cfg.vocab)
                 mean_r = (counts * reward).sum().item() / n
             c, sampled = counts * (reward - mean_r), counts > 0
-            zg = z.clone().requires_grad_()  # the measured step uses autograd, not the derivation
-            surrogate(torch.softmax(zg, -1), c, (n,)).backward()
-            step = cfg.check_lr * zg.grad
+            # the measured step uses autograd, not the derivation
+            step = cfg.check_lr * torch.func.grad(lambda zg: surrogate(torch.softmax(zg, -1), c, (n,)))(z)
             measured = (torch.softmax(z - step, -1)[correct].sum() - p[correct].sum()).item()
             terms = mass_balance_terms(p, correct, c, sampled)  # on distinct draws, c is the literal formula's
             predicted = cfg.check_lr / n * sum(terms)
@@ -138,7 +137,7 @@ def plot(results: dict, paths: list[Path]):
               "worst_change": "worst change of a correct token's probability"}
     for ax, (key, title) in zip(axes, panels.items()):
         for k, (n, curves) in enumerate(results.items()):
-            color = colormaps["viridis"](k / max(1, len(results) - 1))  # ns are roughly log-spaced: one colour step each
+            color = colormaps["viridis"](k / max(1, len(results) - 1))  # ns are about log-spaced: one colour step each
             ax.plot(curves[key], color=color, lw=1, label=f"N = {int(n):,}")
         ax.set(title=title, xlabel="step")
     axes[2].axhline(0, color="grey", lw=0.5)
