@@ -115,8 +115,7 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
     rows = rows if rows is not None else plan(sequences, prompt_lens, math.inf, share_prompts)[0]
     ids, positions, mask, where = lay_out(sequences, prompt_lens, rows, share_prompts)
     order = sorted(where)
-    index = torch.tensor([rc for i in order for rc in where[i]]).reshape(-1, 2)
-    row, col = index[:, 0].to(device), index[:, 1].to(device)
+    row, col = torch.tensor([rc for i in order for rc in where[i]], device=device).T
     targets = torch.tensor([t for i in order for t in sequences[i][prompt_lens[i]:]], device=device)
     low_precision = autocast_dtype != torch.float32
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=low_precision):
