@@ -85,9 +85,8 @@ class Explore:
 def difficulty_ranks(reward_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """k_i = position / |D| by mean reward, descending (stable); a never-sampled prompt counts as 0."""
     mean = reward_sum / count.clamp(min=1)
-    k = torch.empty_like(mean)
-    k[torch.sort(mean, descending=True, stable=True).indices] = torch.arange(len(mean), dtype=mean.dtype) / len(mean)
-    return k
+    position = torch.sort(mean, descending=True, stable=True).indices.argsort()  # the order's inverse permutation
+    return position.to(mean.dtype) / len(mean)
 
 
 def budget_bounds(epoch: int, G: int, n_low: int, n_high: int) -> tuple[int, int]:
