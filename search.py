@@ -143,18 +143,18 @@ class Searchers:
         self.tokenizer, self.task, self.n_syncs, self.dtype = tokenizer, task, sync_count(cfg), dtype
         self.names, self.pending = handoff_names(lm, sampler), None
         self.virtual = roles.handoff is None
-        self.broadcast = {"seconds": 0.0, "bytes": 0, "checksum": 0}
-        self.waited = 0.0  # seconds the trainer waited for the last round
+        # logged each step: the trainer's wait for the last round, and the last broadcast's time, size and checksum
+        self.figures = {"trainer_waited": 0.0, "broadcast_s": 0.0, "broadcast_bytes": 0, "weights_checksum": 0}
 
     def _send(self, version: int) -> torch.Tensor:
         t0 = time.time()
         with torch.no_grad():  # one flat bf16 CPU tensor in names' order, every FSDP2 rank gathering
             flat = torch.cat([w.to(torch.bfloat16).flatten() for _, w in lora.merged(self.lm, self.names)]).cpu()
         if self.virtual:
-            self.broadcast["checksum"] = checksum(flat)
+            self.figures["weights_checksum"] = checksum(flat)
         elif self.roles.rank == 0:  # the other trainer ranks only helped to gather
-            _, self.broadcast["checksum"] = broadcast_weights(flat, version, self.roles.handoff)
-        self.broadcast.update(seconds=time.time() - t0, bytes=flat.numel() * 2)
+            _, self.figures["weights_checksum"] = broadcast_weights(flat, version, self.roles.handoff)
+        self.figures.update(broadcast_s=time.time() - t0, broadcast_bytes=flat.numel() * 2)
         return flat
 
     def _search_all(self, round_: int, version: int) -> list[list[torch.Tensor]]:
@@ -169,7 +169,7 @@ class Searchers:
             due = due or [empty_round(self.cfg) for _ in range(self.cfg.searchers)]
             for t in (t for round_ in due for t in round_):
                 dist.broadcast(t, 0, self.roles.trainers_gloo)
-        self.waited = time.time() - t0
+        self.figures["trainer_waited"] = time.time() - t0
         return due
 
     def sync(self, w: int, version: int, first: bool = False):

@@ -220,9 +220,7 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
             beta = loss.tb_beta(step, cfg.tb_beta_start, cfg.tb_beta_end, cfg.tb_beta_steps) if cfg.loss == "tb" else 0
             stats = train_on_batch(cfg, model, None, optimizer, batch, cfg.temperature, dtype, beta, roles.trainers)
             row = {"step": step, **replay_figures(cfg, step, slots), "buffer": buffer.size(),
-                   "prompts_held": len(buffer.items), **buffer.removed, "sync": w, **sent,
-                   "trainer_waited": searchers.waited, "broadcast_s": searchers.broadcast["seconds"],
-                   "broadcast_bytes": searchers.broadcast["bytes"], "weights_checksum": searchers.broadcast["checksum"],
+                   "prompts_held": len(buffer.items), **buffer.removed, "sync": w, **sent, **searchers.figures,
                    **({"tb_beta": beta} if cfg.loss == "tb" else {}), **stats, "t_step": time.time() - t0,
                    "threads": threads}
             log.log(row)
