@@ -336,10 +336,6 @@ def _call(verifier: Callable[[str, dict], float], answer: str, item: dict) -> tu
     return reward if math.isfinite(reward) else "failure", output
 
 
-def _quiet_worker() -> None:
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" notice, once per worker
-
-
 # ---- scoring ----
 
 # Fork: spawned workers would each re-run the trainer's imports, and a hang needs a new pool. Safe for the reason
@@ -380,8 +376,8 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
     todo = [(i, answer, verifier or check, wait) for i, answer, check, wait in todo if answer is not None]
     seen, results = {i: answer for i, answer, *_ in todo}, {}  # results: index -> (reward or why none, output)
     while todo:
-        if workers not in _pools:
-            _pools[workers] = _CONTEXT.Pool(workers, initializer=_quiet_worker)
+        if workers not in _pools:  # each worker silences math_verify's "timeout is disabled" notice once
+            _pools[workers] = _CONTEXT.Pool(workers, logging.getLogger("math_verify").setLevel, (logging.ERROR,))
         pending = [_pools[workers].apply_async(_call, (check, answer, items[i])) for i, answer, check, _ in todo]
         for (i, _, _, wait), result in zip(todo, pending):
             # Workers take items in order and every item before i is finished, so item i is already
