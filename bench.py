@@ -74,20 +74,11 @@ def run_hf(model, prompt: list[int], n: int, new_tokens: int, device):
                                                 for t in (layer.keys, layer.values))}
 
 
-def cpu_dtype(args, hf_config) -> tuple[torch.dtype, dict]:
-    """train.py's compute dtype for this CPU (--dtype auto probes it, as a run does) and how it was chosen."""
-    cluster.set_threads()
-    dtype, why = cluster.pick_dtype(args.dtype, torch.device("cpu"), hf_config.hidden_size,
-                                    hf_config.intermediate_size, "~/.cache/fanout")
-    print(f"dtype {str(dtype).removeprefix('torch.')} ({why}); {torch.get_num_threads()} threads")
-    return dtype, {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
-
-
 def bench_cpu(args) -> dict:
     """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler."""
     path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    dtype, chosen = cpu_dtype(args, model.config)
+    dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), model, torch.device("cpu"))
     model = model.to(dtype)
     sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype)
     prompt = fixed_prompt(transformers.AutoTokenizer.from_pretrained(path), 256)
@@ -232,7 +223,7 @@ def bench_trainer(args) -> dict:
         lm = transformers.AutoModelForCausalLM.from_pretrained(
             trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout"), dtype=torch.float32)
         hf_config = lm.config
-        dtype, chosen = cpu_dtype(args, hf_config)
+        dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), lm, device)
     copies = {"full": lm}
     if args.lora_rank:  # the same update training adapters on a frozen copy (lora.py)
         copies["lora"] = copy.deepcopy(lm)
@@ -327,6 +318,7 @@ def main():
     for flag, defaults in TRAINER_DEFAULTS.items():
         setattr(args, flag, getattr(args, flag) or defaults[args.device == "cpu"])
     torch.manual_seed(0)
+    cluster.set_threads()  # as a run sets them
     result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
               "reward": bench_reward, "busy": bench_busy}[args.what](args)
     print(json.dumps(result, indent=1))

@@ -24,7 +24,7 @@ import explore
 import lora
 import loss
 import reward
-from cluster import make_roles, my_share, pick_dtype, set_threads, setup_process, shard
+from cluster import compute_dtype, make_roles, my_share, set_threads, setup_process, shard
 from collect import encode_prompts, evaluate, sample_step
 from config import Config, parse_config
 from outputs import Logger, export_hf, find_checkpoint, load_checkpoint, save_checkpoint
@@ -133,20 +133,6 @@ def load_tasks(cfg: Config, rank: int) -> tuple[reward.Task, reward.Task]:
         return train, held
     except ValueError as e:  # unknown task, missing or malformed data: one sentence, no traceback
         raise SystemExit(str(e))
-
-
-def compute_dtype(cfg: Config, lm, device, rank: int) -> tuple[torch.dtype, dict]:
-    """Rank 0's choice of the compute dtype, for every rank (all must compute alike), and the facts to log."""
-    choice = [pick_dtype(cfg.dtype, device, lm.config.hidden_size, lm.config.intermediate_size, cfg.cache_dir)
-              if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    dtype, why = choice[0]
-    setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
-    if rank == 0:
-        print(f"compute dtype {setup['dtype']} ({why}); {setup['threads']} intra-op threads per rank (one fewer in a "
-              "CPU step that finds another process on a core, unless OMP_NUM_THREADS fixes them)")
-    return dtype, setup
 
 
 def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, task, dtype, roles, start_step: int,
