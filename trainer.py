@@ -115,7 +115,7 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
     rows = rows if rows is not None else plan(sequences, prompt_lens, math.inf, share_prompts)[0]
     ids, positions, mask, where = lay_out(sequences, prompt_lens, rows, share_prompts)
     order = sorted(where)
-    row, col = torch.tensor([rc for i in order for rc in where[i]], device=device).T
+    row, col = torch.tensor([rc for i in order for rc in where[i]], device=device).view(-1, 2).T  # none: [2, 0]
     targets = torch.tensor([t for i in order for t in sequences[i][prompt_lens[i]:]], device=device)
     low_precision = autocast_dtype != torch.float32
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=low_precision):
