@@ -1,14 +1,11 @@
-"""Untrusted programs (README, "The sandbox"): the program runs in a sandboxed child, its tests in a trusted
-process that alone decides the verdict, and only plain data crosses the one channel between them.
+"""Untrusted programs (docs/sandbox.md): the program runs in a sandboxed child, its tests in a trusted process that
+alone decides the verdict, and only plain data crosses the one channel between them.
 
     run_program(program, tests)  # Run(passed, timed_out, output); e.g. "def f(x): ..." against "assert f(3) == 6"
 
-A run is one `python -I -S -B -u -c <PROCESS>` process (unbuffered: what it prints survives its kill), trusted
-up to a fork, in new mount (the machine read-only), network, PID and IPC namespaces where the OS gives them. The
-child, another user (as root) or without capabilities (in a user namespace), under rlimits, runs setup and
-program, then serves calls: a name and plain arguments in, a plain value or an exception out. The parent reads
-the tests only after the fork and runs them, each program function a proxy across the channel; the program
-cannot signal, trace, read or write it. The verdict goes to the worker on a pipe only the parent holds.
+A run is one `python -I -S -B -u -c <PROCESS>` process (unbuffered: what it prints survives its kill): sandbox_main
+isolates it (isolate), forks the program's child (program_side) and runs the tests itself (test_side), and alone
+writes the verdict, on a pipe only it holds.
 """
 
 import builtins
