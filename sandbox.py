@@ -85,17 +85,15 @@ def run_program(program: str, tests: str, setup: str = "", entry_point: str | No
     return Run(passed, proc.returncode in (124, -9), output.decode(errors="replace"))
 
 
-PROBE = "import os, socket\nopen('/tmp/{marker}', 'w').close()\nprint(os.getuid(), os.getpid(), flush=True)\n" \
-        "socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
-
-
 @functools.cache
 def check_sandbox() -> dict:
     """What a program in the sandbox gets here: its user, the network, its own PIDs, a private /tmp, and the
     mode: "root" (its own user), "user namespaces" or "weak" (neither: it runs as you). Raises if Python cannot run."""
     marker = f"fanout-probe-{secrets.token_hex(8)}"
     with socket.create_server(("127.0.0.1", 0)) as server:
-        run = run_program(PROBE.format(port=server.getsockname()[1], marker=marker), "")
+        run = run_program(f"import os, socket\nopen('/tmp/{marker}', 'w').close()\n"
+                          "print(os.getuid(), os.getpid(), flush=True)\n"
+                          f"socket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)\n", "")
     seen = re.match(r"(\d+) (\d+)\n", run.output)
     if not seen:
         raise ValueError(f"the code sandbox cannot run a program on this machine: {run.output.strip()[-300:]!r}; "
