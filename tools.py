@@ -1,8 +1,6 @@
-"""Tool calls inside a rollout (README, "Tool use"). When the model closes a fenced Python block (or, on a model
-whose vocabulary has them, <tool_call>{"name": ..., "arguments": {"code": ...}}</tool_call>), the block runs in the
-code sandbox with the limits of code rewards, and its output comes back as a tool turn: token ids of the chat
-template's tool role rendered around the output (where the template has no such role, a user turn holding the
-output in an ```output block). The model reads the turn and goes on; the trainer conditions on it, never trains it.
+"""Tool calls inside a rollout (docs/tools.md): when the model closes a fenced Python block or a <tool_call>, its
+code runs in the sandbox with the limits of code rewards, and the output comes back as a tool turn in the chat
+template's framing (framing()), which the model reads and goes on from; the trainer conditions on it, never trains it.
 
     tools = Tools(tokenizer, cfg, items)   # items: the prompts' task items (their secret files stay hidden)
     sampler.generate(prompts, n, cfg.max_new_tokens, tools=tools)
