@@ -88,8 +88,7 @@ class Tools:
 
     def run(self, code: str, prompt: int) -> Future:
         """(what the call printed, whether it ran clean), when it is done; prompt: its index in `items`."""
-        secret = self.secret_files[prompt] if self.secret_files else ()
-        return _runs.submit(self._run, code, secret)
+        return _runs.submit(self._run, code, self.secret_files[prompt] if self.secret_files else ())
 
     def _run(self, code: str, secret_files: tuple) -> tuple[str, bool]:
         run = run_program(code, "", limits=self.limits, secret_files=secret_files)
