@@ -49,9 +49,7 @@ def framing(tokenizer) -> tuple[list[int], list[int]]:
         except Exception:  # no template, or one that refuses this role
             continue
         if text.count(CALL) == 1 and text.count(OUTPUT) == 1 and text.index(CALL) < text.index(OUTPUT):
-            before, after = text.split(CALL)[1].split(OUTPUT)
-            return (tokenizer.encode(before, add_special_tokens=False),
-                    tokenizer.encode(after, add_special_tokens=False))
+            return tuple(tokenizer.encode(part, add_special_tokens=False) for part in text.split(CALL)[1].split(OUTPUT))
     raise ValueError(f"the chat template of {tokenizer.name_or_path!r} cannot frame a tool turn (neither a tool "
                      "role nor a user turn after the assistant's renders); use a model with a chat template, or "
                      "--max-tool-calls 0")
