@@ -362,8 +362,7 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
     program runs in the sandbox (`timeout` s, `memory_mb`), 1 if every test passed; an answer goes to reasoning-gym
     or math-verify; none: 0 without a call. A raise, a hang, a timeout: 0, counted. `verifier` replaces the task's."""
     if len(items) != len(responses):
-        raise ValueError(f"score() got {len(items)} items but {len(responses)} responses; "
-                         "pass one item per response")
+        raise ValueError(f"score() got {len(items)} items but {len(responses)} responses; pass one item per response")
     workers, limits = workers or default_workers(), Limits(wall_s=timeout, cpu_s=timeout, memory_mb=memory_mb)
     answer_verifier = functools.partial(_rg_verify, task.spec) if task.spec.startswith("rg:") else _math_verify
     todo = []  # (response index, program or answer, verifier, seconds to wait for its result)
@@ -394,5 +393,4 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
         verdicts.extend({"verdict": outcome, **({"output": results.get(i, (0, None))[1]} if "tests" in item else
                                                 {"answer": seen.get(i), "gold": item["answer"]})}
                         for i, (outcome, item) in enumerate(zip(outcomes, items)))
-    return ([r if isinstance(r, float) else 0.0 for r in outcomes], outcomes.count("failure"),
-            outcomes.count("timeout"))
+    return [r if isinstance(r, float) else 0.0 for r in outcomes], outcomes.count("failure"), outcomes.count("timeout")
