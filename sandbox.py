@@ -97,7 +97,7 @@ def check_sandbox() -> dict:
     seen = re.match(r"(\d+) (\d+)\n", run.output)
     if not seen:
         raise ValueError(f"the code sandbox cannot run a program on this machine: {run.output.strip()[-300:]!r}; "
-                         "see the README, 'The sandbox'")
+                         "see docs/sandbox.md")
     private_tmp = not os.path.exists(f"/tmp/{marker}")
     if not private_tmp:
         os.remove(f"/tmp/{marker}")
