@@ -12,9 +12,8 @@ import torch
 def group_min_max(values: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response: the smallest and the largest value in its group (exact, unlike a float std)."""
     _, inv, counts = group.unique(return_inverse=True, return_counts=True)
-    lo = values.new_zeros(len(counts)).scatter_reduce(0, inv, values, "amin", include_self=False)
-    hi = values.new_zeros(len(counts)).scatter_reduce(0, inv, values, "amax", include_self=False)
-    return lo[inv], hi[inv]
+    return tuple(values.new_zeros(len(counts)).scatter_reduce(0, inv, values, op, include_self=False)[inv]
+                 for op in ("amin", "amax"))
 
 
 def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
