@@ -114,10 +114,9 @@ def tb_loss(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.T
             beta: float, log_z: torch.Tensor | None = None) -> torch.Tensor:
     """[R]: (log Z + s)^2 per response, to be summed and divided by the global response count. On-policy its
     gradient is 2/beta x REINFORCE's with advantage (r - mean_g r) - beta (KL - mean_g KL); off-policy, no ratio."""
-    s = _tb_s(seq_logp, seq_ref_logp, rewards, beta)
     if log_z is None:
         log_z = tb_log_z(seq_logp, seq_ref_logp, rewards, group, beta)
-    return (log_z.detach() + s) ** 2
+    return (log_z.detach() + _tb_s(seq_logp, seq_ref_logp, rewards, beta)) ** 2
 
 
 def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> float:
