@@ -192,9 +192,8 @@ def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
         MixedPrecisionPolicy()
     mesh = DeviceMesh.from_group(group, device.type) if group is not None else None
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for module in (*layers, model):
+        fully_shard(module, mesh=mesh, mp_policy=mp)
 
 
 # ---- TBA: roles and the weight broadcast (DESIGN.md async mode) ----
