@@ -59,16 +59,15 @@ class Logger:
         """plot.png: reward and the evaluations' figures, entropy (E3's target), response lengths, E3's temperature."""
         if not self.enabled:
             return
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # not pyplot: no backend to pick, no global figure left open
         steps, evals = [r for r in self.rows if "step" in r], [r for r in self.rows if "eval_step" in r]
         panels = {"reward": ("reward",), "entropy": ("entropy", "entropy_target"), "response length": ("response_len",)}
         if len({r.get("temperature") for r in steps}) > 1:
             panels["temperature"] = ("temperature",)
         eval_keys = {"reward": (f"avg@{self.k}", f"pass@{self.k}", "greedy_acc", "truncated_frac"),
                      "response length": ("response_len",)}
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3), squeeze=False)
+        fig = Figure(figsize=(4 * len(panels), 3))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         for ax, (title, keys) in zip(axes[0], panels.items()):
             for key in (k for k in keys if any(k in r for r in steps)):  # E3's target, only where E3 runs
                 ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key)
