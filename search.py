@@ -79,9 +79,8 @@ def search(cfg: Config, sampler, ref, tokenizer, task, round_: int, searcher: in
         floats[row, :FLOATS] = torch.tensor([reward.item(), ref_t.where(mask, 0.0).sum().item(),
                                              logp.float().sum().item(), entropy.float().sum().item()])
         floats[row, FLOATS:FLOATS + len(tokens)] = logp.float()
-    stats = torch.tensor([time.time() - t0, waited, failed, timeouts, sum(len(t) for t in r.tokens)],
-                         dtype=torch.float64)
-    return [ints, floats, stats]
+    return [ints, floats, torch.tensor([time.time() - t0, waited, failed, timeouts, sum(len(t) for t in r.tokens)],
+                                       dtype=torch.float64)]
 
 
 def to_responses(ints: torch.Tensor, floats: torch.Tensor) -> list[dict]:
