@@ -98,8 +98,7 @@ def allocate_budgets(ranks: Sequence[float] | torch.Tensor, G: int, G_min: int, 
     """E3's rollouts per prompt by difficulty ranks, as the released get_rollout_n_per_prompt but for a cap."""
     k = np.asarray([float(x) for x in ranks], dtype=np.float64)
     # step 2 in numpy's float64, as the original: its 1e-8, pairwise sum and floor decide who gets a whole rollout
-    total = k.sum()
-    w = k / (total + 1e-8) if total > 0 else np.zeros_like(k)
+    w = k / (k.sum() + 1e-8)  # ranks are >= 0: w = 0 when sum k = 0
     budgets = np.floor(np.full(len(k), float(G_min)) + float(len(k) * (G - G_min)) * w).astype(np.int64)
     budgets = np.minimum(budgets, G_max).tolist()  # the cap is ours: the original can exceed G_max here
     # step 3: the leftover to the hardest first (ties: batch order), each up to G_max; B*G <= B*G_max, so one pass
