@@ -29,8 +29,7 @@ def sync_count(cfg: Config) -> int:
 
 
 def handoff_names(lm, sampler) -> list[str]:
-    """What a sync sends, in a fixed order: with LoRA the adapters alone (each searcher merges them into its frozen
-    base), else every weight the sampler holds."""
+    """What a sync sends, in a fixed order: with LoRA the adapters alone, else every weight the sampler holds."""
     return lora.adapter_names(lm) or sorted(sampler.weights)
 
 
