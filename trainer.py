@@ -270,8 +270,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     with torch.no_grad():
         old = [run(model, k)[0] for k in range(len(batches))] if old_pass else None
         ref = [run(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
-    if old is None and cfg.searchers:  # async PPO: the sampler's logprobs, from stale weights, are pi_old
-        old = [cat_on([batch.sampler_logp[i] for i in b], device) for b in batches]
+    if old is None:  # async PPO: the sampler's logprobs, from stale weights, are pi_old; else the first update's pass
+        old = [cat_on([batch.sampler_logp[i] for i in b], device) if cfg.searchers else None for b in batches]
     rewards, ref_seq = batch.rewards, batch.ref_seq  # the searchers' reference sums (async TB)
     if tb and ref_seq is None:
         ref_seq = batch.sums(per_response(ref))
@@ -279,7 +279,6 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         rewards = rewards - cfg.kl_coef * batch.sums(per_response([loss.kl(o, r, cfg.kl_kind)
                                                                    for o, r in zip(old, ref)]))
         adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
-    old = old if old is not None else [None] * len(batches)  # filled by the first update's pass
     counts = all_sum(sum(int(batch.masks[i].sum()) for i in range(n) if batch.rl[i]), int(batch.rl.sum()),
                      len(batch.clips), group=group)
     step = Step(cfg, batch, lengths, adv, rewards, ref_seq, beta, *(int(x) for x in counts))
