@@ -116,11 +116,6 @@ class Config:
 
     def __post_init__(self):
         """The first rule this config breaks, as one sentence naming the flag and the fix (ValueError)."""
-        for ok, message in self.rules():
-            if not ok:
-                raise ValueError(message)
-
-    def rules(self) -> list[tuple[bool, str]]:
         flag = lambda name: f"--{name.replace('_', '-')} {getattr(self, name)}"
         rules = [(getattr(self, name) in options, f"{flag(name)} is unknown; use one of {', '.join(options)}")
                  for name, options in CHOICES.items()]
@@ -175,7 +170,9 @@ class Config:
                 (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
                       or self.echo_coef), "dynamic sampling, E3 budgets and temperature, and EchoRL are "
                  "synchronous only; drop them or --searchers")]
-        return rules
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(message)
 
 
 def brorl_lr(base_lr: float, base_batch: int, batch: int) -> float:
