@@ -71,12 +71,11 @@ def main(cfg: Config):
             if m is not None:
                 shard(m, m.lm.model.layers, device, dtype, roles.trainers)
     ref_model = Base(model) if needs_ref and cfg.lora_rank else ref_model
-    trainer_ref = None if tba else ref_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
-    start_step, saved = load_checkpoint(checkpoint, model, optimizer, trainer_ref, roles.rank, roles.trainers) \
-        if checkpoint else (0, None)
+    start_step, saved = load_checkpoint(checkpoint, model, optimizer, None if tba else ref_model, roles.rank,
+                                        roles.trainers) if checkpoint else (0, None)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
     log.log({"run": "resumed" if start_step else "started", **setup,
              **({"searchers": cfg.searchers, "trainers": roles.n_trainers} if tba else {})})
