@@ -217,12 +217,11 @@ def bench_trainer(args) -> dict:
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", RANK="0", WORLD_SIZE="1")
         torch.distributed.init_process_group("nccl", device_id=device)
-        hf_config, dtype, chosen = qwen25_15b_config(), torch.bfloat16, {"dtype": "bfloat16"}
-        lm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).to(device)
+        dtype, chosen = torch.bfloat16, {"dtype": "bfloat16"}
+        lm = transformers.AutoModelForCausalLM.from_config(qwen25_15b_config(), dtype=torch.float32).to(device)
     else:
         lm = transformers.AutoModelForCausalLM.from_pretrained(
             trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout"), dtype=torch.float32)
-        hf_config = lm.config
         dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), lm, device)
     copies = {"full": lm}
     if args.lora_rank:  # the same update training adapters on a frozen copy (lora.py)
@@ -236,8 +235,8 @@ def bench_trainer(args) -> dict:
         if device.type == "cuda":
             cluster.shard(model, m.model.layers, device, dtype)
         models[kind] = model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
-    batch = long_tailed_batch(args, hf_config.vocab_size)
-    tokens, flops = sum(map(len, batch.sequences)), train_flops(hf_config, batch.sequences, batch.prompt_lens)
+    batch = long_tailed_batch(args, lm.config.vocab_size)
+    tokens, flops = sum(map(len, batch.sequences)), train_flops(lm.config, batch.sequences, batch.prompt_lens)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     result = {"case": f"trainer: {'Qwen2.5-1.5B shape' if device.type == 'cuda' else 'SmolLM2-135M'}, {args.prompts} "
