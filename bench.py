@@ -68,9 +68,8 @@ def run_hf(model, prompt: list[int], n: int, new_tokens: int, device):
                   pad_token_id=0, attention_mask=torch.ones_like(ids))
     model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4, "num_return_sequences": 4})
     out, seconds = timed(lambda: model.generate(ids, **kwargs), device)
-    cache = out.past_key_values
     return {"tokens_per_s": (out.sequences.shape[1] - len(prompt)) * n / seconds, "samples_per_s": n / seconds,
-            "seconds": seconds, "kv_bytes": sum(t.numel() * t.element_size() for layer in cache.layers
+            "seconds": seconds, "kv_bytes": sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
                                                 for t in (layer.keys, layer.values))}
 
 
