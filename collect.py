@@ -52,9 +52,7 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
         all_budgets += budgets
         batch, counts, notes = sample_round(cfg, sampler, tokenizer, task, picked, budgets, round_ * B, temperature,
                                             cfg.seed * 1_000_003 + step, rank, world)
-        per_prompt = [[] for _ in picked]
-        for key, r in zip(batch.group.tolist(), batch.rewards.tolist()):
-            per_prompt[key - round_ * B].append(r)
+        per_prompt = [batch.rewards[batch.group == round_ * B + i].tolist() for i in range(len(picked))]
         state.record(picked, [sum(x, []) for x in zip(*all_gather(per_prompt))])
         informative, all_right, all_wrong = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
         keys = batch.group.unique().tolist()
