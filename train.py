@@ -94,10 +94,8 @@ def main(cfg: Config):
         log.completions(notes, step)
         return figures
 
-    if start_step == 0:
-        before = evaluate_at(0, "before")
-    else:
-        before = next((r for r in log.rows if r.get("eval") == "before"), None) if rank == 0 else None
+    # the evaluation before training; resumed, read back from metrics.jsonl (only rank 0 logs rows, others get None)
+    before = next((r for r in log.rows if r.get("eval") == "before"), None) if start_step else evaluate_at(0, "before")
     if rank == 0:
         print(f"resumed from {checkpoint} at step {start_step}" if start_step else f"before training: {before}")
     loop = train_async if tba else train_sync
