@@ -54,10 +54,11 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
                                             cfg.seed * 1_000_003 + step, rank, world)
         per_prompt = [batch.rewards[batch.group == round_ * B + i].tolist() for i in range(len(picked))]
         state.record(picked, [sum(x, []) for x in zip(*all_gather(per_prompt))])
-        informative, all_right, all_wrong = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
         keys = batch.group.unique().tolist()
         first = {g: (batch.group == g).nonzero()[0, 0].item() for g in keys}
-        kept = [g for g in keys if informative[first[g]]] if cfg.dynamic_sampling else keys
+        outcomes = explore.group_outcomes(batch.rewards, batch.group, cfg.success)
+        informative, all_right, all_wrong = (x[list(first.values())].tolist() for x in outcomes)  # per group, as keys
+        kept = [g for g, ok in zip(keys, informative) if ok] if cfg.dynamic_sampling else keys
         # keep exactly the groups still needed, the lowest keys first, whichever rank holds them
         needed = sorted(g for ranks_kept in all_gather(kept) for g in ranks_kept)[:B - held]
         kept = [g for g in kept if g in needed]
@@ -65,17 +66,15 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
         if round_ == 0:
             samples = [{"step": step, **notes[i], "group_reward": batch.rewards[batch.group == g].mean().item()}
                        for g, i in sorted(first.items()) if g in kept][:cfg.log_samples]
-        echo_only = [g for g in keys if all_right[first[g]] and g not in kept] if cfg.echo_coef > 0 else []
+        echo_only = [g for g, ok in zip(keys, all_right) if ok and g not in kept] if cfg.echo_coef > 0 else []
         rows = [i for i, g in enumerate(batch.group.tolist()) if g in kept or g in echo_only]
         parts.append(batch.select(rows, torch.tensor([g in kept for g in batch.group.tolist()])))
         entropy = torch.cat(batch.entropies).sum().item() if batch.entropies else 0.0
         sums.update({"responses": len(batch.rewards), "reward": batch.rewards.sum().item(),
                      "passed": (batch.rewards >= cfg.success).sum().item(),
                      "tokens": sum(int(m.sum()) for m in batch.masks), "entropy": entropy,
-                     **counts, "groups": len(keys), "kept": len(kept),
-                     "informative": sum(informative[first[g]].item() for g in keys),
-                     "all_right": sum(all_right[first[g]].item() for g in keys),
-                     "all_wrong": sum(all_wrong[first[g]].item() for g in keys)})
+                     **counts, "groups": len(keys), "kept": len(kept), "informative": sum(informative),
+                     "all_right": sum(all_right), "all_wrong": sum(all_wrong)})
         if held >= B:
             break
     batch = Batch.concat(parts)
