@@ -137,21 +137,17 @@ def compute_dtype(cfg: Config, lm, device, rank: int = 0) -> tuple[torch.dtype, 
 
 # ---- collectives: each is the value itself on one process; `group` None = every rank ----
 
-def _all_reduce(t: torch.Tensor, op, group=None) -> torch.Tensor:
-    """t reduced over the group's ranks (t itself on one process); nccl needs it on the GPU."""
+def all_sum(*values: float, group=None) -> list[float]:
+    """Element-wise sums over ranks (the values themselves on one process); nccl needs them on the GPU."""
+    t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
-def all_sum(*values: float, group=None) -> list[float]:
-    """Element-wise sums over ranks (the values themselves on one process)."""
-    return _all_reduce(torch.tensor(values, dtype=torch.float64), dist.ReduceOp.SUM, group).tolist()
+        dist.all_reduce(t, group=group)
+    return t.tolist()
 
 
 def all_max(value: int, group=None) -> int:
-    return int(_all_reduce(torch.tensor([value]), dist.ReduceOp.MAX, group).item())
+    return max(all_gather(value, group))
 
 
 def all_gather(obj, group=None) -> list:
