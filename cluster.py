@@ -123,11 +123,8 @@ def probe_matmuls(hidden: int, intermediate: int, rows: int = 64, repeats: int =
 
 def compute_dtype(cfg: Config, lm, device, rank: int = 0) -> tuple[torch.dtype, dict]:
     """Rank 0's choice of the compute dtype, for every rank (all must compute alike), and the facts to log."""
-    choice = [pick_dtype(cfg.dtype, device, lm.config.hidden_size, lm.config.intermediate_size, cfg.cache_dir)
-              if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    dtype, why = choice[0]
+    dtype, why = all_gather(pick_dtype(cfg.dtype, device, lm.config.hidden_size, lm.config.intermediate_size,
+                                       cfg.cache_dir) if rank == 0 else None)[0]
     setup = {"dtype": str(dtype).removeprefix("torch."), "dtype_why": why, "threads": torch.get_num_threads()}
     if rank == 0:
         print(f"compute dtype {setup['dtype']} ({why}); {setup['threads']} intra-op threads per rank (one fewer in a "
