@@ -289,7 +289,12 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         if log_z_pass:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
             with torch.no_grad():
                 current = old if update == 0 and old_pass else [run(model, k)[0] for k in range(len(batches))]
-            log_z = group_log_z(step, per_response(current), sums)
+            seq_logp = per_response(current)
+            idx = sorted(seq_logp)  # over whole groups gathered from every micro-batch
+            z = loss.tb_log_z(batch.sums(seq_logp)[idx] if idx else torch.zeros(1), ref_seq[idx], rewards[idx],
+                              batch.group[idx], beta)
+            add_moments(sums, z[:len(idx)])
+            log_z = dict(zip(idx, z.tolist()))  # {response: the VarGrad log Z of its group}
         for k, b in enumerate(batches):
             logp, entropy = run(model, k)
             if old[k] is None:  # the first update: pi_old is these weights
@@ -327,15 +332,6 @@ def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocas
 def cat_on(parts: list[torch.Tensor], device, dtype=torch.float32) -> torch.Tensor:
     """Per-response pieces as one tensor on `device`, wherever each piece was (the sampler's on its device)."""
     return torch.cat([p.to(device, dtype) for p in parts] + [torch.zeros(0, dtype=dtype, device=device)])
-
-
-def group_log_z(step: Step, seq_logp: dict, sums: dict) -> dict:
-    """{response: the VarGrad log Z of its group} over whole groups gathered from every micro-batch (TB)."""
-    idx = sorted(seq_logp)
-    z = loss.tb_log_z(step.batch.sums(seq_logp)[idx] if idx else torch.zeros(1), step.ref_seq[idx],
-                      step.rewards[idx], step.batch.group[idx], step.beta)
-    add_moments(sums, z[:len(idx)])
-    return dict(zip(idx, z.tolist()))
 
 
 def add_moments(sums: dict, z: torch.Tensor) -> None:  # log Z's count, sum and sum of squares: its spread
