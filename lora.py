@@ -1,16 +1,14 @@
 """LoRA (Hu et al., 2021): beside each chosen linear layer's frozen weight W, a trained low-rank update, so the
 layer computes x W^T + (alpha / r) x A^T B^T. B starts at zero: step 0 is the base model. The sampler and the
-export get W + (alpha / r) B A under W's own name (`merged`); `save_peft` writes the adapters as PEFT does.
+export get W + (alpha / r) B A under W's own name (`merged`); outputs.export_hf writes the adapters as PEFT does.
 
     add_adapters(lm, cfg)      # lm frozen; its decoder layers' --lora-targets adapted, adapters trainable
 """
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from config import Config
@@ -82,14 +80,3 @@ def merged(lm, names, received: dict | None = None):
             B, A = (whole(f"{prefix}.lora_{x}.weight").float() for x in "BA")
             w = w.float() + scale * (B @ A)
         yield name, w
-
-
-def save_peft(lm, cfg: Config, base_model: str, folder: Path, write: bool) -> None:
-    """The adapters as a PEFT folder that peft.PeftModel.from_pretrained loads onto the base model (its own config
-    file, adapter_model.safetensors); every FSDP2 rank gathers, `write` writes."""
-    tensors = {f"base_model.model.{name}": w.detach().cpu().contiguous() for name, w in merged(lm, adapter_names(lm))}
-    if write:
-        from peft import LoraConfig
-        LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                   target_modules=list(cfg.lora_targets), base_model_name_or_path=base_model).save_pretrained(folder)
-        save_file(tensors, folder / "adapter_model.safetensors")

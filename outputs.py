@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
@@ -159,13 +160,20 @@ def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=No
 def export_hf(cfg: Config, model, tokenizer, rank: int) -> None:
     """Write safetensors, config and tokenizer that AutoModelForCausalLM.from_pretrained loads (LoRA merged), and
     with LoRA the adapters alone in <folder>/adapter, which peft.PeftModel.from_pretrained loads onto the base."""
-    names = [n for n in model.lm.state_dict() if ".lora_" not in n]
-    full = {name: w.detach() for name, w in lora.merged(model.lm, names)}
+    full = {name: w.detach() for name, w in lora.merged(model.lm, list(model.lm.state_dict()))}  # every rank gathers
+    adapters = {f"base_model.model.{name}": full.pop(name).cpu().contiguous() for name in lora.adapter_names(model.lm)}
     if model.lm.config.tie_word_embeddings:  # gathered, the tied head is a separate copy: save it once, as HF does
         full.pop("lm_head.weight", None)
-    if cfg.lora_rank:
-        lora.save_peft(model.lm, cfg, str(model.lm.config._name_or_path), Path(cfg.export_hf) / "adapter", rank == 0)
-    if rank == 0:
-        model.lm.save_pretrained(cfg.export_hf, state_dict=full)
-        tokenizer.save_pretrained(cfg.export_hf)
-        print(f"exported the trained model to {cfg.export_hf}")
+    if rank != 0:
+        return
+    if cfg.lora_rank:  # PEFT's folder: its own config file and adapter_model.safetensors, PEFT's names
+        from peft import LoraConfig
+        folder = Path(cfg.export_hf) / "adapter"
+        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 task_type="CAUSAL_LM", target_modules=list(cfg.lora_targets),
+                                 base_model_name_or_path=str(model.lm.config._name_or_path))
+        peft_config.save_pretrained(folder)
+        save_file(adapters, folder / "adapter_model.safetensors")
+    model.lm.save_pretrained(cfg.export_hf, state_dict=full)
+    tokenizer.save_pretrained(cfg.export_hf)
+    print(f"exported the trained model to {cfg.export_hf}")
