@@ -228,8 +228,8 @@ class Batch:
     def sums(self, values: dict) -> torch.Tensor:
         """[R] on the CPU: each response's sum of per-token `values` ({response: tensor}) over the tokens the model
         wrote (0 for a response not run)."""
-        return torch.stack([values[i].cpu().where(self.masks[i], 0.0).sum() if i in values else torch.zeros(())
-                            for i in range(len(self.sequences))])
+        return torch.tensor([values[i].cpu().where(self.masks[i], 0.0).sum().item() if i in values else 0.0
+                             for i in range(len(self.sequences))])
 
 
 @dataclasses.dataclass
@@ -291,9 +291,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
                 current = old if update == 0 and old_pass else [run(model, k)[0] for k in range(len(batches))]
             seq_logp = per_response(current)
             idx = sorted(seq_logp)  # over whole groups gathered from every micro-batch
-            z = loss.tb_log_z(batch.sums(seq_logp)[idx] if idx else torch.zeros(1), ref_seq[idx], rewards[idx],
-                              batch.group[idx], beta)
-            add_moments(sums, z[:len(idx)])
+            z = loss.tb_log_z(batch.sums(seq_logp)[idx], ref_seq[idx], rewards[idx], batch.group[idx], beta)
+            add_moments(sums, z)
             log_z = dict(zip(idx, z.tolist()))  # {response: the VarGrad log Z of its group}
         for k, b in enumerate(batches):
             logp, entropy = run(model, k)
