@@ -223,5 +223,4 @@ class ReplayBuffer:
                 for name in ("items", "fresh", "fresh_left", "any_left", "removed")}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            setattr(self, name, copy.deepcopy(value))
+        vars(self).update(copy.deepcopy(state))
