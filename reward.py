@@ -262,20 +262,15 @@ def extract_answer(text: str) -> str | None:
 
 
 def _last_boxed(text: str) -> str | None:
+    """The inside of the last \\boxed{...} that closes (a cut-off reply's does not) and is not blank, else None."""
     for match in reversed(list(re.finditer(r"\\boxed\s*\{", text))):
-        inside = _braced(text, match.end() - 1)
-        if inside and inside.strip():
-            return inside.strip()
-    return None
-
-
-def _braced(text: str, start: int) -> str | None:
-    """What lies between the brace at text[start] and its match, or None if it never closes (a cut-off reply)."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start + 1:i]
+        depth, end = 1, match.end()
+        while depth and end < len(text):  # end: just past the brace that closes it
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        inside = text[match.end():end - 1].strip()
+        if depth == 0 and inside:
+            return inside
     return None
 
 
