@@ -79,12 +79,10 @@ def _parse_rg_spec(spec: str) -> tuple[str, dict]:
 
 
 def _literal(value: str):
-    if value.lower() in ("true", "false"):  # query strings are often written in lower case
-        return value.lower() == "true"
     try:
         return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
+    except (ValueError, SyntaxError):  # not a literal: a string, or true/false as query strings often write them
+        return value.lower() == "true" if value.lower() in ("true", "false") else value
 
 
 def _rg_items(spec: str, size: int, seed: int) -> list[dict]:
