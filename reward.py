@@ -74,15 +74,11 @@ def _parse_rg_spec(spec: str) -> tuple[str, dict]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"task {spec!r}: option {pair!r} is not key=value; write e.g. rg:{name}?max_digits=2")
-        kwargs[key] = _literal(value)
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # not a literal: a string, or true/false as query strings often write them
+            kwargs[key] = value.lower() == "true" if value.lower() in ("true", "false") else value
     return name, kwargs
-
-
-def _literal(value: str):
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):  # not a literal: a string, or true/false as query strings often write them
-        return value.lower() == "true" if value.lower() in ("true", "false") else value
 
 
 def _rg_items(spec: str, size: int, seed: int) -> list[dict]:
