@@ -194,6 +194,10 @@ class _ChunkedLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, forward_fn, backward_fn):
+        assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], \
+            f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        assert targets.shape == hidden.shape[:1], f"need targets [{hidden.shape[0]}], got {tuple(targets.shape)}"
+        assert temperature > 0, f"temperature must be > 0 (use 1.0 for greedy rollouts), got {temperature}"
         with torch.autocast(hidden.device.type, enabled=False):
             logprob, entropy, lse = forward_fn(hidden, weight, targets, temperature, chunk_size)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
@@ -209,19 +213,11 @@ class _ChunkedLogprob(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1], \
-        f"need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-    assert targets.shape == hidden.shape[:1], f"need targets [{hidden.shape[0]}], got {tuple(targets.shape)}"
-    assert temperature > 0, f"temperature must be > 0 (use 1.0 for greedy rollouts), got {temperature}"
-
-
 def reference_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                       chunk_size: int = 4096, dot_dtype: torch.dtype | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [N, D], weight [V, D], targets [N] -> (logprob, entropy) of softmax(h W^T / T), one [N, chunk_size]
     slice of logits at a time. dot_dtype=torch.bfloat16: the products in bf16 (the CPU trainer's), the rest float32."""
-    _check(hidden, weight, targets, temperature)
     return _ChunkedLogprob.apply(hidden, weight, targets, temperature, chunk_size,
                                  partial(_reference_forward, dot_dtype=dot_dtype),
                                  partial(_reference_backward, dot_dtype=dot_dtype))
@@ -230,6 +226,5 @@ def reference_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 def logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
             chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference_logprob; its backward's atomics sum in an order that varies run to run."""
-    _check(hidden, weight, targets, temperature)
     return _ChunkedLogprob.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(), temperature,
                                  chunk_size, _triton_forward, _triton_backward)
