@@ -157,16 +157,14 @@ class Generation:
 
     def reserve_blocks(self) -> None:
         """Give every rollout the next step feeds the blocks its fed tokens go into."""
-        writes, i = [], 0
-        while i < len(self.running):  # oldest first; preemption only ever removes the newest, ending the loop there
-            rollout = self.running[i]
+        writes = []
+        for rollout in self.running:  # oldest first; preemption only ever pops the newest, ending the loop sooner
             while rollout.tool is None and len(rollout.blocks) * self.s.block_size < rollout.length:
                 block = self.alloc_block(rollout)
                 if block is None:  # the rollout itself was the newest and was preempted
                     break
                 writes.append((rollout.slot, len(rollout.blocks), block))
                 rollout.blocks.append(block)
-            i += 1
         if writes:
             self.s.clear_blocks([block for _, _, block in writes])
             slot, index, block = torch.tensor(writes, device=self.s.device).T
