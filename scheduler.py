@@ -82,10 +82,10 @@ class Generation:
 
     def run(self) -> dict:
         while self.pending or self.active:
-            self.take_tool_turns(wait_for_one=False)
+            self.take_tool_turns()
             if not self.admit() and not self.stepping():
-                if self.running:  # every running rollout waits for its tool
-                    self.take_tool_turns(wait_for_one=True)
+                if self.running:  # every running rollout waits for its tool: the next round takes the first done
+                    wait([r.tool for r in self.running], return_when=FIRST_COMPLETED)
                 elif self.active:  # every block is held by prompts whose rollouts wait for room: drop the newest KV
                     self.evict(self.active[-1])
                 continue
@@ -99,13 +99,10 @@ class Generation:
         """The running rollouts not waiting for a tool, their prompts' rollouts together."""
         return sorted((r for r in self.running if r.tool is None), key=lambda r: r.prompt.index)
 
-    def take_tool_turns(self, wait_for_one: bool) -> None:
+    def take_tool_turns(self) -> None:
         """Rollouts whose call is done get its turn (the template's framing around the output) as their next
         tokens, conditioned on, never sampled; the next step feeds them. One that cannot fit it ends ("length")."""
-        waiting = [r for r in self.running if r.tool is not None]
-        if wait_for_one and waiting:
-            wait([r.tool for r in waiting], return_when=FIRST_COMPLETED)
-        for r in (r for r in waiting if r.tool.done()):
+        for r in [r for r in self.running if r.tool is not None and r.tool.done()]:
             (output, ok), r.tool = r.tool.result(), None
             ids = self.tools.turn(output)
             end = r.length + len(ids)
