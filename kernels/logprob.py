@@ -153,9 +153,10 @@ def _backward_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logpr
                       mask=(cols < V)[:, None] & (d < D)[None, :], sem="relaxed")
 
 
-def _dot_precision(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+def _launch(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
     # tf32 holds bf16/fp16 values exactly (it rounds g to 10 bits in the backward); float32 needs ieee.
-    return "ieee" if torch.float32 in (hidden.dtype, weight.dtype) else "tf32"
+    return dict(BLOCK_N=_BLOCK_N, BLOCK_V=_BLOCK_V, BLOCK_D=_BLOCK_D, num_warps=8,
+                DOT_PRECISION="ieee" if torch.float32 in (hidden.dtype, weight.dtype) else "tf32")
 
 
 def _triton_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -168,8 +169,7 @@ def _triton_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     lse_part, mean_z = torch.empty(2, num_chunks, N, dtype=torch.float32, device=hidden.device)
     z_target = torch.empty(N, dtype=torch.float32, device=hidden.device)
     _forward_kernel[(triton.cdiv(N, _BLOCK_N), num_chunks)](
-        hidden, weight, targets, lse_part, mean_z, z_target, N, V, D, chunk, temperature, BLOCK_N=_BLOCK_N,
-        BLOCK_V=_BLOCK_V, BLOCK_D=_BLOCK_D, DOT_PRECISION=_dot_precision(hidden, weight), num_warps=8)
+        hidden, weight, targets, lse_part, mean_z, z_target, N, V, D, chunk, temperature, **_launch(hidden, weight))
     lse = lse_part.logsumexp(0)
     entropy = lse - ((lse_part - lse).exp() * mean_z).sum(0)
     return z_target - lse, entropy, lse
@@ -184,8 +184,7 @@ def _triton_backward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     # .float() and .contiguous(): the gradient of a .sum() arrives as an expanded tensor with stride 0
     _backward_kernel[(triton.cdiv(N, _BLOCK_N), triton.cdiv(V, _BLOCK_V))](
         hidden, weight, targets, lse, entropy, grad_logprob.float().contiguous(),
-        grad_entropy.float().contiguous(), grad_hidden, grad_weight, N, V, D, temperature, BLOCK_N=_BLOCK_N,
-        BLOCK_V=_BLOCK_V, BLOCK_D=_BLOCK_D, DOT_PRECISION=_dot_precision(hidden, weight), num_warps=8)
+        grad_entropy.float().contiguous(), grad_hidden, grad_weight, N, V, D, temperature, **_launch(hidden, weight))
     return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
 
 
