@@ -241,8 +241,7 @@ class Generation:
     def record(self, rollouts: list[_Rollout], tok, lp, ent) -> None:
         """Store each rollout's new token; finished rollouts leave and free their slot and blocks; one that closed a
         tool call waits for it."""
-        slot = torch.tensor([r.slot for r in rollouts], device=self.s.device)
-        length = torch.tensor([r.length for r in rollouts], device=self.s.device)
+        slot, length = torch.tensor([(r.slot, r.length) for r in rollouts], device=self.s.device).T
         self.out_tok[slot, length], self.out_lp[slot, length], self.out_ent[slot, length] = tok, lp, ent
         self.out_model[slot, length] = True
         stopped = torch.isin(tok, self.stop_ids)
