@@ -74,8 +74,7 @@ class Generation:
         dev = s.device
         self.stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=dev)
         self.out_tok = torch.zeros(s.max_slots, max_new_tokens, dtype=torch.long, device=dev)
-        self.out_lp = torch.zeros(s.max_slots, max_new_tokens, device=dev)
-        self.out_ent = torch.zeros(s.max_slots, max_new_tokens, device=dev)
+        self.out_lp, self.out_ent = torch.zeros(2, s.max_slots, max_new_tokens, device=dev)
         self.out_model = torch.ones(s.max_slots, max_new_tokens, dtype=torch.bool, device=dev)  # False: a tool's
         self.may_close = tools.closing_ids.to(dev) if tools else None  # tokens that can end a tool call
         self.slot_blocks = torch.zeros(s.max_slots, s.blocks_for(max_new_tokens), dtype=torch.int32, device=dev)
