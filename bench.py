@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import cluster
 import config
 import lora
 import trainer
-from forward import ModelConfig
+from forward import ModelConfig, forward, linear
 from kernels import attention
 from rollout import Sampler
 
@@ -73,17 +74,48 @@ def run_hf(model, prompt: list[int], n: int, new_tokens: int, device):
                                                 for t in (layer.keys, layer.values))}
 
 
+def decode_parts(sampler: Sampler, b) -> dict:
+    """Milliseconds of decode step `b` replayed, and of its parts: the weight products alone (each layer's and the
+    head's, on inputs of the step's shape), the sampling alone, attention as what the step loses when every layer's
+    attend returns q instead; everything else is the rest (what the compiled path fuses: norms, rotary, SiLU, adds)."""
+    w, rows, ms = sampler.forward_weights(), len(b.tokens), lambda fn: min(timeit.repeat(fn, number=2, repeat=5)) * 500
+    inputs = [(lw, name.removesuffix(".weight"), torch.randn(rows, x.shape[1], dtype=sampler.dtype))
+              for lw in w["layers"] for name, x in lw.items() if name.endswith(".weight") and x.dim() == 2]
+    inputs.append((w, "lm_head", torch.randn(rows, sampler.cfg.hidden_size, dtype=sampler.dtype)))
+    pools, keys, temperature = (sampler.k_pool, sampler.v_pool), b.keys, torch.tensor(1.0)
+    step = lambda attend: forward(sampler.cfg, w, b.tokens, b.positions, attend, pools, (b,), layer=sampler.layer)
+    no_attention = lambda q, *_: q  # one function: the compiled layer compiles once for it (not timed: min of 5)
+    with torch.no_grad():
+        logits = step(sampler.attend)
+        parts = {"step": ms(lambda: sampler.decode_step(b, 1.0, 1.0)),
+                 "products": ms(lambda: [linear(lw, x, name) for lw, name, x in inputs]),
+                 "attention": ms(lambda: step(sampler.attend)) - ms(lambda: step(no_attention)),
+                 "sampling": ms(lambda: sampler.sample_tokens(logits, keys, temperature, 1.0))}
+    return {**parts, "everything_else": parts["step"] - parts["products"] - parts["attention"] - parts["sampling"]}
+
+
 def bench_cpu(args) -> dict:
-    """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler."""
+    """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler: its default path
+    (compiled where a C++ compiler is found) and its eager one; each one's first run (the compile, cached on disk
+    for the next process) apart, then a decode step split into its parts."""
     path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), model, torch.device("cpu"))
     model = model.to(dtype)
-    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype)
     prompt = fixed_prompt(transformers.AutoTokenizer.from_pretrained(path), 256)
-    ours, hf = run_fanout(sampler, [prompt], [64], 128, "cpu"), run_hf(model, prompt, 64, 128, "cpu")
-    return {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen,
-            "fanout": ours, "hf_generate": hf, "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
+    result = {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen}
+    for name, compiled in (("fanout", None), ("fanout_eager", False)):
+        sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype,
+                          compiled=compiled)
+        batches, decode = [], sampler.decode_step
+        sampler.decode_step = lambda b, *more: batches.append(b) or decode(b, *more)  # the batches kept to replay
+        first_s = timed(lambda: sampler.generate([prompt], [64], 128, seed=2), "cpu")[1]
+        result[name] = {**run_fanout(sampler, [prompt], [64], 128, "cpu"), "compiled": sampler.compiled,
+                        "first_run_s": first_s, "step_ms": decode_parts(sampler, batches[-64])}
+        print(name, json.dumps(result[name]), flush=True)
+    hf = result["hf_generate"] = run_hf(model, prompt, 64, 128, "cpu")
+    return {**result, **{f"speedup_{name}": result[name]["tokens_per_s"] / hf["tokens_per_s"]
+                         for name in ("fanout", "fanout_eager")}}
 
 
 def bench_busy(args) -> dict:
@@ -141,6 +173,15 @@ def bench_prefix_vs_unshared(sampler: Sampler, prompt_len: int, n: int, device) 
             "speedup": ms["unshared"] / ms["shared"]}
 
 
+def compiled_vs_eager(sampler: Sampler, weights: dict, device) -> dict:
+    """Tokens/s of eager and compiled decode steps (the layers compiled by inductor, under the CUDA graphs) at 64,
+    256 and 1024 rollouts of one 256-token prompt, 64 new tokens each; compile and captures in run_fanout's warm-up."""
+    fast, prompt = Sampler(sampler.cfg, weights, device, kv_budget_tokens=1 << 18, compiled=True), list(range(256))
+    samplers = {"eager": sampler, "compiled": fast}
+    return {n: {name: run_fanout(s, [prompt], [n], 64, device)["tokens_per_s"] for name, s in samplers.items()}
+            for n in (64, 256, 1024)}
+
+
 def bench_gpu(args) -> dict:
     """Tokens/s per prompt length and N, and the share of the memory roofline: per decode step every weight
     is read once, each prompt's KV once and each rollout's own KV (new_tokens / 2 on average)."""
@@ -161,6 +202,7 @@ def bench_gpu(args) -> dict:
             rows.append({"prompt_len": prompt_len, "n": n, "prompts": len(prompts), **r,
                          "roofline": (weight_bytes + kv_bytes) / (r["seconds"] / args.new_tokens) / bandwidth})
             print(rows[-1], flush=True)
+    compiled = compiled_vs_eager(sampler, weights, device)  # before HF's model: one more copy of the weights at a time
     hf_model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device).eval()
     hf_model.load_state_dict(weights, strict=False)
     hf_prompt = torch.randint(0, cfg.vocab_size, (args.prompt_lens[0],)).tolist()
@@ -169,7 +211,7 @@ def bench_gpu(args) -> dict:
     return {"case": "gpu: random Qwen2.5-1.5B shape, bf16", "device": torch.cuda.get_device_name(),
             "copy_bandwidth_GBps": bandwidth / 1e9, "runs": rows,
             "vs_hf": {"prompt_len": args.prompt_lens[0], "n": args.rollouts[0], "fanout": ours, "hf_generate": hf},
-            "prefix_attention": bench_prefix_vs_unshared(sampler, 4096, 512, device)}
+            "prefix_attention": bench_prefix_vs_unshared(sampler, 4096, 512, device), "compiled_decode": compiled}
 
 
 # ---- trainer ----
@@ -320,9 +362,10 @@ def main():
     result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
               "reward": bench_reward, "busy": bench_busy}[args.what](args)
     print(json.dumps(result, indent=1))
-    if "hf_generate" in result:
-        print(f"fanout {result['fanout']['tokens_per_s']:.1f} tokens/s, HF generate "
-              f"{result['hf_generate']['tokens_per_s']:.1f}: {result['speedup_tokens_per_s']:.2f}x")
+    if "speedup_fanout" in result:
+        ours, eager = result["fanout"]["tokens_per_s"], result["fanout_eager"]["tokens_per_s"]
+        print(f"fanout {ours:.1f} tokens/s (eager {eager:.1f}), HF generate {result['hf_generate']['tokens_per_s']:.1f}"
+              f": {result['speedup_fanout']:.2f}x ({result['speedup_fanout_eager']:.2f}x eager)")
     out = Path(args.out or f"runs/bench_{args.what}_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -56,13 +56,44 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
+@torch.library.custom_op("fanout::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with a weight prepacked for oneDNN (Sampler.forward_weights on a CPU); an op of its own, so a
+    compiled layer calls it between the code the compiler fuses."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
+    if name + ".packed" in w:
+        return packed_linear(x, w[name + ".packed"], w.get(name + ".bias"))
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
-def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tensor, attend,
-            keep=None) -> torch.Tensor:
-    """Float32 logits of `tokens` at `positions` (of x[keep] alone, if given); attend(layer, q, k, v) -> o."""
+def decoder_layer(c: ModelConfig, w: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+                  *context) -> torch.Tensor:
+    """One layer over its weights `w` (HF's names within the layer, q/k/v and gate/up stacked: one product each);
+    attend(q, k, v, *context) -> o."""
+    shape, heads, kv = x.shape[:-1], c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)
+    q, k, v = linear(w, h, "self_attn.qkv").split([heads, kv, kv], -1)
+    q, k, v = q.view(*shape, -1, c.head_dim), k.view(*shape, -1, c.head_dim), v.view(*shape, -1, c.head_dim)
+    if "self_attn.q_norm.weight" in w:  # Qwen3
+        q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], c.rms_norm_eps)
+    x = x + linear(w, attend(rope(q, cos, sin), rope(k, cos, sin), v, *context).flatten(-2), "self_attn.o_proj")
+    gate, up = linear(w, rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps), "mlp.gate_up").chunk(2, -1)
+    return x + linear(w, F.silu(gate) * up, "mlp.down_proj")
+
+
+def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tensor, attend, pools, context=(),
+            keep=None, layer=decoder_layer) -> torch.Tensor:
+    """Float32 logits of `tokens` at `positions` (of x[keep] alone, if given) over Sampler.forward_weights `w`;
+    layer i attends by attend(q, k, v, k_pool[i], v_pool[i], *context) -> o, pools = (k_pool, v_pool)."""
     embed = w["model.embed_tokens.weight"]
     x = embed[tokens]
     half = c.head_dim // 2
@@ -70,20 +101,7 @@ def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tens
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), -1)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    shape = tokens.shape
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], c.rms_norm_eps)
-        q = linear(w, h, p + "self_attn.q_proj").view(*shape, c.num_heads, c.head_dim)
-        k = linear(w, h, p + "self_attn.k_proj").view(*shape, c.num_kv_heads, c.head_dim)
-        v = linear(w, h, p + "self_attn.v_proj").view(*shape, c.num_kv_heads, c.head_dim)
-        if p + "self_attn.q_norm.weight" in w:  # Qwen3
-            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], c.rms_norm_eps)
-            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], c.rms_norm_eps)
-        o = attend(i, rope(q, cos, sin), rope(k, cos, sin), v)
-        x = x + linear(w, o.flatten(-2), p + "self_attn.o_proj")
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-        x = x + linear(w, F.silu(linear(w, h, p + "mlp.gate_proj")) * linear(w, h, p + "mlp.up_proj"),
-                       p + "mlp.down_proj")
+    for lw, k_pool, v_pool in zip(w["layers"], *pools):
+        x = layer(c, lw, x, cos, sin, attend, k_pool, v_pool, *context)
     x = rms_norm(x if keep is None else x[keep], w["model.norm.weight"], c.rms_norm_eps)
-    return F.linear(x, embed if c.tied else w["lm_head.weight"]).float()
+    return linear(w, x, "lm_head").float()

@@ -53,7 +53,7 @@ def run_stage(command: list[str], env: dict, seconds: float, log: Path) -> int |
 
 def gpu_stages(here: Path, model: Path) -> list[tuple]:
     """(name, seconds at most, command, environment, figure: its log -> a line, raising if the stage missed a part),
-    under 8 minutes in all: the tests compiled on the GPU, and runs of the paths no CPU test reaches (FSDP2 on nccl,
+    about 8 minutes in all: the tests compiled on the GPU, and runs of the paths no CPU test reaches (FSDP2 on nccl,
     CUDA-graph decoding across steps, the fused log-prob, TIS, LoRA, one TBA step whose pi_old is the sampler's)."""
     py, load = sys.executable, lambda what: json.loads((here / f"bench_{what}.json").read_text())
     tests = dict(TRITON_INTERPRET="0", FANOUT_TEST_DEVICE="cuda", CUBLAS_WORKSPACE_CONFIG=":4096:8")  # poisoned
@@ -81,28 +81,30 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
         r = load("sampler")
         return "; ".join([f"P={x['prompt_len']} N={x['n']}: {x['tokens_per_s']:.0f} tokens/s, roofline "
                           f"{x['roofline']:.0%}" for x in r["runs"]] +
-                         [f"shared prefix {r['prefix_attention']['speedup']:.1f}x unshared"])
+                         [f"shared prefix {r['prefix_attention']['speedup']:.1f}x unshared"] +
+                         [f"N={n}: compiled {x['compiled'] / x['eager']:.2f}x eager"
+                          for n, x in r["compiled_decode"].items()])
 
     mfu = lambda r: f"{r['tokens_per_s']:.0f} tokens/s" + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "")
     return [
-        ("kernels", 90, [py, "-m", "pytest", "-q", "kernels/test_kernels.py", "kernels/test_logprob.py"], tests,
+        ("kernels", 80, [py, "-m", "pytest", "-q", "kernels/test_kernels.py", "kernels/test_logprob.py"], tests,
          lambda log: log.strip().splitlines()[-1]),
-        ("gpu paths", 45, [py, "-m", "pytest", "-q", "test_sampler.py", "test_trainer.py", "-k",
-                           "graph or tied or hand_off or device"], {**tests, **site},
+        ("gpu paths", 50, [py, "-m", "pytest", "-q", "test_sampler.py", "test_trainer.py", "-k",
+                           "graph or tied or hand_off or device or (compiled and llama)"], {**tests, **site},
          lambda log: log.strip().splitlines()[-1]),
-        ("model", 20, [py, "-c", f'import gpu_check, pathlib; gpu_check.random_model(pathlib.Path("{model}"), '
+        ("model", 15, [py, "-c", f'import gpu_check, pathlib; gpu_check.random_model(pathlib.Path("{model}"), '
                                  '"cuda")'], {},
          lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
-        ("train", 105, run("grpo", "grpo", "--steps", "2", "--save-every", "2"), site,
+        ("train", 90, run("grpo", "grpo", "--steps", "2", "--save-every", "2"), site,
          lambda log: trained("grpo", 2, log)),
         ("train lora", 45, run("lora", "grpo", "--steps", "2", "--save-every", "2", "--lora-rank", "16", "--kl-coef",
                                "1e-3"), site, lambda log: trained("lora", 2, log)),
-        ("train async", 60, run("tba", "tba", "--loss", "ppo", "--searchers", "1", "--sync-every", "1", "--steps", "1",
+        ("train async", 55, run("tba", "tba", "--loss", "ppo", "--searchers", "1", "--sync-every", "1", "--steps", "1",
                                 "--save-every", "1"), site, lambda log: trained("tba", 1, log)),
-        ("bench trainer", 50, bench("trainer", "--repeats", "2"), {}, lambda _: "packed {}, padded {}: {:.2f}x".format(
+        ("bench trainer", 45, bench("trainer", "--repeats", "2"), {}, lambda _: "packed {}, padded {}: {:.2f}x".format(
             mfu(load("trainer")["packed"]), mfu(load("trainer")["padded"]), load("trainer")["speedup"])),
-        ("bench sampler", 60, bench("sampler", "--prompt-lens", "1024", "--rollouts", "16", "512", "--total", "512",
-                                    "--new-tokens", "256"), {}, sampler_figure)]
+        ("bench sampler", 100, bench("sampler", "--prompt-lens", "1024", "--rollouts", "16", "512", "--total", "512",
+                                    "--new-tokens", "128"), {}, sampler_figure)]
 
 
 def gpu_check(args) -> dict:

@@ -16,8 +16,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
+from torch._inductor import cpp_builder
 
-from forward import ModelConfig, forward
+from forward import ModelConfig, decoder_layer, forward
 from kernels import attention, sampling
 from scheduler import DecodeBatch, Generation
 
@@ -43,6 +44,30 @@ def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
     return z.scatter(-1, order, sorted_z.masked_fill(probs.cumsum(-1) - probs >= top_p, -torch.inf))
 
 
+STACKED = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+           "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def stack(c: ModelConfig, weights: dict) -> dict:
+    """forward()'s weights: the top-level ones, "lm_head.weight" (the embedding if tied) and "layers", each layer's
+    weights under its own names with q/k/v and gate/up stacked (one product each). `weights`' entries for those
+    become views into the stacked tensors: the hand-off writes them by HF's names."""
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        layer = {n.removeprefix(p): w for n, w in weights.items() if n.startswith(p)}
+        for stacked, parts in STACKED.items():
+            for kind in (".weight", ".bias"):
+                if parts[0] + kind in layer:
+                    pieces = [layer.pop(part + kind) for part in parts]
+                    layer[stacked + kind] = torch.cat(pieces)
+                    for part, view in zip(parts, layer[stacked + kind].split([len(w) for w in pieces])):
+                        weights[p + part + kind] = view
+        layers.append(layer)
+    top = {n: w for n, w in weights.items() if not n.startswith("model.layers.")}
+    return {**top, "lm_head.weight": top.get("lm_head.weight", top["model.embed_tokens.weight"]), "layers": layers}
+
+
 def graph_key(b: DecodeBatch, temperature: float) -> tuple:
     """What a captured step is fixed to: every input's shape (the block table's too) and whether it samples."""
     return tuple(v.shape if isinstance(v, torch.Tensor) else v for v in vars(b).values()) + (temperature > 0,)
@@ -53,13 +78,14 @@ class Sampler:
 
     def __init__(self, model_config: ModelConfig, weights: dict, device="cpu", kv_budget_tokens: int = 1 << 20,
                  block_size: int = 16, dtype: torch.dtype = torch.bfloat16, max_slots: int = 1024,
-                 use_triton: bool | None = None, cuda_graphs: bool | None = None):
+                 use_triton: bool | None = None, cuda_graphs: bool | None = None, compiled: bool | None = None):
         c = model_config
         self.cfg, self.device, self.dtype = c, torch.device(device), dtype
         self.block_size, self.max_slots = block_size, max_slots
         self.num_blocks = kv_budget_tokens // block_size
         self.weights = {name: w.detach().to(self.device, dtype).clone() for name, w in weights.items()
                         if not (c.tied and name == "lm_head.weight")}  # a tied head is the embedding: held once
+        self.stacked = stack(c, self.weights)
         # One block past the pool's own is scratch: padded rows of a graphed step write there.
         self.scratch_block = self.num_blocks
         self.kv_shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
@@ -71,12 +97,46 @@ class Sampler:
         for name in ("prefix_attention", "decode_attention"):
             setattr(self, name, getattr(attention, prefix + name))
         self.sample = getattr(sampling, prefix + "sample")
+        # A decode step's layers and sampling compiled: the default on a CPU (docs/sampler.md); on CUDA the layers
+        # alone, under the graphs, when asked (gpu_check.py times both)
+        cpu = self.device.type == "cpu" and not self.use_triton  # Triton's CPU interpreter does not compile
+        self.compiled = cpu and torch.backends.mkldnn.is_available() if compiled is None else compiled
+        try:
+            if self.compiled and cpu:
+                cpp_builder.get_cpp_compiler()  # raises when inductor finds none
+        except Exception:
+            warnings.warn("no C++ compiler found (g++, or the one CXX names) to compile the sampler's decode step; "
+                          "it runs eagerly, slower: install g++ to speed it up")
+            self.compiled = False
+        # bf16 products on weights prepacked for oneDNN (float32's plain products are the faster ones)
+        bf16_units = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.prepack = self.compiled and cpu and dtype == torch.bfloat16 and bf16_units
+        self.packed, self.packed_version = None, None
+        dynamic = True if self.device.type == "cuda" else None  # a CPU's kernels are faster sized: sized first
+        self.layer = torch.compile(decoder_layer, dynamic=dynamic) if self.compiled else decoder_layer
+        self.attend = torch.compiler.disable(self._attend) if self.use_triton else self._attend  # Triton's: as is
+        if self.compiled and not self.use_triton:  # all rows at once: compiled, no [rows, vocab] temporary is kept
+            self.sample = torch.compile(partial(sampling.reference_sample, chunk_elements=None))
         # decode steps padded to powers of two, replayed as CUDA graphs kept for the run, the temperature an input
         # (on CPU, cuda_graphs=True pads and runs eagerly: how the padding is tested)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs, self.captures = {}, 0
         self.graph_temperature = torch.ones(1, device=self.device)
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs and self.device.type == "cuda" else None
+
+    def forward_weights(self) -> dict:
+        """The forward's weights, each product's prepacked where self.prepack says, packed again whenever a weight has
+        changed since (the hand-off writes them every step: a stale copy would sample from old weights)."""
+        if not self.prepack:
+            return self.stacked
+        version = [w._version for w in self.weights.values()]  # a view shares its stacked tensor's counter
+        if version != self.packed_version:
+            pack = torch.ops.mkldnn._reorder_linear_weight  # for any number of rows
+            self.packed = {**self.stacked, "lm_head.packed": pack(self.stacked["lm_head.weight"]), "layers": [
+                {**layer, **{n.replace(".weight", ".packed"): pack(w) for n, w in layer.items() if w.dim() == 2}}
+                for layer in self.stacked["layers"]]}
+            self.packed_version = version
+        return self.packed
 
     def release_kv(self) -> None:
         """Free the KV pool for training until the next generate(), unless CUDA graphs point into it (kept then)."""
@@ -96,25 +156,29 @@ class Sampler:
                              device=self.device)
         rep = c.num_heads // c.num_kv_heads
 
-        def attend(layer, q, k, v):
-            attention.write_kv(self.k_pool[layer], self.v_pool[layer], k[valid], v[valid], slots)
+        def attend(q, k, v, k_pool, v_pool):
+            attention.write_kv(k_pool, v_pool, k[valid], v[valid], slots)
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
                                                v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True)
             return o.transpose(1, 2)
 
         last = (torch.arange(len(prompts)), torch.tensor(lengths) - 1)
-        return forward(c, self.weights, tokens, torch.arange(max(lengths), device=self.device), attend, keep=last)
+        return forward(c, self.forward_weights(), tokens, torch.arange(max(lengths), device=self.device), attend,
+                       (self.k_pool, self.v_pool), keep=last)
 
     def sample_tokens(self, logits: torch.Tensor, keys: torch.Tensor, temperature, top_p: float):
         """Token, its logprob and the entropy of the sampling distribution, per row."""
         if top_p < 1.0 and temperature > 0:  # nucleus on the tempered distribution (evaluation)
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
+        if self.compiled and not isinstance(temperature, torch.Tensor) and temperature > 0:
+            temperature = torch.tensor(float(temperature))  # an input, not a constant: one compile for all of them
         return self.sample(logits, keys, temperature)
 
     def extend(self, b: DecodeBatch, last: torch.Tensor) -> torch.Tensor:
         """The logits at rows `last` of a forward feeding b's tokens, eagerly: a tool turn's, several rows a rollout,
         each attending as a decode step's row does (the conversation before them is never fed again)."""
-        return forward(self.cfg, self.weights, b.tokens, b.positions, partial(self._attend, b), keep=last)
+        return forward(self.cfg, self.forward_weights(), b.tokens, b.positions, self._attend,
+                       (self.k_pool, self.v_pool), (b,), keep=last)
 
     def decode_step(self, b: DecodeBatch, temperature: float, top_p: float):
         """Feed one token per row, attend, sample: (tokens, logprobs, entropies) per row."""
@@ -140,9 +204,9 @@ class Sampler:
             graph.replay()
         return tuple(x[:rows].clone() for x in out)
 
-    def _attend(self, b: DecodeBatch, layer: int, q, k, v):
+    def _attend(self, q, k, v, kp, vp, b: DecodeBatch):
         """Write the rows' K/V, then attend each row over its prompt's keys and its own, merged."""
-        kp, vp, scale = self.k_pool[layer], self.v_pool[layer], self.cfg.head_dim ** -0.5
+        scale = self.cfg.head_dim ** -0.5
         attention.write_kv(kp, vp, k, v, b.write_slots)
         o1, lse1 = self.prefix_attention(q, kp, vp, b.group_start, b.group_count, b.prompt_len, b.prompt_blocks,
                                          scale, b.max_count)
@@ -150,19 +214,20 @@ class Sampler:
         return attention.merge_attention(o1, lse1, o2, lse2, q.dtype)
 
     def _decode(self, b: DecodeBatch, temperature, top_p: float):
-        logits = forward(self.cfg, self.weights, b.tokens, b.positions, partial(self._attend, b))
+        logits = forward(self.cfg, self.forward_weights(), b.tokens, b.positions, self.attend,
+                         (self.k_pool, self.v_pool), (b,), layer=self.layer)
         return self.sample_tokens(logits, b.keys, temperature, top_p)
 
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
         """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""
         rows, groups, scratch = len(b.tokens), len(b.group_start), self.scratch_block
-        width = triton.next_power_of_2(b.prompt_blocks.shape[1])
         fill = dict(tokens=0, positions=0, keys=0, write_slots=scratch * self.block_size, seq_len=1,
                     block_table=scratch, group_start=rows, group_count=0, prompt_len=1, prompt_blocks=scratch)
         padded = {}
         for name, value in fill.items():  # per row, or per group (a group's fields are group_* and prompt_*)
             x, n = getattr(b, name), groups if name.startswith(("group", "prompt")) else rows
-            x = F.pad(x, (0, width - x.shape[1]), value=value) if name == "prompt_blocks" else x
+            if name in ("block_table", "prompt_blocks"):
+                x = F.pad(x, (0, triton.next_power_of_2(x.shape[1]) - x.shape[1]), value=value)
             padded[name] = torch.cat([x, x.new_full((triton.next_power_of_2(n) - n, *x.shape[1:]), value)])
         return DecodeBatch(**padded, num_splits=b.num_splits,
                            max_count=min(triton.next_power_of_2(b.max_count), triton.next_power_of_2(rows)))

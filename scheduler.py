@@ -220,7 +220,7 @@ class Generation:
         pos = torch.tensor([p for _, p in rows], device=dev)  # own position of the fed token
         group_count = torch.tensor(list(counts.values()), dtype=torch.int32, device=dev)
         prompt_len = torch.tensor([len(g.tokens) for g in counts], dtype=torch.int32, device=dev)
-        block_table = self.slot_blocks[slot]
+        block_table = self.slot_blocks[slot, :s.blocks_for(max(p for _, p in rows) + 1)]
         batch = DecodeBatch(
             tokens=self.out_tok[slot, pos], positions=prompt_len.repeat_interleave(group_count.long()) + pos,
             keys=self.keys([r for r, _ in rows]), seq_len=(pos + 1).to(torch.int32), block_table=block_table,

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 import search
 import collect
 import trainer
-from forward import ModelConfig
+from forward import ModelConfig, linear
 from kernels.sampling import hash32, reference_sample, sample_keys
 from kernels.test_kernels import DEVICE, random_prompts, tiny_config, tiny_model
 from rollout import Sampler, graph_key, nucleus
@@ -224,3 +225,63 @@ def test_the_hand_off_writes_every_sampler_tensor():
     with pytest.raises(RuntimeError, match="has no model.layers.0.mlp.renamed.weight"):
         trainer.sync_sampler(sampler, lm)
 
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_compiled_prepacked_decode_samples_the_eager_tokens(kind):
+    """The compiled path (on a CPU each layer and the sampling compiled, q/k/v and gate/up stacked; on a GPU the
+    layers compiled, under the CUDA graphs) samples the eager path's tokens in float32: rows finishing at random
+    stops change the batch's shape between steps, sampled and greedy, at a temperature handed in as a tensor."""
+    model = tiny_model(kind, seed=5)
+    config, weights = ModelConfig.from_hf(model.config), model.state_dict()
+    eager = Sampler(config, weights, DEVICE, dtype=torch.float32, compiled=False)
+    fast = Sampler(config, weights, DEVICE, dtype=torch.float32, compiled=True)
+    assert fast.compiled and not eager.compiled and eager.forward_weights() is eager.stacked
+    assert not any(n.endswith(".packed") for n in fast.forward_weights()["layers"][0])  # bf16's alone
+    prompts, lengths = random_prompts(256, [7, 30, 12], seed=int(torch.randint(1000, (1,)))), []
+    for temperature in (1.0, 0.0):
+        kwargs = dict(max_new_tokens=20, temperature=temperature, stop_token_ids=list(range(0, 256, 16)), seed=2)
+        want, got = (s.generate(prompts, [3, 1, 4], **kwargs) for s in (eager, fast))
+        assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
+        for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        lengths.append({len(t) for t in want.tokens})
+    assert len(lengths[0]) > 1  # sampled rows left at different steps
+
+
+def test_prepacked_weights_follow_every_weight_sync():
+    """The bf16 products' prepacked weights compute F.linear, and are packed again whenever the sampler's weights
+    change (the hand-off writes them in place every step): after a sync from another model the sampler samples
+    what one built from that model samples, never the old weights' tokens."""
+    old, new = tiny_model("qwen2", seed=1), tiny_model("qwen2", seed=2)
+    config = ModelConfig.from_hf(old.config)
+    fast = Sampler(config, old.state_dict(), "cpu", dtype=torch.bfloat16)
+    layer, x = fast.forward_weights()["layers"][0], torch.randn(5, config.hidden_size, dtype=torch.bfloat16)
+    torch.testing.assert_close(linear(layer, x, "mlp.gate_up"), F.linear(x, layer["mlp.gate_up.weight"]))
+    prompts = random_prompts(256, [9, 14], seed=3)
+    kwargs = dict(max_new_tokens=12, temperature=1.0, seed=1)
+    before = fast.generate(prompts, [2, 2], **kwargs)
+    trainer.sync_sampler(fast, new)
+    after = fast.generate(prompts, [2, 2], **kwargs)
+    for model, got in ((old, before), (new, after)):
+        assert got.tokens == Sampler(config, model.state_dict(), "cpu", dtype=torch.bfloat16).generate(
+            prompts, [2, 2], **kwargs).tokens
+    assert after.tokens != before.tokens
+
+
+def test_without_a_compiler_the_sampler_decodes_eagerly(monkeypatch):
+    """No C++ compiler: one warning, and the sampler runs eagerly with the same tokens."""
+    from torch._inductor import config as inductor_config, cpp_builder
+    model = tiny_model("llama", seed=3)
+    config, weights = ModelConfig.from_hf(model.config), model.state_dict()
+    prompts = random_prompts(256, [6, 11], seed=2)
+    want = Sampler(config, weights, "cpu", dtype=torch.float32).generate(prompts, [2, 1], 8, seed=4)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++",))
+    cpp_builder.cpp_compiler_search.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C.. compiler found"):
+            sampler = Sampler(config, weights, "cpu", dtype=torch.float32)
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()
+    assert not sampler.compiled and sampler.layer.__name__ == "decoder_layer"
+    assert sampler.generate(prompts, [2, 1], 8, seed=4).tokens == want.tokens

@@ -137,31 +137,34 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 # ---- plain torch: the sampler's path off CUDA, and what the kernels are tested against ----
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                     flash: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T x scale + mask) v and its log-sum-exp, q [N, H, M, d], k and v [N, H, keys, d] (any strides),
-    mask [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU (flash=None), plain products on a
-    GPU. A query with every key masked gets o = 0, lse = -inf."""
+                     flash: bool | None = None, few: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T x scale + mask) v and its log-sum-exp in float32, q [N, H, M, d], k and v [N, H, keys, d] (any
+    strides), mask [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU run eagerly (flash=None),
+    plain products elsewhere (few: M is a decode row's few queries, a broadcast product a compiler fuses with the
+    paged reads). A query with every key masked gets o = 0, lse = -inf."""
     empty = mask.isneginf().all(-1)
-    if q.device.type == "cpu" if flash is None else flash:
+    q, k, v = q.float(), k.float(), v.float()
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() if flash is None else flash:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=mask.expand(-1, -1, q.shape[2], -1), scale=scale)
     else:
-        scores = q @ k.transpose(-1, -2) * scale + mask
+        scores = ((q[..., None, :] * k[:, :, None]).sum(-1) if few else q @ k.transpose(-1, -2)) * scale + mask
         lse = scores.logsumexp(-1)
-        o = (scores - torch.where(empty, 0.0, lse)[..., None]).exp() @ v  # exp(-inf - 0) = 0, not NaN
+        p = (scores - torch.where(empty, 0.0, lse)[..., None]).exp()  # exp(-inf - 0) = 0, not NaN
+        o = (p[..., None] * v[:, :, None]).sum(-2) if few else p @ v
     return o, lse.masked_fill(empty, float("-inf"))
 
 
 def _paged_keys(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, length: torch.Tensor,
                 splits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's keys and values as whole blocks of its table row, [N, kv_heads, blocks x block_size, d] float32,
+    """Each row's keys and values as whole blocks of its table row, [N, kv_heads, blocks x block_size, d],
     and a mask [N, 1, splits, keys]: 0 on a key below length[n] in split s's blocks, -inf elsewhere. A table column
     past a row's last block may hold anything: its first block is read there instead, masked."""
     block_size, dev = k_pool.shape[1], table.device
     used = (length.long() + (block_size - 1)) // block_size  # blocks of each row
-    n = int(used.max())
-    blocks = torch.where(torch.arange(n, device=dev) < used[:, None], table[:, :n], table[:, :1]).long()
-    k, v = (pool[blocks].float().flatten(1, 2).transpose(1, 2) for pool in (k_pool, v_pool))
+    n = table.shape[1]
+    blocks = torch.where(torch.arange(n, device=dev) < used[:, None], table, table[:, :1]).long()
+    k, v = (pool[blocks].flatten(1, 2).transpose(1, 2) for pool in (k_pool, v_pool))
     key = torch.arange(n * block_size, device=dev)
     valid = key < length[:, None, None]  # [N, 1, keys]
     if splits > 1:  # split s: a row's blocks [s x per, (s + 1) x per)
@@ -199,7 +202,7 @@ def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     rep = heads // kv
     k, v, mask = _paged_keys(k_pool, v_pool, block_table, seq_len, num_splits)
     qs = q.float().view(rows, kv, 1, rep, d).expand(-1, -1, num_splits, -1, -1).reshape(rows, kv, -1, d)
-    o, lse = masked_attention(qs, k, v, mask if num_splits == 1 else mask.repeat_interleave(rep, 2), scale)
+    o, lse = masked_attention(qs, k, v, mask if num_splits == 1 else mask.repeat_interleave(rep, 2), scale, few=True)
     return (o.view(rows, kv, num_splits, rep, d).transpose(2, 3).reshape(rows, heads, num_splits, d),
             lse.view(rows, kv, num_splits, rep).transpose(2, 3).reshape(rows, heads, num_splits))
 

@@ -43,18 +43,20 @@ def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
 
 
 def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
-                     chunk_elements: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens, logprob, entropy) per row, in row chunks of about 2 MB of int64 (cache-sized temporaries)."""
-    temperature, rows = float(temperature), max(1, chunk_elements // logits.shape[-1])
+                     chunk_elements: int | None = 1 << 18) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, logprob, entropy) per row, in row chunks of about 2 MB of int64 (cache-sized temporaries; None: all
+    rows at once, as a compiled step does, its temporaries fused away)."""
+    noise = isinstance(temperature, torch.Tensor) or temperature > 0
+    rows = len(logits) if chunk_elements is None else max(1, chunk_elements // logits.shape[-1])
+    starts = (0,) if chunk_elements is None else range(0, len(logits), rows)  # a range would fix a compile's rows
     token_hash = hash32(torch.arange(logits.shape[-1], device=logits.device))
     out = [torch.empty(len(logits), dtype=dtype, device=logits.device) for dtype in (torch.long, torch.float32,
                                                                                    torch.float32)]
-    for s in range(0, len(logits), rows):
-        z = logits[s:s + rows].float() if temperature in (0, 1) else logits[s:s + rows].float() / temperature
+    for s in starts:
+        z = logits[s:s + rows].float() / temperature if noise else logits[s:s + rows].float()
         logp = z.log_softmax(-1)
         # Gumbel-max: argmax(z + Gumbel noise) is an exact draw from softmax(z)
-        tokens = (z - uniform(keys[s:s + rows], token_hash).log_().neg_().log_()).argmax(-1) if temperature > 0 \
-            else z.argmax(-1)
+        tokens = (z - uniform(keys[s:s + rows], token_hash).log_().neg_().log_()).argmax(-1) if noise else z.argmax(-1)
         out[0][s:s + rows], out[1][s:s + rows] = tokens, logp.gather(-1, tokens[:, None])[:, 0]
         out[2][s:s + rows] = -(logp.exp() * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)  # 0 log 0 = 0
     return tuple(out)
