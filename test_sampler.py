@@ -275,12 +275,12 @@ def test_without_a_compiler_the_sampler_decodes_eagerly(monkeypatch):
     model = tiny_model("llama", seed=3)
     config, weights = ModelConfig.from_hf(model.config), model.state_dict()
     prompts = random_prompts(256, [6, 11], seed=2)
-    want = Sampler(config, weights, "cpu", dtype=torch.float32).generate(prompts, [2, 1], 8, seed=4)
+    want = Sampler(config, weights, "cpu", dtype=torch.float32, compiled=False).generate(prompts, [2, 1], 8, seed=4)
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++",))
     cpp_builder.cpp_compiler_search.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no C.. compiler found"):
-            sampler = Sampler(config, weights, "cpu", dtype=torch.float32)
+            sampler = Sampler(config, weights, "cpu", dtype=torch.float32, compiled=True)
     finally:
         cpp_builder.cpp_compiler_search.cache_clear()
     assert not sampler.compiled and sampler.layer.__name__ == "decoder_layer"
