@@ -112,13 +112,14 @@ class Sampler:
         bf16_units = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         self.prepack = self.compiled and cpu and dtype == torch.bfloat16 and bf16_units
         self.packed, self.packed_version = None, None
-        self.layer = torch.compile(decoder_layer, dynamic=True) if self.compiled else decoder_layer
+        dynamic = True if self.device.type == "cuda" else None  # a CPU's kernels are faster sized: sized first
+        self.layer = torch.compile(decoder_layer, dynamic=dynamic) if self.compiled else decoder_layer
         self.attend = torch.compiler.disable(self._attend) if self.use_triton else self._attend  # Triton's: as is
         if self.compiled and not self.use_triton:  # all rows at once: compiled, no [rows, vocab] temporary is kept
             self.sample = torch.compile(partial(sampling.reference_sample, chunk_elements=None))
         # decode steps padded to powers of two, replayed as CUDA graphs kept for the run, the temperature an input
         # (on CPU, cuda_graphs=True pads and runs eagerly: how the padding is tested)
-        self.cuda_graphs = self.device.type == "cuda" or self.compiled if cuda_graphs is None else cuda_graphs
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs, self.captures = {}, 0
         self.graph_temperature = torch.ones(1, device=self.device)
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs and self.device.type == "cuda" else None
@@ -220,17 +221,16 @@ class Sampler:
     def _pad(self, b: DecodeBatch) -> DecodeBatch:
         """b rounded up to powers of two in rows, groups, prompt blocks, largest group (padding: the scratch block)."""
         rows, groups, scratch = len(b.tokens), len(b.group_start), self.scratch_block
-        up = lambda n: max(2, triton.next_power_of_2(n))  # never 1: a compiler specializes a size of 1
         fill = dict(tokens=0, positions=0, keys=0, write_slots=scratch * self.block_size, seq_len=1,
                     block_table=scratch, group_start=rows, group_count=0, prompt_len=1, prompt_blocks=scratch)
         padded = {}
         for name, value in fill.items():  # per row, or per group (a group's fields are group_* and prompt_*)
             x, n = getattr(b, name), groups if name.startswith(("group", "prompt")) else rows
             if name in ("block_table", "prompt_blocks"):
-                x = F.pad(x, (0, up(x.shape[1]) - x.shape[1]), value=value)
-            padded[name] = torch.cat([x, x.new_full((up(n) - n, *x.shape[1:]), value)])
+                x = F.pad(x, (0, triton.next_power_of_2(x.shape[1]) - x.shape[1]), value=value)
+            padded[name] = torch.cat([x, x.new_full((triton.next_power_of_2(n) - n, *x.shape[1:]), value)])
         return DecodeBatch(**padded, num_splits=b.num_splits,
-                           max_count=min(up(b.max_count), up(rows)))
+                           max_count=min(triton.next_power_of_2(b.max_count), triton.next_power_of_2(rows)))
 
     def _capture(self, static: DecodeBatch, sampled: bool):
         """One padded decode step as a CUDA graph; `static`'s tensors and graph_temperature become its inputs."""
