@@ -95,8 +95,8 @@ def decode_parts(sampler: Sampler, b) -> dict:
 
 
 def bench_cpu(args) -> dict:
-    """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler: its default path
-    (compiled where a C++ compiler is found) and its eager one; each one's first run (the compile, cached on disk
+    """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler: compiled (where a
+    C++ compiler is found) and eager (the default); each one's first run (the compile, cached on disk
     for the next process) apart, then a decode step split into its parts."""
     path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -104,7 +104,7 @@ def bench_cpu(args) -> dict:
     model = model.to(dtype)
     prompt = fixed_prompt(transformers.AutoTokenizer.from_pretrained(path), 256)
     result = {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen}
-    for name, compiled in (("fanout", None), ("fanout_eager", False)):
+    for name, compiled in (("fanout", True), ("fanout_eager", False)):
         sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype,
                           compiled=compiled)
         batches, decode = [], sampler.decode_step

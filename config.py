@@ -45,6 +45,7 @@ class Config:
     temperature: float = 1.0               # sampling temperature; the trainer divides its logits by it too
     top_p: float = 1.0                     # nucleus sampling (1.0 = off, the RL default)
     kv_budget_tokens: int = 1 << 16        # sampler KV cache size in tokens
+    compile_sampler: bool = False          # compile the decode step (docs/sampler.md): for long rollouts, not the demo
     max_tool_calls: int = 0                # Python tool calls per rollout, run in the sandbox (0 = no tool; tools.py)
     max_tool_output_tokens: int = 64       # a call's output kept (the rest cut, marked); errors and timeouts show
     # objective (ALGORITHMS.md 0, 2, 4)

@@ -78,7 +78,7 @@ class Sampler:
 
     def __init__(self, model_config: ModelConfig, weights: dict, device="cpu", kv_budget_tokens: int = 1 << 20,
                  block_size: int = 16, dtype: torch.dtype = torch.bfloat16, max_slots: int = 1024,
-                 use_triton: bool | None = None, cuda_graphs: bool | None = None, compiled: bool | None = None):
+                 use_triton: bool | None = None, cuda_graphs: bool | None = None, compiled: bool = False):
         c = model_config
         self.cfg, self.device, self.dtype = c, torch.device(device), dtype
         self.block_size, self.max_slots = block_size, max_slots
@@ -97,10 +97,10 @@ class Sampler:
         for name in ("prefix_attention", "decode_attention"):
             setattr(self, name, getattr(attention, prefix + name))
         self.sample = getattr(sampling, prefix + "sample")
-        # A decode step's layers and sampling compiled: the default on a CPU in bf16 (docs/sampler.md); on CUDA the
-        # layers alone, under the graphs, when asked (gpu_check.py times both)
+        # compiled=True: a decode step's layers and sampling compiled, once per process (about 45 s on 2 cores, repaid
+        # by long decoding: docs/sampler.md); on CUDA the layers alone, under the graphs (gpu_check.py times both)
         cpu = self.device.type == "cpu" and not self.use_triton  # Triton's CPU interpreter does not compile
-        self.compiled = cpu and dtype == torch.bfloat16 if compiled is None else compiled  # float32: 3% (AVX2)
+        self.compiled = compiled
         try:
             if self.compiled and cpu:
                 cpp_builder.get_cpp_compiler()  # raises when inductor finds none

@@ -255,7 +255,7 @@ def test_prepacked_weights_follow_every_weight_sync():
     what one built from that model samples, never the old weights' tokens."""
     old, new = tiny_model("qwen2", seed=1), tiny_model("qwen2", seed=2)
     config = ModelConfig.from_hf(old.config)
-    fast = Sampler(config, old.state_dict(), "cpu", dtype=torch.bfloat16)
+    fast = Sampler(config, old.state_dict(), "cpu", dtype=torch.bfloat16, compiled=True)
     layer, x = fast.forward_weights()["layers"][0], torch.randn(5, config.hidden_size, dtype=torch.bfloat16)
     torch.testing.assert_close(linear(layer, x, "mlp.gate_up"), F.linear(x, layer["mlp.gate_up.weight"]))
     prompts = random_prompts(256, [9, 14], seed=3)
@@ -264,7 +264,7 @@ def test_prepacked_weights_follow_every_weight_sync():
     trainer.sync_sampler(fast, new)
     after = fast.generate(prompts, [2, 2], **kwargs)
     for model, got in ((old, before), (new, after)):
-        assert got.tokens == Sampler(config, model.state_dict(), "cpu", dtype=torch.bfloat16).generate(
+        assert got.tokens == Sampler(config, model.state_dict(), "cpu", dtype=torch.bfloat16, compiled=True).generate(
             prompts, [2, 2], **kwargs).tokens
     assert after.tokens != before.tokens
 

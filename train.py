@@ -46,7 +46,8 @@ def main(cfg: Config):
     train_task, eval_task = load_tasks(cfg, rank)
     lm, tokenizer = load_model(cfg, device)
     dtype, setup = compute_dtype(cfg, lm, device, rank)
-    sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype)
+    sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype,
+                      compiled=cfg.compile_sampler)
     try:  # the template must frame a tool turn and the budget hold one; LoRA's targets must fit the model
         if cfg.max_tool_calls:
             Tools(tokenizer, cfg)
