@@ -173,15 +173,6 @@ def bench_prefix_vs_unshared(sampler: Sampler, prompt_len: int, n: int, device) 
             "speedup": ms["unshared"] / ms["shared"]}
 
 
-def compiled_vs_eager(sampler: Sampler, weights: dict, device) -> dict:
-    """Tokens/s of eager and compiled decode steps (the layers compiled by inductor, under the CUDA graphs) at 64,
-    256 and 1024 rollouts of one 256-token prompt, 64 new tokens each; compile and captures in run_fanout's warm-up."""
-    fast, prompt = Sampler(sampler.cfg, weights, device, kv_budget_tokens=1 << 18, compiled=True), list(range(256))
-    samplers = {"eager": sampler, "compiled": fast}
-    return {n: {name: run_fanout(s, [prompt], [n], 64, device)["tokens_per_s"] for name, s in samplers.items()}
-            for n in (64, 256, 1024)}
-
-
 def bench_gpu(args) -> dict:
     """Tokens/s per prompt length and N, and the share of the memory roofline: per decode step every weight
     is read once, each prompt's KV once and each rollout's own KV (new_tokens / 2 on average)."""
@@ -202,7 +193,10 @@ def bench_gpu(args) -> dict:
             rows.append({"prompt_len": prompt_len, "n": n, "prompts": len(prompts), **r,
                          "roofline": (weight_bytes + kv_bytes) / (r["seconds"] / args.new_tokens) / bandwidth})
             print(rows[-1], flush=True)
-    compiled = compiled_vs_eager(sampler, weights, device)  # before HF's model: one more copy of the weights at a time
+    # eager against the layers compiled by inductor under the CUDA graphs, before HF's model (one more weights copy)
+    samplers = {"eager": sampler, "compiled": Sampler(sampler.cfg, weights, device, 1 << 18, compiled=True)}
+    compiled = {n: {name: run_fanout(s, [list(range(256))], [n], 64, device)["tokens_per_s"]
+                    for name, s in samplers.items()} for n in (64, 256, 1024)}
     hf_model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(device).eval()
     hf_model.load_state_dict(weights, strict=False)
     hf_prompt = torch.randint(0, cfg.vocab_size, (args.prompt_lens[0],)).tolist()
