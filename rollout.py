@@ -50,19 +50,18 @@ STACKED = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.
 
 def stack(c: ModelConfig, weights: dict) -> dict:
     """forward()'s weights: the top-level ones, "lm_head.weight" (the embedding if tied) and "layers", each layer's
-    weights under its own names with q/k/v and gate/up stacked (one product each). `weights`' entries for those
-    become views into the stacked tensors: the hand-off writes them by HF's names."""
+    under its own names, q/k/v and gate/up stacked into one product each; `weights`' entries for those become views
+    into the stacked tensors (the hand-off writes them by HF's names)."""
     layers = []
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
         layer = {n.removeprefix(p): w for n, w in weights.items() if n.startswith(p)}
         for stacked, parts in STACKED.items():
-            for kind in (".weight", ".bias"):
+            for kind in (".weight", ".bias"):  # Qwen2's q/k/v have biases too
                 if parts[0] + kind in layer:
-                    pieces = [layer.pop(part + kind) for part in parts]
-                    layer[stacked + kind] = torch.cat(pieces)
-                    for part, view in zip(parts, layer[stacked + kind].split([len(w) for w in pieces])):
-                        weights[p + part + kind] = view
+                    layer[stacked + kind] = torch.cat([layer.pop(part + kind) for part in parts])
+                    views = layer[stacked + kind].split([len(weights[p + part + kind]) for part in parts])
+                    weights.update({p + part + kind: view for part, view in zip(parts, views)})
         layers.append(layer)
     top = {n: w for n, w in weights.items() if not n.startswith("model.layers.")}
     return {**top, "lm_head.weight": top.get("lm_head.weight", top["model.embed_tokens.weight"]), "layers": layers}

@@ -139,12 +139,12 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                      flash: bool | None = None, few: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T x scale + mask) v and its log-sum-exp in float32, q [N, H, M, d], k and v [N, H, keys, d] (any
-    strides), mask [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU run eagerly (flash=None),
-    plain products elsewhere (few: M is a decode row's few queries, a broadcast product a compiler fuses with the
-    paged reads). A query with every key masked gets o = 0, lse = -inf."""
+    strides), mask [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU (flash=None), plain
+    products elsewhere and where a compiled step asks for `few` (M a decode row's few queries: a broadcast product
+    the compiler fuses with the paged reads). A query with every key masked gets o = 0, lse = -inf."""
     empty = mask.isneginf().all(-1)
     q, k, v = q.float(), k.float(), v.float()
-    if q.device.type == "cpu" and not torch.compiler.is_compiling() if flash is None else flash:
+    if q.device.type == "cpu" and not (few and torch.compiler.is_compiling()) if flash is None else flash:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=mask.expand(-1, -1, q.shape[2], -1), scale=scale)
     else:
