@@ -78,10 +78,9 @@ def decoder_layer(c: ModelConfig, w: dict, x: torch.Tensor, cos: torch.Tensor, s
                   *context) -> torch.Tensor:
     """One layer over its weights `w` (HF's names within the layer, q/k/v and gate/up stacked: one product each);
     attend(q, k, v, *context) -> o."""
-    shape, heads, kv = x.shape[:-1], c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    heads, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)
-    q, k, v = linear(w, h, "self_attn.qkv").split([heads, kv, kv], -1)
-    q, k, v = q.view(*shape, -1, c.head_dim), k.view(*shape, -1, c.head_dim), v.view(*shape, -1, c.head_dim)
+    q, k, v = (t.unflatten(-1, (-1, c.head_dim)) for t in linear(w, h, "self_attn.qkv").split([heads, kv, kv], -1))
     if "self_attn.q_norm.weight" in w:  # Qwen3
         q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], c.rms_norm_eps)
