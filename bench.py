@@ -112,7 +112,6 @@ def bench_cpu(args) -> dict:
         first_s = timed(lambda: sampler.generate([prompt], [64], 128, seed=2), "cpu")[1]
         result[name] = {**run_fanout(sampler, [prompt], [64], 128, "cpu"), "compiled": sampler.compiled,
                         "first_run_s": first_s, "step_ms": decode_parts(sampler, batches[-64])}
-        print(name, json.dumps(result[name]), flush=True)
     hf = result["hf_generate"] = run_hf(model, prompt, 64, 128, "cpu")
     return {**result, **{f"speedup_{name}": result[name]["tokens_per_s"] / hf["tokens_per_s"]
                          for name in ("fanout", "fanout_eager")}}
