@@ -76,17 +76,15 @@ def linear(w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def decoder_layer(c: ModelConfig, w: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
                   *context) -> torch.Tensor:
-    """One layer over its weights `w` (HF's names within the layer, q/k/v and gate/up stacked: one product each);
-    attend(q, k, v, *context) -> o."""
-    heads, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    """One layer over its weights `w` (HF's names within the layer); attend(q, k, v, *context) -> o."""
     h = rms_norm(x, w["input_layernorm.weight"], c.rms_norm_eps)
-    q, k, v = (t.unflatten(-1, (-1, c.head_dim)) for t in linear(w, h, "self_attn.qkv").split([heads, kv, kv], -1))
+    q, k, v = (linear(w, h, f"self_attn.{p}_proj").unflatten(-1, (-1, c.head_dim)) for p in "qkv")
     if "self_attn.q_norm.weight" in w:  # Qwen3
         q = rms_norm(q, w["self_attn.q_norm.weight"], c.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], c.rms_norm_eps)
     x = x + linear(w, attend(rope(q, cos, sin), rope(k, cos, sin), v, *context).flatten(-2), "self_attn.o_proj")
-    gate, up = linear(w, rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps), "mlp.gate_up").chunk(2, -1)
-    return x + linear(w, F.silu(gate) * up, "mlp.down_proj")
+    h = rms_norm(x, w["post_attention_layernorm.weight"], c.rms_norm_eps)
+    return x + linear(w, F.silu(linear(w, h, "mlp.gate_proj")) * linear(w, h, "mlp.up_proj"), "mlp.down_proj")
 
 
 def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tensor, attend, pools, context=(),

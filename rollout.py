@@ -44,25 +44,11 @@ def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
     return z.scatter(-1, order, sorted_z.masked_fill(probs.cumsum(-1) - probs >= top_p, -torch.inf))
 
 
-STACKED = {"self_attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-           "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def stack(c: ModelConfig, weights: dict) -> dict:
+def by_layer(c: ModelConfig, weights: dict) -> dict:
     """forward()'s weights: the top-level ones, "lm_head.weight" (the embedding if tied) and "layers", each layer's
-    under its own names, q/k/v and gate/up stacked into one product each; `weights`' entries for those become views
-    into the stacked tensors (the hand-off writes them by HF's names)."""
-    layers = []
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        layer = {n.removeprefix(p): w for n, w in weights.items() if n.startswith(p)}
-        for stacked, parts in STACKED.items():
-            for kind in (".weight", ".bias"):  # Qwen2's q/k/v have biases too
-                if parts[0] + kind in layer:
-                    layer[stacked + kind] = torch.cat([layer.pop(part + kind) for part in parts])
-                    views = layer[stacked + kind].split([len(weights[p + part + kind]) for part in parts])
-                    weights.update({p + part + kind: view for part, view in zip(parts, views)})
-        layers.append(layer)
+    under its names within the layer; the same tensors, so the hand-off's writes show through."""
+    prefixes = [f"model.layers.{i}." for i in range(c.num_layers)]
+    layers = [{n.removeprefix(p): w for n, w in weights.items() if n.startswith(p)} for p in prefixes]
     top = {n: w for n, w in weights.items() if not n.startswith("model.layers.")}
     return {**top, "lm_head.weight": top.get("lm_head.weight", top["model.embed_tokens.weight"]), "layers": layers}
 
@@ -84,7 +70,7 @@ class Sampler:
         self.num_blocks = kv_budget_tokens // block_size
         self.weights = {name: w.detach().to(self.device, dtype).clone() for name, w in weights.items()
                         if not (c.tied and name == "lm_head.weight")}  # a tied head is the embedding: held once
-        self.stacked = stack(c, self.weights)
+        self.layered = by_layer(c, self.weights)
         # One block past the pool's own is scratch: padded rows of a graphed step write there.
         self.scratch_block = self.num_blocks
         self.kv_shape = (c.num_layers, self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
@@ -127,13 +113,13 @@ class Sampler:
         """The forward's weights, each product's prepacked where self.prepack says, packed again whenever a weight has
         changed since (the hand-off writes them every step: a stale copy would sample from old weights)."""
         if not self.prepack:
-            return self.stacked
-        version = [w._version for w in self.weights.values()]  # a view shares its stacked tensor's counter
+            return self.layered
+        version = [w._version for w in self.weights.values()]  # the hand-off's in-place writes count up
         if version != self.packed_version:
             pack = torch.ops.mkldnn._reorder_linear_weight  # for any number of rows
-            self.packed = {**self.stacked, "lm_head.packed": pack(self.stacked["lm_head.weight"]), "layers": [
+            self.packed = {**self.layered, "lm_head.packed": pack(self.layered["lm_head.weight"]), "layers": [
                 {**layer, **{n.replace(".weight", ".packed"): pack(w) for n, w in layer.items() if w.dim() == 2}}
-                for layer in self.stacked["layers"]]}
+                for layer in self.layered["layers"]]}
             self.packed_version = version
         return self.packed
 

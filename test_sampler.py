@@ -229,14 +229,14 @@ def test_the_hand_off_writes_every_sampler_tensor():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_compiled_prepacked_decode_samples_the_eager_tokens(kind):
-    """The compiled path (on a CPU each layer and the sampling compiled, q/k/v and gate/up stacked; on a GPU the
+    """The compiled path (on a CPU each layer and the sampling compiled; on a GPU the
     layers compiled, under the CUDA graphs) samples the eager path's tokens in float32: rows finishing at random
     stops change the batch's shape between steps, sampled and greedy, at a temperature handed in as a tensor."""
     model = tiny_model(kind, seed=5)
     config, weights = ModelConfig.from_hf(model.config), model.state_dict()
     eager = Sampler(config, weights, DEVICE, dtype=torch.float32, compiled=False)
     fast = Sampler(config, weights, DEVICE, dtype=torch.float32, compiled=True)
-    assert fast.compiled and not eager.compiled and eager.forward_weights() is eager.stacked
+    assert fast.compiled and not eager.compiled and eager.forward_weights() is eager.layered
     assert not any(n.endswith(".packed") for n in fast.forward_weights()["layers"][0])  # bf16's alone
     prompts, lengths = random_prompts(256, [7, 30, 12], seed=int(torch.randint(1000, (1,)))), []
     for temperature in (1.0, 0.0):
@@ -257,7 +257,7 @@ def test_prepacked_weights_follow_every_weight_sync():
     config = ModelConfig.from_hf(old.config)
     fast = Sampler(config, old.state_dict(), "cpu", dtype=torch.bfloat16, compiled=True)
     layer, x = fast.forward_weights()["layers"][0], torch.randn(5, config.hidden_size, dtype=torch.bfloat16)
-    torch.testing.assert_close(linear(layer, x, "mlp.gate_up"), F.linear(x, layer["mlp.gate_up.weight"]))
+    torch.testing.assert_close(linear(layer, x, "mlp.gate_proj"), F.linear(x, layer["mlp.gate_proj.weight"]))
     prompts = random_prompts(256, [9, 14], seed=3)
     kwargs = dict(max_new_tokens=12, temperature=1.0, seed=1)
     before = fast.generate(prompts, [2, 2], **kwargs)
