@@ -16,7 +16,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
-from torch._inductor import cpp_builder
 
 from forward import ModelConfig, decoder_layer, forward
 from kernels import attention, sampling
@@ -87,7 +86,8 @@ class Sampler:
         cpu = self.device.type == "cpu" and not self.use_triton  # Triton's CPU interpreter does not compile
         self.compiled = compiled
         try:
-            if self.compiled and cpu:
+            if self.compiled and cpu:  # inductor imported only then: a second of every process's start otherwise
+                from torch._inductor import cpp_builder
                 cpp_builder.get_cpp_compiler()  # raises when inductor finds none
         except Exception:
             warnings.warn("no C++ compiler found (g++, or the one CXX names) to compile the sampler's decode step; "
