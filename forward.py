@@ -1,7 +1,7 @@
-"""The sampler's forward pass: a Llama / Qwen2 / Qwen3-shaped decoder over a dict of weights with HF's names, the
-shapes as data, attention the caller's (prefill and decode attend differently over the paged KV pool).
+"""The sampler's forward pass: a Llama / Qwen2 / Qwen3-shaped decoder over HF's weights grouped by layer, the shapes
+as data, attention the caller's (prefill and decode attend differently over the paged KV pool).
 
-    logits = forward(ModelConfig.from_hf(hf_config), weights, tokens, positions, attend)
+    logits = forward(ModelConfig.from_hf(hf_config), sampler.forward_weights(), tokens, positions, attend, pools)
 """
 
 from dataclasses import dataclass
