@@ -37,6 +37,7 @@ class _Prompt:
     index: int
     tokens: list[int]
     waiting: deque                       # sample indices not running yet (a preempted one goes back in front)
+    running: int = 0                     # rollouts running now
     blocks: list[int] | None = None      # its KV blocks once prefilled
     logits: torch.Tensor | None = None   # its last-position logits: every rollout's first token comes from them
 
@@ -124,6 +125,7 @@ class Generation:
                     break
                 continue
             rollout = _Rollout(prompt, prompt.waiting.popleft(), self.free_slots.pop())
+            prompt.running += 1
             self.running.append(rollout)
             started.append(rollout)
         if started:  # first tokens come straight from the prompts' last logits
@@ -169,8 +171,7 @@ class Generation:
     def alloc_block(self, rollout: _Rollout) -> int | None:
         """A free block, made by dropping idle prompts' KV (newest first), then preempting the newest rollout."""
         while not self.free_blocks:
-            busy = {r.prompt for r in self.running}
-            idle = [p for p in self.active if p not in busy]
+            idle = [p for p in self.active if p.running == 0]
             if idle:
                 self.evict(idle[-1])
                 continue
@@ -178,6 +179,7 @@ class Generation:
             self.preemptions += 1
             self.free_blocks.extend(victim.blocks)
             victim.prompt.waiting.appendleft(victim.sample)
+            victim.prompt.running -= 1
             self.free_slots.append(victim.slot)
             if victim is rollout:
                 return None
@@ -185,7 +187,7 @@ class Generation:
 
     def evict(self, prompt: _Prompt) -> None:
         """Free an idle prompt's KV; it is prefilled again when its rollouts get room."""
-        assert prompt not in {r.prompt for r in self.running}, "a prompt's KV is freed only once no rollout of it runs"
+        assert not prompt.running, "a prompt's KV is freed only once none of its rollouts runs"
         self.evictions += 1
         self.free_blocks.extend(prompt.blocks)
         prompt.blocks = prompt.logits = None
@@ -269,8 +271,9 @@ class Generation:
             self.out_model[i, :n].cpu(), rollout.calls, rollout.errors)
         self.running.remove(rollout)
         self.free_slots.append(rollout.slot)
-        self.free_blocks.extend(rollout.blocks)
         prompt = rollout.prompt
-        if not prompt.waiting and prompt not in {r.prompt for r in self.running}:  # its last rollout: its KV goes
+        self.free_blocks.extend(rollout.blocks)
+        prompt.running -= 1
+        if not prompt.running and not prompt.waiting:  # its last rollout: the prompt's KV goes
             self.free_blocks.extend(prompt.blocks)
             self.active.remove(prompt)
