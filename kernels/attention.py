@@ -137,22 +137,22 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 # ---- plain torch: the sampler's path off CUDA, and what the kernels are tested against ----
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                     flash: bool | None = None, few: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     flash: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T x scale + mask) v and its log-sum-exp in float32, q [N, H, M, d], k and v [N, H, keys, d] (any
     strides), mask [N, 1, M or 1, keys] of 0 and -inf: torch's CPU flash attention on a CPU (flash=None), plain
-    products elsewhere and where a compiled step asks for `few` (M a decode row's few queries: a broadcast product
-    the compiler fuses with the paged reads). A query with every key masked gets o = 0, lse = -inf."""
+    products elsewhere. The products are float32's, or the pools' dtype within a compiled step (bf16 ones on a CPU
+    with bf16 units, as HF's attention computes them). A query with every key masked gets o = 0, lse = -inf."""
     empty = mask.isneginf().all(-1)
-    q, k, v = q.float(), k.float(), v.float()
-    if q.device.type == "cpu" and not (few and torch.compiler.is_compiling()) if flash is None else flash:
+    dtype = k.dtype if torch.compiler.is_compiling() else torch.float32
+    q, k, v, mask = q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype)
+    if q.device.type == "cpu" if flash is None else flash:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=mask.expand(-1, -1, q.shape[2], -1), scale=scale)
     else:
-        scores = ((q[..., None, :] * k[:, :, None]).sum(-1) if few else q @ k.transpose(-1, -2)) * scale + mask
+        scores = (q @ k.transpose(-1, -2)).float() * scale + mask
         lse = scores.logsumexp(-1)
-        p = (scores - torch.where(empty, 0.0, lse)[..., None]).exp()  # exp(-inf - 0) = 0, not NaN
-        o = (p[..., None] * v[:, :, None]).sum(-2) if few else p @ v
-    return o, lse.masked_fill(empty, float("-inf"))
+        o = (scores - torch.where(empty, 0.0, lse)[..., None]).exp().to(dtype) @ v  # exp(-inf - 0) = 0, not NaN
+    return o.float(), lse.masked_fill(empty, float("-inf"))
 
 
 def _paged_keys(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, length: torch.Tensor,
@@ -202,7 +202,7 @@ def reference_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     rep = heads // kv
     k, v, mask = _paged_keys(k_pool, v_pool, block_table, seq_len, num_splits)
     qs = q.float().view(rows, kv, 1, rep, d).expand(-1, -1, num_splits, -1, -1).reshape(rows, kv, -1, d)
-    o, lse = masked_attention(qs, k, v, mask if num_splits == 1 else mask.repeat_interleave(rep, 2), scale, few=True)
+    o, lse = masked_attention(qs, k, v, mask if num_splits == 1 else mask.repeat_interleave(rep, 2), scale)
     return (o.view(rows, kv, num_splits, rep, d).transpose(2, 3).reshape(rows, heads, num_splits, d),
             lse.view(rows, kv, num_splits, rep).transpose(2, 3).reshape(rows, heads, num_splits))
 
