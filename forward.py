@@ -89,7 +89,7 @@ def decoder_layer(c: ModelConfig, w: dict, x: torch.Tensor, cos: torch.Tensor, s
 
 def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tensor, attend, pools, context=(),
             keep=None, layer=decoder_layer) -> torch.Tensor:
-    """Float32 logits of `tokens` at `positions` (of x[keep] alone, if given) over Sampler.forward_weights `w`;
+    """Logits, in the weights' dtype, of `tokens` at `positions` (of x[keep] alone, if given) over forward_weights `w`;
     layer i attends by attend(q, k, v, k_pool[i], v_pool[i], *context) -> o, pools = (k_pool, v_pool)."""
     embed = w["model.embed_tokens.weight"]
     x = embed[tokens]
@@ -101,4 +101,4 @@ def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tens
     for lw, k_pool, v_pool in zip(w["layers"], *pools):
         x = layer(c, lw, x, cos, sin, attend, k_pool, v_pool, *context)
     x = rms_norm(x if keep is None else x[keep], w["model.norm.weight"], c.rms_norm_eps)
-    return linear(w, x, "lm_head").float()
+    return linear(w, x, "lm_head")
