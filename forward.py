@@ -56,21 +56,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
-@torch.library.custom_op("fanout::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with a weight prepacked for oneDNN (Sampler.forward_weights on a CPU); an op of its own, so a
-    compiled layer calls it between the code the compiler fuses."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+# F.linear with a weight prepacked for oneDNN (Sampler.forward_weights on a CPU): an op of its own, so a compiled
+# layer calls it between the code the compiler fuses, defined bare (a custom_op's autograd wrapper costs 7 us a call)
+_lib = torch.library.Library("fanout", "DEF")
+_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.impl("packed_linear", lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+          "CompositeExplicitAutograd")
+torch.library.register_fake("fanout::packed_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
 
 
 def linear(w: dict, x: torch.Tensor, name: str) -> torch.Tensor:
     if name + ".packed" in w:
-        return packed_linear(x, w[name + ".packed"], w.get(name + ".bias"))
+        return torch.ops.fanout.packed_linear(x, w[name + ".packed"], w.get(name + ".bias"))
     return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
 
 
