@@ -1,8 +1,9 @@
 """Keyed Gumbel-max sampling: each row's token, its logprob and the entropy, in one pass over the vocabulary.
 Row r with uint32 key k gets, for token j, u = ((hash32(hash32(j) ^ k) >> 8) + 0.5) * 2^-24 and samples
-argmax(z - log(-log u)), z = logits / temperature: an exact draw from softmax(z) that depends on the row's logits
-and key alone, never on its batch (DESIGN.md, Sampler contract). `sample` (Triton) and `reference_sample` (torch)
-return (tokens, logprob, entropy) per row; temperature 0 is greedy.
+argmax(z - log(-log u)) = argmax(softmax(z) / -log u), z = logits / temperature (taken the second way: one log a
+token): an exact draw from softmax(z) that depends on the row's logits and key alone, never on its batch (DESIGN.md,
+Sampler contract). `sample` (Triton) and `reference_sample` (torch) return (tokens, logprob, entropy) per row;
+temperature 0 is greedy.
 """
 
 import torch
@@ -55,10 +56,11 @@ def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: floa
     for s in starts:
         z = logits[s:s + rows].float() / temperature if noise else logits[s:s + rows].float()
         logp = z.log_softmax(-1)
-        # Gumbel-max: argmax(z + Gumbel noise) is an exact draw from softmax(z)
-        tokens = (z - uniform(keys[s:s + rows], token_hash).log_().neg_().log_()).argmax(-1) if noise else z.argmax(-1)
+        p = logp.exp()
+        # Gumbel-max, argmax(z - log E) with E = -log u ~ Exp(1), taken as argmax(p / E): one log a token, not two
+        tokens = (p / uniform(keys[s:s + rows], token_hash).log_().neg_()).argmax(-1) if noise else z.argmax(-1)
         out[0][s:s + rows], out[1][s:s + rows] = tokens, logp.gather(-1, tokens[:, None])[:, 0]
-        out[2][s:s + rows] = -(logp.exp() * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)  # 0 log 0 = 0
+        out[2][s:s + rows] = -(p * logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)  # 0 log 0 = 0
     return tuple(out)
 
 
@@ -81,7 +83,8 @@ def _sample_kernel(logits_ptr, keys_ptr, temperature_ptr, tokens_ptr, logprob_pt
     temperature = tl.load(temperature_ptr)
     key = tl.load(keys_ptr + row).to(tl.uint32)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-    best, best_idx, best_z = float("-inf"), 0, 0.0  # best noisy score so far, its token and its z
+    # best score so far (with noise p / E >= 0, p = exp(z - m) as the running max m last moved, else z), its token, z
+    best, best_idx, best_z = 0.0 if NOISE else float("-inf"), 0, 0.0
     # m: running max of z (finite from the start, so exp(m - m_new) never meets -inf - -inf);
     # s = sum exp(z - m), t = sum exp(z - m) * z, both rescaled whenever m grows
     m, s, t = -3.0e38, 0.0, 0.0
@@ -89,18 +92,18 @@ def _sample_kernel(logits_ptr, keys_ptr, temperature_ptr, tokens_ptr, logprob_pt
         offs = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
         z = tl.math.div_rn(x, temperature)  # IEEE division like torch's: "/" is approximate on CUDA
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new)
         score = z
-        if NOISE:
+        if NOISE:  # argmax p / E, E = -log u ~ Exp(1), as the reference; the best so far rescaled to m_new as p is
             h = _hash32(_hash32(offs.to(tl.uint32)) ^ key)
             u = tl.minimum(((h >> 8).to(tl.float32) + 0.5) * 2.0 ** -24, U_MAX)
-            score = z - tl.log(-tl.log(u))
+            score, best = p / -tl.log(u), best * alpha
         tile_best, i = tl.max(score, 0, return_indices=True, return_indices_tie_break_left=True)
         if tile_best > best:  # strict, so ties keep the earlier tile, as torch.argmax does
             best, best_idx = tile_best, start + i
             best_z = tl.sum(tl.where(offs == best_idx, z, 0.0), 0)
-        m_new = tl.maximum(m, tl.max(z, 0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new)
         s = s * alpha + tl.sum(p, 0)
         t = t * alpha + tl.sum(p * tl.where(p > 0, z, 0.0), 0)  # where z = -inf, p = 0 and 0 * -inf is nan
         m = m_new
