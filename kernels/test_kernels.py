@@ -221,24 +221,31 @@ def test_reference_padding_row_sees_only_its_own_keys(dtype, head_dim, rep):
     torch.testing.assert_close(o[-1].float(), own, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("flash", [True, False, "compiled"])
 def test_masked_attention_paths_agree(flash):
-    """torch's CPU flash attention (the sampler's CPU path) and the plain products (its path on a GPU) both
-    give softmax attention with an additive mask and its log-sum-exp, on strided keys."""
+    """torch's CPU flash attention (the sampler's CPU path), the plain products (its path on a GPU) and, within a
+    compiled step, flash attention in bf16 keys' dtype all give softmax attention with an additive mask and its
+    log-sum-exp in float32, on strided keys."""
     g = torch.Generator().manual_seed(11)
     q = torch.randn(5, 3, 4, 32, generator=g)
     k, v = (torch.randn(5, 40, 3, 32, generator=g).transpose(1, 2) for _ in range(2))  # [N, heads, keys, d], strided
+    tol = 1e-5
+    if flash == "compiled":  # bf16 keys, values and queries; the reference on the same rounded values
+        q, k, v, tol = q.bfloat16().float(), k.bfloat16(), v.bfloat16(), 2 ** -7
     valid = torch.arange(40) < torch.randint(1, 41, (5,), generator=g)[:, None, None]
     valid = valid.expand(5, 4, 40).clone()
     valid[1, 2] = False  # a query with no key at all: o = 0, lse = -inf, never NaN
     mask = torch.zeros(5, 1, 4, 40).masked_fill(~valid[:, None], float("-inf"))
-    o, lse = masked_attention(q, k, v, mask, 0.2, flash=flash)
+    o, lse = torch.compile(masked_attention)(q, k, v, mask, 0.2) if flash == "compiled" else \
+        masked_attention(q, k, v, mask, 0.2, flash=flash)
+    assert o.dtype == lse.dtype == torch.float32
+    k, v = k.float(), v.float()
     scores = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~valid[:, None], float("-inf"))
     scores[1, :, 2] = 0.0  # finite, so the others' reference has no NaN; that query's is set below
     want_o, want_lse = scores.softmax(-1) @ v, scores.logsumexp(-1)
     want_o[1, :, 2], want_lse[1, :, 2] = 0.0, -math.inf
-    torch.testing.assert_close(o, want_o, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o, want_o, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype, head_dim, rep", CASES + [(torch.float32, 48, 3)])
