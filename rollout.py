@@ -9,6 +9,7 @@ P + N*T tokens, not N*(P+T). A decode step attends to the prompt's KV for all it
 each rollout's own blocks, merged by log-sum-exp (kernels/attention.py); which rollouts run is scheduler.py's.
 """
 
+import os
 import warnings
 from dataclasses import dataclass, fields
 from functools import partial
@@ -88,14 +89,16 @@ class Sampler:
         try:
             if self.compiled and cpu:  # inductor imported only then: a second of every process's start otherwise
                 from torch._inductor import cpp_builder
+                from torch._inductor.runtime.cache_dir_utils import cache_dir
                 cpp_builder.get_cpp_compiler()  # raises when inductor finds none
+                # its disk cache ignores the vector ISA (AVX2's kernels overrun their buffers under AVX-512): one each
+                isa, cache = torch.backends.cpu.get_cpu_capability(), cache_dir()
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache if cache.endswith(isa) else os.path.join(cache, isa)
         except Exception:
-            warnings.warn("no C++ compiler found (g++, or the one CXX names) to compile the sampler's decode step; "
-                          "it runs eagerly, slower: install g++ to speed it up")
+            warnings.warn("no C++ compiler found to compile the sampler's decode step: it runs eagerly; install g++")
             self.compiled = False
-        # bf16 products on weights prepacked for oneDNN (float32's plain products are the faster ones)
-        bf16_units = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        self.prepack = self.compiled and cpu and dtype == torch.bfloat16 and bf16_units
+        bf16_units = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # weights prepacked for oneDNN's bf16 products
+        self.prepack = self.compiled and cpu and dtype == torch.bfloat16 and bf16_units  # (float32's plain: faster)
         self.packed, self.packed_version = None, None
         dynamic = True if self.device.type == "cuda" else None  # a CPU's kernels are faster sized: sized first
         self.layer = torch.compile(decoder_layer, dynamic=dynamic) if self.compiled else decoder_layer

@@ -1,6 +1,7 @@
 """The sampler (rollout.py, forward.py, scheduler.py) against HF transformers and its own contract (DESIGN.md,
 Sampler contract); the models and helpers the other test files share. Run by test_all.py."""
 
+import os
 import re
 from pathlib import Path
 
@@ -267,6 +268,16 @@ def test_prepacked_weights_follow_every_weight_sync():
         assert got.tokens == Sampler(config, model.state_dict(), "cpu", dtype=torch.bfloat16, compiled=True).generate(
             prompts, [2, 2], **kwargs).tokens
     assert after.tokens != before.tokens
+
+
+def test_compiled_sampler_keeps_a_kernel_cache_per_vector_isa(monkeypatch, tmp_path):
+    """inductor's disk cache is not keyed on the vector ISA, and kernels written for AVX2 overrun their buffers when a
+    process with AVX-512 loads them: each ISA (which ATEN_CPU_CAPABILITY can lower) compiles into its own folder."""
+    model = tiny_model("llama", seed=3)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    for _ in range(2):  # a second sampler in the process keeps the folder
+        assert Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", compiled=True).compiled
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / torch.backends.cpu.get_cpu_capability())
 
 
 def test_without_a_compiler_the_sampler_decodes_eagerly(monkeypatch):
