@@ -103,8 +103,9 @@ class Sampler:
         dynamic = True if self.device.type == "cuda" else None  # a CPU's kernels are faster sized: sized first
         self.layer = torch.compile(decoder_layer, dynamic=dynamic) if self.compiled else decoder_layer
         self.attend = torch.compiler.disable(self._attend) if self.use_triton else self._attend  # Triton's: as is
-        if self.compiled and not self.use_triton:  # all rows at once: compiled, no [rows, vocab] temporary is kept
-            self.sample = torch.compile(partial(sampling.reference_sample, chunk_elements=None))
+        if self.compiled and not self.use_triton:  # all rows at once, the token ids hashed once (not fused per row)
+            token_hash = sampling.hash32(torch.arange(len(self.layered["lm_head.weight"]), device=self.device))
+            self.sample = torch.compile(partial(sampling.reference_sample, chunk_elements=None, token_hash=token_hash))
         # decode steps padded to powers of two, replayed as CUDA graphs kept for the run, the temperature an input
         # (on CPU, cuda_graphs=True pads and runs eagerly: how the padding is tested)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs

@@ -10,27 +10,25 @@ import torch
 import triton
 import triton.language as tl
 
-_M32 = 0xFFFFFFFF
 # The largest hash gives k + 0.5 = 2^24 - 0.5, which float32 rounds to 2^24: u = 1 and a noise of
 # +inf would pick that token whatever its logit (about 1% of rows with a 150k vocabulary).
 _U_MAX = 1.0 - 2.0 ** -24
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective mixing function on uint32 values held in int64 (Wellons' lowbias32; products never overflow)."""
-    x = x & _M32  # a fresh copy; the rest works in place
-    x ^= x >> 16
+    """A bijective mixing function (Wellons' lowbias32) on x mod 2^32, as the bits of int32 values: products wrap,
+    and each shift is masked to the logical one (half the bytes of uint32 values held in int64)."""
+    x = x.to(torch.int32, copy=True)  # the rest works in place
+    x ^= (x >> 16) & 0xFFFF
     x *= 0x21F0AAAD
-    x &= _M32
-    x ^= x >> 15
+    x ^= (x >> 15) & 0x1FFFF
     x *= 0x735A2D97
-    x &= _M32
-    x ^= x >> 15
+    x ^= (x >> 15) & 0x1FFFF
     return x
 
 
 def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One uint32 key per row from (seed, prompt index, sample index, position), whatever the batch."""
+    """One key per row (uint32 bits, in int32) from (seed, prompt index, sample index, position), whatever the batch."""
     k = hash32(torch.full_like(prompt, seed) + 0x9E3779B9)
     for part in (prompt, sample, position):
         k = hash32(k + part)
@@ -39,18 +37,19 @@ def sample_keys(seed: int, prompt: torch.Tensor, sample: torch.Tensor, position:
 
 def uniform(keys: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] uniforms in (0, 1) from hash32(hash32(token id) ^ key)."""
-    x = hash32(token_hash[None] ^ keys[:, None])
-    return ((x >> 8).float() + 0.5).mul_(2.0 ** -24).clamp_(max=_U_MAX)
+    x = hash32(token_hash[None] ^ keys.int()[:, None])
+    return (((x >> 8) & 0xFFFFFF).float() + 0.5).mul_(2.0 ** -24).clamp_(max=_U_MAX)
 
 
 def reference_sample(logits: torch.Tensor, keys: torch.Tensor, temperature: float | torch.Tensor,
-                     chunk_elements: int | None = 1 << 18) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(tokens, logprob, entropy) per row, in row chunks of about 2 MB of int64 (cache-sized temporaries; None: all
-    rows at once, as a compiled step does, its temporaries fused away)."""
+                     chunk_elements: int | None = 1 << 18,
+                     token_hash: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, logprob, entropy) per row, in row chunks of 2^18 elements (cache-sized temporaries; None: all rows at
+    once, as a compiled step does, its temporaries fused away); token_hash: hash32 of the token ids, if made once."""
     noise = isinstance(temperature, torch.Tensor) or temperature > 0
     rows = len(logits) if chunk_elements is None else max(1, chunk_elements // logits.shape[-1])
     starts = (0,) if chunk_elements is None else range(0, len(logits), rows)  # a range would fix a compile's rows
-    token_hash = hash32(torch.arange(logits.shape[-1], device=logits.device))
+    token_hash = hash32(torch.arange(logits.shape[-1], device=logits.device)) if token_hash is None else token_hash
     out = [torch.empty(len(logits), dtype=dtype, device=logits.device) for dtype in (torch.long, torch.float32,
                                                                                    torch.float32)]
     for s in starts:

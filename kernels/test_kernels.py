@@ -78,11 +78,13 @@ def random_logits(B: int, V: int, dtype: torch.dtype, gen: torch.Generator) -> t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [1000, 3000, 5000])
 def test_triton_sample_matches_reference(poisoned_empty, dtype, V):
-    """Also with the temperature as a one-element tensor, as a CUDA graph hands it over to be read at replay."""
+    """Also with the temperature as a one-element tensor, as a CUDA graph hands it over to be read at replay, and
+    with keys as uint32 values in int64 or as their bits in int32 (as sample_keys makes them)."""
     gen = torch.Generator().manual_seed(V)
     for temperature in (0.0, 0.7, 1.0, 1.3):
         logits = random_logits(6, V, dtype, gen).to(DEVICE)
         keys = torch.randint(0, 2 ** 32, (6,), generator=gen).to(DEVICE)
+        keys = keys.int() if temperature in (0.7, 1.3) else keys
         tokens, logprob, entropy = sample(logits, keys, torch.tensor([temperature], device=DEVICE)
                                           if temperature == 1.3 else temperature)
         ref_tokens, ref_logprob, ref_entropy = reference_sample(logits, keys, temperature)
@@ -93,7 +95,7 @@ def test_triton_sample_matches_reference(poisoned_empty, dtype, V):
 
 def test_largest_hash_gives_no_infinite_noise():
     key, token = 1743, 276  # hash32(hash32(276) ^ 1743) >> 8 is 2^24 - 1, the largest value
-    raw = hash32(hash32(torch.tensor([token])) ^ key) >> 8
+    raw = (hash32(hash32(torch.tensor([token])) ^ key) >> 8) & 0xFFFFFF  # int32 bits: the logical shift
     assert raw.item() == 2 ** 24 - 1 and (raw.float() + 0.5).item() * 2 ** -24 == 1.0  # float32 rounds up to 1
     logits = torch.zeros(1, 1000)
     logits[0, token] = -30.0  # softmax gives it ~1e-16: it must not be drawn
