@@ -23,7 +23,7 @@ import trainer
 from forward import ModelConfig
 from kernels.test_kernels import random_prompts, tiny_model
 from rollout import Sampler
-from test_run import TIMING, step_rows, tba_run
+from test_run import ONE_THREAD, TIMING, step_rows, tba_run
 from test_sampler import HANG_GUARD, ROOT, save_tiny_model
 
 CFG = config.Config(lora_rank=4, lora_alpha=8.0, lr=1e-2, entropy_coef=1e-2, dtype="float32")
@@ -145,8 +145,9 @@ def lora_run(tmp_path, name: str, ranks: int, *flags: str, wait=True):
                "--adam-eps", "1e-5", "--steps", "4", "--lora-rank", "4", "--lora-alpha", "8",
                "--out-dir", str(tmp_path / name), *flags]
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=ONE_THREAD)
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD, env=ONE_THREAD)
     assert run.returncode == 0, run.stderr[-3000:]
     return step_rows(tmp_path / name)
 

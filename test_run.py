@@ -215,6 +215,12 @@ def tiny_run(tmp_path: Path, smollm2) -> list[str]:
             "--entropy-coef", "1e-2"]
 
 
+# Runs compared float for float fix torch's threads: a run's count follows the machine's load step by step
+# (cluster.set_threads), a float32 sum on 1 thread differs from one on 2, and so would a step that saw a busy core;
+# with one thread, one process and several compute alike too
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def step_rows(out_dir: Path) -> list[dict]:
     """A run's step rows less what the machine decides: timings and the threads a step took (each rank's share)."""
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -228,12 +234,12 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, smollm2):
     command = [sys.executable, "train.py", *tiny_run(tmp_path, smollm2), *e3, "--steps", "4", "--save-every", "1"]
     # the unbroken run saves nothing: saving must not change a run either
     unbroken = subprocess.run(command[:-2] + ["--out-dir", str(tmp_path / "a")], cwd=ROOT, capture_output=True,
-                              text=True, timeout=HANG_GUARD)
+                              text=True, timeout=HANG_GUARD, env=ONE_THREAD)
     assert unbroken.returncode == 0, unbroken.stderr[-2000:]
     assert "Loading weights" not in unbroken.stderr and "train: 100%" in unbroken.stderr  # the run's own bar alone
     out = tmp_path / "b"
     killed = subprocess.Popen(command + ["--out-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, env=ONE_THREAD)
     deadline = time.time() + HANG_GUARD
     while not (out / "checkpoints" / "step_000001").is_dir() and time.time() < deadline:
         time.sleep(0.05)
@@ -244,7 +250,7 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, smollm2):
     half_written.mkdir()
     (half_written / ".metadata").write_text("garbage")
     resumed = subprocess.run(command + ["--out-dir", str(out), "--resume", "auto"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=HANG_GUARD)
+                             text=True, timeout=HANG_GUARD, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     a, b = step_rows(tmp_path / "a"), step_rows(out)
@@ -322,8 +328,6 @@ def tba_command(tmp_path: Path, name: str, procs: int, *flags: str) -> list[str]
             "--rollouts-per-prompt", "3", "--max-new-tokens", "6", "--task-size", "40", "--eval-prompts", "2",
             "--eval-samples", "1", "--lr", "1e-3", "--adam-eps", "1e-5", "--out-dir", str(tmp_path / name), *flags]
 
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # so that one process and several compute alike
 
 
 def tba_run(tmp_path: Path, name: str, procs: int, *flags: str) -> subprocess.CompletedProcess:
