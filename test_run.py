@@ -329,7 +329,6 @@ def tba_command(tmp_path: Path, name: str, procs: int, *flags: str) -> list[str]
             "--eval-samples", "1", "--lr", "1e-3", "--adam-eps", "1e-5", "--out-dir", str(tmp_path / name), *flags]
 
 
-
 def tba_run(tmp_path: Path, name: str, procs: int, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(tba_command(tmp_path, name, procs, *flags), cwd=ROOT, capture_output=True, text=True,
                           timeout=HANG_GUARD, env=ONE_THREAD)
