@@ -10,7 +10,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the interpreter on CPU
 
+import json
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -377,3 +380,66 @@ def test_padded_decode_rows_feed_no_nan_to_sampling(poisoned_empty):
     assert got.tokens == want.tokens and 8 in rows_seen  # 5 rows padded to 8
     for a, b in zip(got.logprobs + got.entropies, want.logprobs + want.entropies):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+# ---- the kernels compiled for GPUs, on a machine without one ----
+
+SHARED_MEMORY = {86: 101376, 90: 232448}  # the bytes a block may opt into: RTX 30xx / A10 / L40 (sm_89 too), H100
+
+
+def compile_kernels_for(arch: int) -> list[tuple[str, int, int]]:
+    """Every Triton kernel compiled as its launcher calls it, for a CUDA GPU of compute capability `arch`, with no GPU
+    present: Triton's compiler and ptxas run, nothing is launched. (kernel, shared memory bytes, cubin bytes) each.
+    Run with TRITON_INTERPRET=0, in a process of its own (the fake driver stays active)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+    from kernels import logprob
+
+    driver.set_active(SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", arch, 32),
+                                      get_current_device=lambda: 0, get_current_stream=lambda device=None: 0))
+    compiled, run = [], JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)  # warmup: compile, return, launch nothing
+        compiled.append((self.fn.__name__, kernel.metadata.shared, len(kernel.asm["cubin"])))
+        return kernel
+
+    JITFunction.run = compile_only
+    gen = torch.Generator().manual_seed(arch)
+    for dtype in (torch.bfloat16, torch.float32):
+        keys = torch.randint(0, 1 << 31, (4,), dtype=torch.int32, generator=gen)
+        for V in (49152, 151936):  # SmolLM2's and Qwen2.5's vocabularies
+            for temperature in (1.0, 0.0, torch.ones(1)):
+                sample(torch.randn(4, V, generator=gen).to(dtype), keys, temperature)
+        for heads, kv_heads, head_dim, block_size in ((9, 3, 64, 16), (12, 2, 128, 16), (16, 8, 128, 32)):
+            q = torch.randn(8, heads, head_dim, generator=gen).to(dtype)
+            pool = torch.randn(64, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+            table = torch.randint(0, 64, (8, 4), dtype=torch.int32, generator=gen)
+            four = torch.tensor([4, 4], dtype=torch.int32)
+            attention.prefix_attention(q, pool, pool, four - 4, four, four * 10, table[:2], 0.1, 4)
+            attention.decode_attention(q, pool, pool, torch.full((8,), 50, dtype=torch.int32), table, 0.1, 2)
+        for hidden_dtype, D, V in ((dtype, 576, 49152), (torch.bfloat16, 1536, 151936)):  # the second mixed
+            h = torch.randn(16, D, generator=gen).to(hidden_dtype).requires_grad_()
+            w = torch.randn(V, D, generator=gen).to(dtype).requires_grad_()
+            sum(map(torch.sum, logprob.logprob(h, w, torch.randint(0, V, (16,), generator=gen), 0.7))).backward()
+    return compiled
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="gpu-check runs them on the GPU itself")
+@pytest.mark.parametrize("arch", [86, 90])
+def test_every_kernel_compiles_for_a_gpu_without_one(arch):
+    """The interpreter does not hold a kernel to what the compiler accepts (its types, its constexprs, shared
+    memory): each kernel as its launcher calls it compiles to a cubin for an H100 (sm_90) and an RTX 30xx / A10
+    (sm_86, the least shared memory), within the shared memory a block may use there."""
+    script = f"import json, kernels.test_kernels as k; print(json.dumps(k.compile_kernels_for({arch})))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "TRITON_INTERPRET": "0"},
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.splitlines()[-1])
+    names = {name for name, _, _ in compiled}
+    assert names == {"_sample_kernel", "_paged_attention_kernel", "_forward_kernel", "_backward_kernel"}, names
+    assert all(cubin > 0 for _, _, cubin in compiled)
+    for name, shared, _ in compiled:
+        assert 0 < shared <= SHARED_MEMORY[arch], f"{name} needs {shared} bytes of shared memory on sm_{arch}"
