@@ -268,7 +268,7 @@ class Generation:
         i, n = rollout.slot, rollout.length
         self.results[(rollout.prompt.index, rollout.sample)] = (
             self.out_tok[i, :n].tolist(), self.out_lp[i, :n].clone(), self.out_ent[i, :n].clone(), reason,
-            self.out_model[i, :n].cpu(), rollout.calls, rollout.errors)
+            self.out_model[i, :n].to("cpu", copy=True), rollout.calls, rollout.errors)
         self.running.remove(rollout)
         self.free_slots.append(rollout.slot)
         prompt = rollout.prompt

@@ -113,6 +113,25 @@ def test_preempted_multi_turn_rollouts_give_the_same_tokens(smollm2):
     assert all(torch.equal(a, b) for a, b in zip(squeezed.masks, whole.masks))
 
 
+def test_each_rollout_keeps_its_own_mask_when_its_slot_is_reused(smollm2):
+    """A finished rollout's mask is a copy of its own: with one slot every rollout decodes in the slot the one before
+    left, and the masks (which differ: a call once the turn has 4 to 9 tokens) equal those of a run with a slot each."""
+    model, tok = smollm2
+    cfg = config.Config(max_tool_calls=2, max_tool_output_tokens=4, max_new_tokens=40)
+
+    class VaryingTools(ScriptedTools):
+        def code(self, turn):
+            return self.script if len(turn) >= 4 + turn[0] % 6 else None
+
+    tools = VaryingTools(tok, cfg, every=0, script="print(1)")
+    prompts = [chat(tok, "What is 6 x 7?"), chat(tok, "Name a prime number.")]
+    runs = [Sampler(ModelConfig.from_hf(model.config), model.state_dict(), dtype=torch.float32, max_slots=slots)
+            .generate(prompts, [3, 2], 40, 1.0, stop_token_ids=[tok.eos_token_id], seed=5, tools=tools)
+            for slots in (1024, 1)]
+    assert runs[1].tokens == runs[0].tokens and len({tuple(m.tolist()) for m in runs[0].masks}) > 2
+    assert all(torch.equal(a, b) for a, b in zip(runs[1].masks, runs[0].masks))
+
+
 def test_a_rollout_takes_one_token_a_step(smollm2, monkeypatch):
     """A rollout back from its tool samples its next token from the turn's forward and is not decoded again in the
     same step (its blocks were reserved for that one; it may have finished)."""
