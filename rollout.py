@@ -82,8 +82,7 @@ class Sampler:
         for name in ("prefix_attention", "decode_attention"):
             setattr(self, name, getattr(attention, prefix + name))
         self.sample = getattr(sampling, prefix + "sample")
-        # compiled=True: a decode step's layers and sampling compiled, in each process and for each new shape (repaid
-        # by long decoding: docs/sampler.md); on CUDA the layers alone, under the graphs (gpu_check.py times both)
+        # compiled=True: a decode step's layers and sampling compiled (docs/sampler.md); on CUDA the layers alone
         cpu = self.device.type == "cpu" and not self.use_triton  # Triton's CPU interpreter does not compile
         self.compiled = compiled
         try:

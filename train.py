@@ -140,8 +140,7 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
     if saved:
         state.load_state_dict(saved)
     step_ids = loss.step_token_ids(tokenizer) if cfg.echo_coef > 0 else None
-    bar = tqdm(range(start_step, cfg.steps), desc="train", disable=roles.rank != 0, initial=start_step,
-               total=cfg.steps)
+    bar = tqdm(range(start_step, cfg.steps), desc="train", disable=roles.rank != 0, initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
         threads = set_threads(follow_load=sampler.device.type == "cpu")  # fair to a busy machine (cluster.py)

@@ -123,9 +123,8 @@ def _forward_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, mean_z_ptr, z_target_ptr
 
 @triton.jit
 def _backward_kernel(h_ptr, w_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprob_ptr, grad_entropy_ptr,
-                     grad_h_ptr, grad_w_ptr, N, V, D, temperature,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     grad_h_ptr, grad_w_ptr, N, V, D, temperature, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per [BLOCK_N tokens, BLOCK_V vocab] tile: recompute z, g = dloss/dz, then add g @ W[cols] to
     grad_h[rows] and g^T @ h[rows] to grad_w[cols] with float32 atomics, as Cut Cross-Entropy does (Wijmans et
     al. 2024): no [N, V] buffer, at the price of a summation order that varies run to run."""
