@@ -70,7 +70,8 @@ def run_program(program: str, tests: str, setup: str = "", entry_point: str | No
             proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-u", "-c", PROCESS], stdin=subprocess.PIPE,
                                     stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
                                     pass_fds=(verdict_w,), env={"PATH": "/usr/bin:/bin", "HOME": folder,
-                                                                "TMPDIR": folder, "LANG": "C.UTF-8"})
+                                                                "TMPDIR": folder, "LANG": "C.UTF-8",  # BLAS: 1 thread
+                                                                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
         finally:
             os.close(verdict_w)
         try:  # the tests wait in the pipe until the child has let go of it
@@ -172,10 +173,12 @@ def sandbox_main() -> None:
     os.close(requests)
     os.close(reply)
     passed, timed_out, token = test_side(orders, ask, answers)
-    try:
-        os.killpg(child, signal.SIGKILL)  # the program, and whatever it started in its process group
-    except OSError:
-        pass
+    os.kill(child, signal.SIGSTOP)  # the program stopped (a child not waited for yet: this never fails)
+    with contextlib.suppress(OSError):  # back in its own group: a PID namespace's init left in another's never ends
+        os.setpgid(child, child)
+    with contextlib.suppress(OSError):  # the program, with whatever it started in its group (in a PID namespace: all)
+        os.killpg(child, signal.SIGKILL)
+    os.kill(child, signal.SIGKILL)  # and itself, should setpgid have failed (it does once the program has exec'd)
     _, status, usage = os.wait4(child, 0)  # with a PID namespace, its last process is gone when this returns
     out_of_cpu = os.WIFSIGNALED(status) and usage.ru_utime + usage.ru_stime >= orders["limits"]["cpu_s"]
     if root and "pid" not in spaces:  # no PID namespace: end every process of its user, wherever it went
@@ -326,8 +329,8 @@ def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
         order = read_frame(0)  # the tests and the token, read only now: the child has let go of this pipe
         namespace, entry = {"__name__": "tests"}, orders["entry_point"]
         exec(compile(orders["setup"], "setup", "exec"), namespace)
-        namespace.update({name: proxy(name) for name in names if type(name) is str and (name == entry or
-                                                                                       name not in namespace)})
+        namespace.update({name: proxy(name) for name in names if type(name) is str and (name == entry or (
+            name not in namespace and not hasattr(builtins, name)))})  # a program's `sorted` is never the tests'
         exec(compile(order["tests"], "tests", "exec"), namespace)
         if entry:
             namespace["check"](namespace[entry])
@@ -340,6 +343,6 @@ def test_side(orders: dict, ask: int, answers: int) -> tuple[bool, bool, str]:
         return False, state["timed_out"], ""
 
 
-PROCESS = "import builtins, ctypes, marshal, os, resource, signal, sys\n" + "\n".join(
+PROCESS = "import builtins, contextlib, ctypes, marshal, os, resource, signal, sys\n" + "\n".join(
     inspect.getsource(f) for f in (frame, Failed, read_frame, write_frame, plain, mount, sandbox_main, isolate,
                                    program_side, test_side)) + "\nsandbox_main()\n"

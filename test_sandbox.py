@@ -28,7 +28,8 @@ def fenced(program: str) -> str:
 
 
 def sandbox_processes() -> list[int]:
-    """Processes of any sandbox user (uids from 1e9) still alive, zombies left out."""
+    """Processes of any sandbox user (uids from 1e9) still alive, zombies and those alive before these tests left
+    out (another run's: before 2026-12-05 a program could leave one the kernel never ends)."""
     alive = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -37,7 +38,11 @@ def sandbox_processes() -> list[int]:
             continue
         if int(fields["Uid"].split()[0]) >= 10**9 and not fields["State"].strip().startswith("Z"):
             alive.append(int(status.parent.name))
-    return alive
+    return [pid for pid in alive if pid not in BEFORE]
+
+
+BEFORE: set[int] = set()
+BEFORE.update(sandbox_processes())
 
 
 def test_sandbox_limits_must_be_positive():
@@ -77,6 +82,9 @@ HOSTILE = {  # name: (program, tests, limits); the tests would pass for RIGHT, e
                        "deeper(0)\n" + RIGHT, TESTS, QUICK),
     "100 MB of output": ("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))\n" + RIGHT, TESTS,
                          QUICK),
+    "hides in its child's process group": ("import os, time\npid = os.fork()\nif pid == 0:\n    os.setpgid(0, 0)\n"
+                                           "    time.sleep(10 ** 6)\ntime.sleep(0.2)\nos.setpgid(0, pid)\n"
+                                           "def f(x):\n    return 0\n", TESTS, QUICK),
     "sys.exit(0) before the tests": (RIGHT + "import sys\nsys.exit(0)\n", TESTS, QUICK),
     "os._exit(0) before the tests": (RIGHT + "import os\nos._exit(0)\n", TESTS, QUICK),
     "prints PASSED": ("print('PASSED')\nprint('All tests passed.')\ndef f(x):\n    return 0\n", TESTS, QUICK),
@@ -84,6 +92,8 @@ HOSTILE = {  # name: (program, tests, limits); the tests would pass for RIGHT, e
                             TESTS, QUICK),
     "overrides a builtin": ("import builtins\nbuiltins.abs = lambda x: 0\ndef f(x):\n    return 0\n",
                             "assert abs(f(2) - 4) < 1e-9\n", QUICK),
+    "shadows a builtin the tests call": ("def sorted(x):\n    return [1, 2, 6]\ndef f(x):\n    return 0\n",
+                                         "assert sorted([f(3), 2, 1]) == [1, 2, 6]\n", QUICK),
     "disables exec and assert": ("import builtins\nbuiltins.exec = builtins.compile = lambda *a, **k: None\n"
                                  "builtins.AssertionError = type('Quiet', (Exception,), {})\n"
                                  "__builtins__ = {}\ndef f(x):\n    return 0\n", TESTS, QUICK),
@@ -94,6 +104,8 @@ ENTRY = "def check(candidate):\n    assert candidate(3) == 6\n"
 HOSTILE_ENTRY = {  # HumanEval's form: setup given, tests define check(candidate), called with f
     "patches the helper the tests call": ("def double(x):\n    return 0\ndef f(x):\n    return 0\n",
                                           "def check(candidate):\n    assert candidate(3) == double(3)\n", RIGHT),
+    "shadows a builtin check calls": ("def abs(x):\n    return 0\ndef f(x):\n    return 0\n",
+                                      "def check(candidate):\n    assert abs(candidate(3) - 6) < 1e-9\n", RIGHT),
     "redefines check": ("def check(candidate):\n    pass\ndef f(x):\n    return 0\n", ENTRY, RIGHT),
     "returns an object equal to anything": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
                                             "def f(x):\n    return Yes()\n", ENTRY, RIGHT),
@@ -125,6 +137,13 @@ def test_hostile_program_against_check_scores_zero(name):
     assert sandbox.run_program(right, tests, SETUP, "f").passed
     run = sandbox.run_program(program, tests, SETUP, "f")
     assert not run.passed and not run.timed_out
+
+
+def test_numpy_runs_within_the_process_limit():
+    """A numerical library starts a thread per core unless told otherwise, and the sandbox caps the program's threads
+    and processes: its pools get one thread, so a program using numpy passes even with a limit of 1."""
+    program = "import numpy\ndef f(x):\n    return int(numpy.array([x]) @ numpy.array([2]))\n"
+    assert sandbox.run_program(program, TESTS, limits=sandbox.Limits(processes=1)).passed
 
 
 def test_pass_needs_the_tests_to_run():
