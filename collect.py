@@ -80,7 +80,7 @@ def sample_step(cfg: Config, state: explore.Explore, sampler, tokenizer, task, s
     batch = Batch.concat(parts)
     if cfg.echo_coef > 0:
         batch.clips = loss.echo_clip([s[p:] for s, p in zip(batch.sequences, batch.prompt_lens)], batch.entropies,
-                                     batch.rewards, batch.group, *step_ids, cfg.success, cfg.echo_mode)
+                                     batch.masks, batch.rewards, batch.group, *step_ids, cfg.success, cfg.echo_mode)
     sums.update({"echo_clips": len(batch.clips), "clip_len": sum(batch.clips.values()),
                  "clip_resp": sum(len(batch.sequences[i]) - batch.prompt_lens[i] for i in batch.clips)})
     totals = dict(zip(sums, all_sum(*sums.values())))

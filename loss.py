@@ -131,25 +131,24 @@ def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> f
 def step_token_ids(tokenizer) -> tuple[set[int], set[int]]:
     """(ids whose text ends in a newline, ids whose text is blank), decoded (byte-level BPE stores a newline as Ċ)."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return ({i for i, t in enumerate(texts) if t.endswith("\n")},
-            {i for i, t in enumerate(texts) if not t.strip()})
+    return {i for i, t in enumerate(texts) if t.endswith("\n")}, {i for i, t in enumerate(texts) if not t.strip()}
 
 
-def _steps(tokens: list[int], entropies: list[float], newline_ids: set[int], blank_ids: set[int]):
-    """(end, mean entropy) of each step (to a newline or the end), not blank and at least 2 tokens long."""
+def _steps(tokens: list[int], entropies: list[float], own: list[bool], newline_ids: set[int], blank_ids: set[int]):
+    """(end, mean entropy of its `own` tokens) of each step (to a newline or the end) with 2 or more, not all blank."""
     start = 0
     for t, tok in enumerate(tokens):
         if tok in newline_ids or t == len(tokens) - 1:
-            step = tokens[start:t + 1]
-            if len(step) >= 2 and not all(x in blank_ids for x in step):
-                yield t + 1, sum(entropies[start:t + 1]) / len(step)
+            step = [x for x in range(start, t + 1) if own[x]]
+            if len(step) >= 2 and not all(tokens[x] in blank_ids for x in step):
+                yield t + 1, sum(entropies[x] for x in step) / len(step)
             start = t + 1
 
 
-def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: torch.Tensor,
+def echo_clip(tokens: list[list[int]], entropies, masks, rewards: torch.Tensor, group: torch.Tensor,
               newline_ids: set[int], blank_ids: set[int], success: float = 1.0, mode: str = "all") -> dict[int, int]:
-    """{response index: clip length}, one EchoClip per selected group ("all": every response succeeded; "any"):
-    the step of highest mean sampler entropy among its successful responses, the clip that response's prefix."""
+    """{response index: clip length}, one EchoClip per selected group ("all": every response succeeded; "any"): the
+    step of highest mean sampler entropy (over the model's tokens: masks) of its successes, the clip its prefix."""
     ok, groups = (rewards >= success).tolist(), group.tolist()
     failed = {g for g, o in zip(groups, ok) if not o}
     best = {}  # group id -> (step entropy, response index, clip length)
@@ -159,7 +158,7 @@ def echo_clip(tokens: list[list[int]], entropies, rewards: torch.Tensor, group: 
         ent = torch.as_tensor(entropies[i]).tolist()
         if len(ent) != len(tokens[i]):
             raise ValueError(f"response {i} has {len(tokens[i])} tokens but {len(ent)} sampler entropies")
-        for end, score in _steps(tokens[i], ent, newline_ids, blank_ids):
+        for end, score in _steps(tokens[i], ent, torch.as_tensor(masks[i]).tolist(), newline_ids, blank_ids):
             if g not in best or score > best[g][0]:
                 best[g] = (score, i, end)
     return {i: end for _, i, end in best.values()}

@@ -235,6 +235,10 @@ NL, SP = 10, 11  # "\n" and " " in the hand-made vocabulary; other ids are words
 NEWLINE, BLANK = {NL}, {NL, SP}
 
 
+def every(tokens):  # masks with every token the model's
+    return [[True] * len(t) for t in tokens]
+
+
 def test_echo_clip_picks_the_highest_entropy_step_and_returns_its_prefix():
     tokens = [
         [1, 2, NL, 3, 4, 5, NL, 6, 7],  # steps: [1 2 \n] 0.3, [3 4 5 \n] 0.5, [6 7] (last, no \n) 0.85
@@ -249,25 +253,39 @@ def test_echo_clip_picks_the_highest_entropy_step_and_returns_its_prefix():
         [0.9, 0.9, 0.95, 0.95],
     ]
     rewards, group = torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1])
-    assert loss.echo_clip(tokens, ent, rewards, group, NEWLINE, BLANK) == {0: 9}
+    assert loss.echo_clip(tokens, ent, every(tokens), rewards, group, NEWLINE, BLANK) == {0: 9}
     # "any": group 1 is clipped from its successful response only (the failed one's higher steps are ignored)
-    assert loss.echo_clip(tokens, ent, rewards, group, NEWLINE, BLANK, mode="any") == {0: 9, 2: 3}
+    assert loss.echo_clip(tokens, ent, every(tokens), rewards, group, NEWLINE, BLANK, mode="any") == {0: 9, 2: 3}
     # lower the last step of response 0: response 1's [8 9 \n] (0.6) beats [3 4 5 \n] (0.5); blank skipped
     ent[0][7:] = [0.1, 0.1]
-    assert loss.echo_clip(tokens, ent, rewards, group, NEWLINE, BLANK) == {1: 8}
+    assert loss.echo_clip(tokens, ent, every(tokens), rewards, group, NEWLINE, BLANK) == {1: 8}
 
 
 def test_echo_clip_skips_one_token_and_blank_steps_and_breaks_ties_first():
     tokens = [[NL, 1, NL, SP, NL, SP, SP], [4, NL, 2, 3, NL]]  # resp 0: [\n] short, [1 \n], [" " \n] blank, [" " " "]
     ent = [[9.0, 1.0, 1.0, 5.0, 5.0, 7.0, 7.0], [1.0, 1.0, 1.0, 1.0, 1.0]]  # every valid step scores 1.0
     rewards, group = torch.tensor([1.0, 1.0]), torch.tensor([4, 4])
-    assert loss.echo_clip(tokens, ent, rewards, group, NEWLINE, BLANK) == {0: 3}  # tie: first valid step
+    assert loss.echo_clip(tokens, ent, every(tokens), rewards, group, NEWLINE, BLANK) == {0: 3}  # tie: first valid step
     only_invalid = [[NL, SP, NL], [7]]  # steps: [\n] (1 token), [" " \n] (blank); [7] (1 token)
-    assert loss.echo_clip(only_invalid, [[1.0] * 3, [2.0]], rewards, group, NEWLINE, BLANK) == {}
-    assert loss.echo_clip([[], [1, 2]], [[], [0.5, 0.5]], rewards, group, NEWLINE, BLANK) == {1: 2}
+    assert loss.echo_clip(only_invalid, [[1.0] * 3, [2.0]], every(only_invalid), rewards, group, NEWLINE, BLANK) == {}
+    assert loss.echo_clip([[], [1, 2]], [[], [0.5, 0.5]], [[], [True, True]], rewards, group, NEWLINE, BLANK) == {1: 2}
 
 
-def brute_force_echo_clip(tokens, ent, rewards, group, success, mode):
+def test_echo_clip_scores_a_step_by_the_models_own_tokens():
+    """A tool's output tokens were not sampled (the sampler records entropy 0 there): a step's entropy is the mean
+    over the model's tokens in it, and a step of tool tokens is never a candidate, however it scores."""
+    T = 7  # a tool's output token
+    tokens = [[1, 2, NL, 3, T, T, NL, T, T, NL, 4, 5, 6]]
+    model = [True, True, True, True, False, False, True, False, False, False, True, True, True]
+    ent = [[0.6, 0.6, 0.6, 0.9, 0.0, 0.0, 0.9, 0.0, 0.0, 0.0, 0.1, 0.1, 0.1]]
+    rewards, group = torch.tensor([1.0]), torch.tensor([0])
+    assert loss.echo_clip(tokens, ent, [torch.tensor(model)], rewards, group, NEWLINE, BLANK) == {0: 7}
+    assert loss.echo_clip(tokens, ent, every(tokens), rewards, group, NEWLINE, BLANK) == {0: 3}  # all: 0.45 < 0.6
+    ent[0][7:10] = [5.0] * 3  # a tool-only step: skipped whatever its entropies
+    assert loss.echo_clip(tokens, ent, [torch.tensor(model)], rewards, group, NEWLINE, BLANK) == {0: 7}
+
+
+def brute_force_echo_clip(tokens, ent, rewards, group, success, mode, masks):
     """Independent reference: list every (score, response, end) candidate per group, then take the max."""
     out = {}
     for g in sorted(set(group.tolist())):
@@ -281,8 +299,9 @@ def brute_force_echo_clip(tokens, ent, rewards, group, success, mode):
             if tokens[i] and (not bounds or bounds[-1] != len(tokens[i])):
                 bounds.append(len(tokens[i]))
             for a, b in zip([0] + bounds, bounds):
-                if b - a >= 2 and any(x not in BLANK for x in tokens[i][a:b]):
-                    candidates.append((sum(ent[i][a:b]) / (b - a), -i, -b))  # max score, then lowest i, end
+                own = [(x, e) for x, e, m in zip(tokens[i][a:b], ent[i][a:b], masks[i][a:b]) if m]
+                if len(own) >= 2 and any(x not in BLANK for x, _ in own):
+                    candidates.append((sum(e for _, e in own) / len(own), -i, -b))  # max score, lowest i, end
         if candidates:
             _, i, b = max(candidates)
             out[-i] = -b
@@ -299,8 +318,11 @@ def test_echo_clip_matches_brute_force_on_random_groups():
             tokens = [vocab[torch.randint(0, 6, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g)]
                       .tolist() for _ in group]
             ent = [torch.rand(len(t), generator=g).tolist() for t in tokens]
-            want = brute_force_echo_clip(tokens, ent, rewards, group, 1.0, mode)
-            assert loss.echo_clip(tokens, ent, rewards, group, NEWLINE, BLANK, mode=mode) == want
+            masks = [torch.rand(len(t), generator=g) < 0.7 for t in tokens]  # False: a tool's token
+            want = brute_force_echo_clip(tokens, ent, rewards, group, 1.0, mode, every(tokens))
+            assert loss.echo_clip(tokens, ent, every(tokens), rewards, group, NEWLINE, BLANK, mode=mode) == want
+            want = brute_force_echo_clip(tokens, ent, rewards, group, 1.0, mode, masks)
+            assert loss.echo_clip(tokens, ent, masks, rewards, group, NEWLINE, BLANK, mode=mode) == want
 
 
 def test_step_token_ids_finds_newline_tokens_in_a_toy_tokenizer():
