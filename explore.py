@@ -196,8 +196,8 @@ class ReplayBuffer:
 
     def draw(self, prompts: int, k: int, fresh_prob: float, inv_temp: float, generator: torch.Generator,
              ) -> list[tuple[int, bool, list[dict]]]:
-        """`prompts` slots of (prompt, fresh, k responses): the last sync's new ones with probability fresh_prob, else
-        any prompt's, drawn with p ~ exp(inv_temp * reward)."""
+        """`prompts` slots of (prompt, fresh, k responses): the last sync's new ones (uniformly) with probability
+        fresh_prob, else any prompt's, drawn with p ~ exp(inv_temp * reward)."""
         if not self.items:
             raise RuntimeError("the replay buffer is empty: every response is older than --max-staleness")
         slots = []
@@ -210,8 +210,8 @@ class ReplayBuffer:
             if fresh:
                 last = max(r["round"] for r in held)
                 held = [r for r in held if r["round"] == last]
-            weights = torch.tensor([inv_temp * r["reward"] for r in held], dtype=torch.float64).softmax(0)
-            picked = torch.multinomial(weights, k, replacement=len(held) < k, generator=generator)
+            weights = torch.tensor([r["reward"] for r in held], dtype=torch.float64).mul(inv_temp * (not fresh))
+            picked = torch.multinomial(weights.softmax(0), k, replacement=len(held) < k, generator=generator)
             slots.append((prompt, fresh, [held[i] for i in picked.tolist()]))
         return slots
 

@@ -279,6 +279,12 @@ def test_replay_buffer_draws():
     # a large inverse temperature: each replay slot takes its prompt's best response
     for prompt, fresh, rs in buffer.draw(8, 1, 0.0, 1e4, torch.Generator().manual_seed(2)):
         assert not fresh and rs[0]["reward"] == max(x["reward"] for x in buffer.items[prompt])
+    # fresh slots draw their newest responses uniformly, whatever the inverse temperature (the spec's "otherwise")
+    top = 0
+    for seed in range(60):
+        (prompt, fresh, rs), = buffer.draw(1, 1, 1.0, 1e4, torch.Generator().manual_seed(seed))
+        top += fresh and rs[0]["reward"] == max(r["reward"] for r in buffer.items[prompt] if r["round"] == 3)
+    assert 0 < top < 40  # about 12 of 60 (one of 5); reward-weighted, all 60
     # every response drawn is within --max-staleness of the step; two ranks (buffers in the same state, as a
     # checkpointed one is too) with the same seed draw the same batch
     for seed in range(5):
