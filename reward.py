@@ -252,7 +252,7 @@ def extract_answer(text: str) -> str | None:
     if not lines:
         return None
     after = lines[-1][lines[-1].lower().rindex("answer:") + len("answer:"):]
-    return after.strip(" \t*").rstrip(".").strip() or None
+    return re.sub(r"^[\s*]+|[\s*.]+$", "", after) or None  # bold marks and a closing period off: "**5**." is 5
 
 
 def _last_boxed(text: str) -> str | None:
@@ -268,7 +268,8 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
+# a fence opens at a line's start, or right where one closed (a tool call's turn ends on its fence, the next follows)
+FENCE = re.compile(r"(?:^|(?<=```))[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
 
 
 def extract_program(text: str) -> str | None:

@@ -31,6 +31,8 @@ from test_sandbox import RIGHT, TESTS, fenced
     ("1. the code:\n   ```python\n   x = 1\n   ```\n", "x = 1\n"),  # indented in a list: dedented
     ("def f():\n    return 1\n", None),  # no fence: nothing runs
     ("```python\n\n```", None),
+    # a tool call's turn ends on its closing fence, the model's next turn joined to it: its block is the last
+    ("Try:\n```python\nprint(f(2))\n``````python\ndef f(x):\n    return 2 * x\n```", "def f(x):\n    return 2 * x\n"),
 ])
 def test_extract_program(text, expected):
     assert reward.extract_program(text) == expected
@@ -282,6 +284,8 @@ def test_jsonl_task_scored_by_math_verify(tmp_path):
     ("Answer: 1\nthinking again\nanswer: 5. Done", "5. Done"),
     ("**Answer:** 12", "12"),
     ("Answer: 3.5.", "3.5"),
+    ("Answer: **5**.", "5"),
+    ("Answer: .5", ".5"),
     ("no answer here", None),
     ("Answer:   \n", None),
 ])
