@@ -254,7 +254,7 @@ class Sampler:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if self.blocks_for(len(p)) + self.blocks_for(max_new_tokens) > self.num_blocks:
+            if n[i] and self.blocks_for(len(p)) + self.blocks_for(max_new_tokens) > self.num_blocks:
                 raise ValueError(f"prompt {i} ({len(p)} tokens) plus max_new_tokens={max_new_tokens} does not fit "
                                  f"kv_budget_tokens={self.num_blocks * self.block_size}; raise the budget")
         if self.k_pool is None:

@@ -85,6 +85,10 @@ def test_bad_generate_requests_are_one_sentence():
                                   (([[1, 2], [3]], [2, -1], 4), {}, "a rollout count is negative (-1)")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             sampler.generate(*args, **kwargs)
+    # a prompt that asks for no rollouts (a count of 0 is allowed) is not held to the budget: it is never run
+    skipped = sampler.generate([[1] * 100, [3, 4]], [0, 2], 4, seed=1)
+    assert skipped.prompt_index == [1, 1] and skipped.tokens == sampler.generate([[3, 4]], [2], 4, seed=1,
+                                                                                  prompt_keys=[1]).tokens
 
 
 def test_sampled_same_tokens_together_or_alone():
