@@ -141,6 +141,9 @@ class Config:
              f"--eps-high {self.eps_high} is below --eps-low {self.eps_low}; clip-higher needs eps_high >= eps_low"),
             (self.dual_clip == 0 or self.dual_clip > 1, f"--dual-clip {self.dual_clip} must be 0 (off) or above 1"),
             (self.tis_cap >= 0, f"--tis-cap {self.tis_cap} must be 0 (off) or a positive cap on the weight"),
+            (self.loss != "tb" or not (self.kl_coef or self.kl_in_reward or self.entropy_coef or self.tis_cap or
+             self.dual_clip), "--loss tb weighs its KL by --tb-beta-start/end and needs no ratio: --kl-coef, "
+             "--kl-in-reward, --entropy-coef, --tis-cap and --dual-clip would do nothing or count it twice; drop them"),
             (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
              "response ever succeeds and EchoRL has nothing to learn from; use 1"),
             (0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout} is a probability below 1; use 0 (off) "
@@ -166,8 +169,8 @@ class Config:
                 (self.max_staleness == 0 or self.max_staleness >= 2 * self.sync_every - 1, f"--max-staleness "
                  f"{self.max_staleness} would drop fresh rounds, which are used up to 2 x --sync-every - 1 = "
                  f"{2 * self.sync_every - 1} steps after their weights; use at least that, or 0 (never)"),
-                (self.loss == "tb" or self.kl_coef == 0, f"--kl-coef {self.kl_coef}: async PPO has no per-token "
-                 "reference logprobs (searchers keep sequence sums); use --loss tb or --kl-coef 0"),
+                (self.loss == "tb" or self.kl_coef == self.tis_cap == 0, "--kl-coef and --tis-cap cannot work in "
+                 "async PPO (no per-token reference; pi_old is the sampler's); use --loss tb or set both to 0"),
                 (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
                       or self.echo_coef), "dynamic sampling, E3 budgets and temperature, and EchoRL are "
                  "synchronous only; drop them or --searchers")]

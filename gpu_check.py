@@ -63,14 +63,14 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
     run = lambda out, *flags: [py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "train.py", *flags,
                                "--model", str(model), "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
                                "--max-new-tokens", "128", "--task-size", "100", "--eval-prompts", "8",
-                               "--eval-samples", "1", "--tis-cap", "2", "--entropy-coef", "1e-3",  # every token runs
+                               "--eval-samples", "1", "--entropy-coef", "1e-3",  # every token runs
                                "--out-dir", str(here / out)]
 
     def trained(out: str, steps: int, log: str) -> str:
         rows = [r for r in map(json.loads, (here / out / "metrics.jsonl").read_text().splitlines()) if "step" in r]
         saved, graphs = sorted((here / out / "checkpoints").glob("step_*")), "CUDA graph capture failed" not in log
         figure = "; ".join([f"step {r['step']}: {r['t_step']:.1f} s, loss {r['loss']:.4f}, TIS weight "
-                            f"{r['tis_weight']:.3f}" for r in rows] +
+                            f"{r.get('tis_weight', 1.0):.3f}" for r in rows] +
                            [f"checkpoint {saved[-1].name if saved else 'missing'}",
                             f"CUDA graphs {'replayed' if graphs else 'fell back'}"])
         if len(rows) != steps or not saved or not graphs:
@@ -95,10 +95,10 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
         ("model", 15, [py, "-c", f'import gpu_check, pathlib; gpu_check.random_model(pathlib.Path("{model}"), '
                                  '"cuda")'], {},
          lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
-        ("train", 90, run("grpo", "grpo", "--steps", "2", "--save-every", "2"), site,
+        ("train", 90, run("grpo", "grpo", "--steps", "2", "--save-every", "2", "--tis-cap", "2"), site,
          lambda log: trained("grpo", 2, log)),
         ("train lora", 45, run("lora", "grpo", "--steps", "2", "--save-every", "2", "--lora-rank", "16", "--kl-coef",
-                               "1e-3"), site, lambda log: trained("lora", 2, log)),
+                               "1e-3", "--tis-cap", "2"), site, lambda log: trained("lora", 2, log)),
         ("train async", 55, run("tba", "tba", "--loss", "ppo", "--searchers", "1", "--sync-every", "1", "--steps", "1",
                                 "--save-every", "1"), site, lambda log: trained("tba", 1, log)),
         ("bench trainer", 45, bench("trainer", "--repeats", "2"), {}, lambda _: "packed {}, padded {}: {:.2f}x".format(

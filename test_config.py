@@ -26,6 +26,11 @@ import reward
     (dict(tis_cap=-2.0), "--tis-cap -2.0 must be 0 (off)"),
     (dict(kl_kind="k4"), "--kl-kind k4 is unknown"),
     (dict(loss="tb", tb_beta_start=-0.01), "--tb-beta-start -0.01 must be above 0"),
+    (dict(loss="tb", kl_coef=0.1), "--loss tb weighs its KL by --tb-beta-start/end"),
+    (dict(loss="tb", kl_in_reward=True), "--loss tb weighs its KL by --tb-beta-start/end"),
+    (dict(loss="tb", entropy_coef=0.01), "--loss tb weighs its KL by --tb-beta-start/end"),
+    (dict(loss="tb", tis_cap=2.0), "--loss tb weighs its KL by --tb-beta-start/end"),
+    (dict(loss="tb", dual_clip=3.0), "--loss tb weighs its KL by --tb-beta-start/end"),
     (dict(updates_per_step=0), "--updates-per-step 0 must be at least 1"),
     (dict(score_workers=-1), "--score-workers -1 must be at least 0"),
     (dict(echo_coef=1e-3, success=2.0), "--success 2.0: rewards are at most 1"),
@@ -63,7 +68,8 @@ def test_tba_bad_input_is_one_sentence():
              (dict(searchers=2, fresh_prob=1.5), "--fresh-prob 1.5 is a probability"),
              (dict(searchers=2, replay_capacity=4), "--replay-capacity 4 is below --rollouts-per-prompt 8"),
              (dict(searchers=2, sync_every=3, max_staleness=4), "--max-staleness 4 would drop fresh rounds"),
-             (dict(searchers=2, kl_coef=0.1), "async PPO has no per-token reference logprobs")]
+             (dict(searchers=2, kl_coef=0.1), "--kl-coef and --tis-cap cannot work in async PPO"),
+             (dict(searchers=2, tis_cap=2.0), "--kl-coef and --tis-cap cannot work in async PPO")]
     for flags, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             config.Config(**flags)

@@ -199,7 +199,8 @@ def test_gpu_check_dry_run_prints_every_stage_and_builds_the_model_folder(tmp_pa
     sync, tba, lora = (config.parse_config(runs[name][6:]) for name in ("train", "train async", "train lora"))
     assert (sync.model, sync.steps, sync.save_every, sync.searchers) == (str(tmp_path / "model"), 2, 2, 0)
     assert (tba.searchers, tba.loss, tba.steps) == (1, "ppo", 1) and lora.lora_rank > 0 and lora.kl_coef > 0
-    assert sync.tis_cap == tba.tis_cap == 2 and sync.entropy_coef > 0 and tba.entropy_coef > 0  # TIS on content
+    assert sync.tis_cap == lora.tis_cap == 2 and tba.tis_cap == 0  # async PPO's pi_old is the sampler's: no TIS
+    assert sync.entropy_coef > 0 and tba.entropy_coef > 0  # every token runs
     hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "model")
     assert (hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size) == (28, 1536, 151936)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
