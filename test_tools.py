@@ -15,6 +15,7 @@ import trainer
 from rollout import ModelConfig, Rollouts, Sampler
 from tools import TRUNCATED, Tools, call_code, framing
 from kernels.test_kernels import tiny_model
+from loss import kl as kl_estimate
 
 
 @pytest.mark.parametrize("text, code", [
@@ -211,6 +212,27 @@ def test_masked_tokens_change_nothing_in_the_loss_or_its_gradient(kw):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] != 0
     torch.testing.assert_close(grads[0], grads[1])
     assert (grads[0][:len(mask)][~mask] == 0).all() and (grads[0][:len(mask)][mask] != 0).any()
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_the_kl_penalty_adds_and_the_entropy_bonus_subtracts(kind):
+    """ALGORITHMS.md 0: loss = policy loss + kl_coef x KL(pi || pi_ref) - entropy_coef x H, each a token mean over
+    the model's tokens: against the same step without them, the loss moves by exactly those terms, either way."""
+    torch.manual_seed(1)
+    lengths = [5, 7, 4, 6]
+    masks = [torch.rand(L) < 0.7 for L in lengths]
+    mask = torch.cat(masks)
+    logp, entropy, old, ref = (torch.randn(len(mask)) - 1 for _ in range(4))
+    sums = dict.fromkeys(("loss", "clip_frac", "kl", "tis_weight", "echo_loss", "entropy", "forwarded"), 0.0)
+    losses = {}
+    for kl_coef, entropy_coef in ((0.0, 0.0), (0.3, 0.0), (0.0, 0.2)):
+        cfg = config.Config(loss="ppo", kl_kind=kind, kl_coef=kl_coef, entropy_coef=entropy_coef)
+        step = masked_step(cfg, masks, lengths)
+        losses[kl_coef, entropy_coef] = trainer.microbatch_loss(step, list(range(4)), logp, entropy, old,
+                                                                ref if kl_coef else None, None, dict(sums)).item()
+    kl = kl_estimate(logp, ref, kind)[mask].mean().item()
+    assert losses[0.3, 0.0] - losses[0.0, 0.0] == pytest.approx(0.3 * kl, rel=1e-5) and kl != 0
+    assert losses[0.0, 0.2] - losses[0.0, 0.0] == pytest.approx(-0.2 * entropy[mask].mean().item(), rel=1e-5)
 
 
 def test_the_searchers_wire_carries_the_mask(monkeypatch):

@@ -19,6 +19,7 @@ import bench
 import collect
 import config
 import explore
+import loss
 import gpu_check
 import outputs
 import trainer
@@ -155,6 +156,24 @@ def test_tis_takes_pi_old_from_the_update_pass():
     ref = trainer.Policy(tiny_model("llama", seed=4))
     one_step(cfg, policy, seqs, prompt_lens, group, sampler_logp, ref)
     assert len(calls) == n_micro * 3  # pi_old before the updates, then one pass for each of the two updates
+
+
+def test_kl_in_reward_takes_the_responses_kl_off_their_rewards(monkeypatch):
+    """--kl-in-reward (ALGORITHMS.md 0): the advantages are computed from r - kl_coef x sum_t KL_t, the KL of
+    each response under the weights before the update against the reference, summed over its tokens."""
+    seqs, prompt_lens, group = mixed_groups(seed=11)
+    policy, ref = trainer.Policy(tiny_model("llama", seed=5)), trainer.Policy(tiny_model("llama", seed=6))
+    with torch.no_grad():
+        logp, ref_logp = (trainer.response_logprobs(p, seqs, prompt_lens, 1.0, torch.float32)[0] for p in (policy, ref))
+    kl_sums = torch.stack([x.sum() for x in loss.kl(logp, ref_logp, "k3").split([len(s) - p for s, p in
+                                                                                   zip(seqs, prompt_lens)])])
+    seen, advantages = [], trainer.global_advantages
+    monkeypatch.setattr(trainer, "global_advantages", lambda cfg, rewards, *a: seen.append(rewards) or
+                        advantages(cfg, rewards, *a))
+    zeros = [torch.zeros(len(s) - p) for s, p in zip(seqs, prompt_lens)]
+    one_step(config.Config(kl_coef=0.5, kl_in_reward=True, kl_kind="k3"), policy, seqs, prompt_lens, group, zeros, ref)
+    assert (kl_sums > 0).all()
+    torch.testing.assert_close(seen[-1], seen[0] - 0.5 * kl_sums, atol=1e-4, rtol=1e-4)
 
 
 def test_tb_takes_log_z_from_the_update_pass_when_groups_are_whole():
