@@ -128,11 +128,10 @@ class Sampler:
 
     def release_kv(self) -> None:
         """Free the KV pool for training until the next generate(), unless CUDA graphs point into it (kept then)."""
-        if self.graphs:
-            return
-        self.k_pool = self.v_pool = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not self.graphs:
+            self.k_pool = self.v_pool = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> torch.Tensor:
         """Each prompt's last-position logits, the prompts run right-padded in one batch, their KV into their blocks."""

@@ -134,11 +134,12 @@ class Generation:
         return len(started)
 
     def prefill_pending(self, free_blocks: int) -> bool:
-        """Prefill the next pending prompts that fit (their KV plus one block for a first rollout)."""
+        """Prefill the next pending prompts that fit (their KV, a block for a first rollout), padded by under half."""
         batch = []
         while self.pending and len(batch) < len(self.free_slots):
-            need = self.s.blocks_for(len(self.pending[0].tokens)) + 1
-            if need > free_blocks:
+            lengths = [len(p.tokens) for p in (*batch, self.pending[0])]  # right-padded to the longest in one batch
+            need = self.s.blocks_for(lengths[-1]) + 1
+            if need > free_blocks or (batch and len(lengths) * max(lengths) > 2 * sum(lengths)):
                 break
             free_blocks -= need
             prompt = self.pending.popleft()

@@ -91,6 +91,22 @@ def test_bad_generate_requests_are_one_sentence():
                                                                                   prompt_keys=[1]).tokens
 
 
+def test_prefill_pads_a_batch_by_less_than_half():
+    """Prompts prefill right-padded in one batch; one long prompt among short ones would multiply its work (and memory)
+    by the batch size: a batch is padded by under half of it, and the tokens are those of each prompt alone."""
+    model = tiny_model("llama", seed=2)
+    sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", dtype=torch.float32)
+    prompts = random_prompts(256, [12] * 9 + [300] + [14] * 6 + [40, 31], seed=5)
+    shapes, prefill = [], sampler.prefill
+    sampler.prefill = lambda ps, blocks: shapes.append([len(p) for p in ps]) or prefill(ps, blocks)
+    together = sampler.generate(prompts, [1] * len(prompts), 3, seed=7)
+    assert sorted(n for shape in shapes for n in shape) == sorted(map(len, prompts)) and len(shapes) > 2
+    assert all(len(shape) * max(shape) <= 2 * sum(shape) for shape in shapes)
+    assert max(len(shape) for shape in shapes if 300 in shape) <= 2  # not with the 12 and 14-token ones
+    assert together.tokens == [sampler.generate([p], [1], 3, seed=7, prompt_keys=[i]).tokens[0]
+                               for i, p in enumerate(prompts)]
+
+
 def test_sampled_same_tokens_together_or_alone():
     model = tiny_model("qwen2", seed=3)
     weights = model.state_dict()
