@@ -172,8 +172,8 @@ class Config:
                 (self.loss == "tb" or self.kl_coef == self.tis_cap == 0, "--kl-coef and --tis-cap cannot work in "
                  "async PPO (no per-token reference; pi_old is the sampler's); use --loss tb or set both to 0"),
                 (not (self.dynamic_sampling or self.budget_min or self.budget_max or self.temperature_control
-                      or self.echo_coef), "dynamic sampling, E3 budgets and temperature, and EchoRL are "
-                 "synchronous only; drop them or --searchers")]
+                      or self.echo_coef or self.ref_reset_every), "dynamic sampling, E3 budgets and temperature, "
+                 "EchoRL and reference resets are synchronous only; drop them or --searchers")]
         for ok, message in rules:
             if not ok:
                 raise ValueError(message)

@@ -69,7 +69,8 @@ def test_tba_bad_input_is_one_sentence():
              (dict(searchers=2, replay_capacity=4), "--replay-capacity 4 is below --rollouts-per-prompt 8"),
              (dict(searchers=2, sync_every=3, max_staleness=4), "--max-staleness 4 would drop fresh rounds"),
              (dict(searchers=2, kl_coef=0.1), "--kl-coef and --tis-cap cannot work in async PPO"),
-             (dict(searchers=2, tis_cap=2.0), "--kl-coef and --tis-cap cannot work in async PPO")]
+             (dict(searchers=2, tis_cap=2.0), "--kl-coef and --tis-cap cannot work in async PPO"),
+             (dict(searchers=2, loss="tb", ref_reset_every=50), "EchoRL and reference resets are synchronous only")]
     for flags, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             config.Config(**flags)

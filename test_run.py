@@ -381,6 +381,18 @@ def test_tba_one_process_and_torchrun_agree_and_resume(tmp_path, smollm2):
         assert [r["step"] for r in again] == [0, 1, 2, 3] and again == rows[name]
 
 
+def test_tba_syncing_every_2_steps_counts_steps_not_syncs(tmp_path, smollm2):
+    """With --sync-every 2 a sync's index and its step differ: round w arrives at step 2w, sampled with the weights
+    after step 2w - 2 (round 0 with the initial ones), so a step's fresh responses are 0 to 2k - 1 = 3 steps stale
+    (the k = 1 runs above cannot tell the index from the step)."""
+    save_tiny_model(tmp_path / "model", "qwen2", smollm2[1], seed=0)
+    run = tba_run(tmp_path, "k2", 0, "--sync-every", "2", "--steps", "6", "--fresh-prob", "1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = step_rows(tmp_path / "k2")
+    assert [r["sync"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert [r["staleness_fresh"] for r in rows] == [0, 1, 2, 3, 2, 3] and rows[-1]["staleness_max"] == 3
+
+
 def test_plot_draws_what_tells_something(tmp_path, monkeypatch):
     """plot.png: reward with the evaluations' figures (not pass rate again, the same curve for a binary reward),
     entropy with E3's target where it runs, response length with the evaluations', and the temperature only where
