@@ -182,8 +182,7 @@ def split_by_budget(budgets: list[int], world: int) -> list[list[int]]:
 
 def shard(model: torch.nn.Module, layers, device, dtype, group=None) -> None:
     """FSDP2 over `group` (None: all ranks): each layer, then the root; bf16 parameters on GPU, float32 on CPU."""
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else \
-        MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(**(dict(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else {}))
     mesh = DeviceMesh.from_group(group, device.type) if group is not None else None
     for module in (*layers, model):
         fully_shard(module, mesh=mesh, mp_policy=mp)

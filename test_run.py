@@ -163,9 +163,10 @@ def test_two_ranks_train_like_one(tmp_path):
     args = ["demo", "--steps", "2", "--dtype", "float32", "--prompts-per-step", "4", "--rollouts-per-prompt", "8",
             "--max-new-tokens", "16", "--eval-prompts", "4", "--lr", "1e-5",
             # the cross-rank paths too: dynamic sampling's rounds and trimming, E3 budgets (8 training prompts,
-            # so step 1 starts epoch 2), TIS, echo clips
+            # so step 1 starts epoch 2), TIS, echo clips, the KL to a sharded reference reset before step 1
             "--task-size", "12", "--dynamic-sampling", "--max-gen-rounds", "2", "--budget-min", "6", "--budget-max",
             "10", "--tis-cap", "2", "--echo-coef", "1e-3", "--echo-mode", "any", "--adam-eps", "1e-5",
+            "--kl-coef", "1e-3", "--ref-reset-every", "1",
             # evaluation sharded over the ranks: 5 prompts of a file, before, after each step and at the end
             "--eval-task", str(tmp_path / "eval.jsonl"), "--eval-every", "1", "--eval-samples", "3"]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"question": f"{a} + {b} =", "answer": str(a + b)}) + "\n"
@@ -191,7 +192,7 @@ def test_two_ranks_train_like_one(tmp_path):
         for key in ("reward", "pass_rate", "response_len", "ds_pass_rate", "groups_kept", "rollouts_min",
                     "rollouts_max", "echo_clips"):
             assert a[key] == b[key], (key, a[key], b[key])
-        for key in ("entropy", "loss", "grad_norm", "tis_weight", "echo_loss"):
+        for key in ("entropy", "loss", "grad_norm", "tis_weight", "echo_loss", "kl"):
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (key, a[key], b[key])
     initial = load_file(trainer.resolve_model(config.EMBEDDED_MODEL, config.Config().cache_dir) / "model.safetensors")
     assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 100

@@ -270,6 +270,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     with torch.no_grad():
         old = [run(model, k)[0] for k in range(len(batches))] if old_pass else None
         ref = [run(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
+    if hasattr(ref_model, "reshard"):  # FSDP2 keeps a root's parameters whole after a forward, for a backward it
+        ref_model.reshard()            # never runs: sharded again, so a reset copies shard to shard
     if old is None:  # async PPO: the sampler's logprobs, from stale weights, are pi_old; else the first update's pass
         old = [cat_on([batch.sampler_logp[i] for i in b], device) if cfg.searchers else None for b in batches]
     rewards, ref_seq = batch.rewards, batch.ref_seq  # the searchers' reference sums (async TB)
