@@ -35,11 +35,10 @@ class Logger:
                 self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
 
     def log(self, row: dict):
-        if not self.enabled:
-            return
-        self.rows.append(row)
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        if self.enabled:
+            self.rows.append(row)
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         if self.wandb is not None:
             self.wandb.log({f"eval/{k}": v for k, v in row.items()} if "eval" in row else row)
 
@@ -105,8 +104,7 @@ def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: i
     barrier(group)
     dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, process_group=group,
              no_dist=not dist.is_initialized())
-    torch.save({"step": step, "torch_rng": torch.get_rng_state(), "explore": loop_state},
-               tmp / f"trainer_rank{rank}.pt")
+    torch.save({"step": step, "explore": loop_state}, tmp / f"trainer_rank{rank}.pt")
     barrier(group)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -141,19 +139,19 @@ def checkpoint_state(model, optimizer, ref_model) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=None) -> tuple[int, dict | None]:
-    """Restore model, optimizer, reference and this rank's RNG: (the step to run next, the loop's saved state)."""
+    """Restore model, optimizer and reference: (the step to run next, the loop's saved state)."""
     state = checkpoint_state(model, optimizer, ref_model)
     try:
         dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks
         dcp.load(state, checkpoint_id=path, process_group=group, no_dist=not dist.is_initialized())
         trainer = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
-    except Exception as e:  # a damaged or foreign checkpoint: one sentence, no traceback
-        raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                         "delete it to resume from an older one, or start without --resume")
+    except (Exception, dcp.CheckpointException) as e:  # damaged, or another model's or flags': one sentence
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e  # a rank's error
+        raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); resume with the model and "
+                         "flags it was saved with, delete it to resume from an older one, or start without --resume")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINED)
     if isinstance(ref_model, torch.nn.Module):
         set_model_state_dict(ref_model, state["ref"])
-    torch.set_rng_state(trainer["torch_rng"])
     return trainer["step"] + 1, trainer["explore"]
 
 

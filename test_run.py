@@ -265,8 +265,15 @@ def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path, smollm2):
     corrupt = tmp_path / "step_000001"
     corrupt.mkdir()
     (corrupt / ".metadata").write_text("not a checkpoint")
+    saved = subprocess.run([sys.executable, "train.py", *tiny_run(tmp_path, smollm2), "--steps", "1", "--save-every",
+                            "1", "--out-dir", str(tmp_path / "saved")], cwd=ROOT, capture_output=True,
+                           timeout=HANG_GUARD)
+    assert saved.returncode == 0
     cases = [(["--resume", str(tmp_path / "missing")], "no complete checkpoint there"),
              (["--resume", str(corrupt)], "cannot be read"),
+             # a sound checkpoint of other flags: dcp raises a BaseException (CheckpointException) for it
+             (["--resume", str(tmp_path / "saved" / "checkpoints" / "step_000000"), "--lora-rank", "4"],
+              "resume with the model and flags it was saved with"),
              (["--export-hf", str(tmp_path)], "already exists")]
     for flags, message in cases:
         run = subprocess.run([sys.executable, "train.py", *tiny_run(tmp_path, smollm2), "--steps", "1", "--out-dir",

@@ -143,6 +143,7 @@ def train_sync(cfg: Config, model, ref_model, optimizer, sampler, tokenizer, tas
     bar = tqdm(range(start_step, cfg.steps), desc="train", disable=roles.rank != 0, initial=start_step, total=cfg.steps)
     for step in bar:
         t0 = time.time()
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the update's randomness (dropout), resumed or not, any device
         threads = set_threads(follow_load=sampler.device.type == "cpu")  # fair to a busy machine (cluster.py)
         optimizer.param_groups[0]["lr"] = lr_at(cfg, step)  # the one group: every parameter
         if ref_model is not None and cfg.ref_reset_every and step % cfg.ref_reset_every == 0 and step > 0:
@@ -193,6 +194,7 @@ def train_async(cfg: Config, model, search_ref, optimizer, sampler, tokenizer, t
                             {"buffer": buffer.state_dict(), "sent": sent}, roles.trainers)
         for step in range(max(w * k, start_step), min(w * k + k, cfg.steps)):  # resumed at the end: none
             t0 = time.time()
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
             threads = set_threads(follow_load=sampler.device.type == "cpu")
             optimizer.param_groups[0]["lr"] = lr_at(cfg, step)
             buffer.drop_stale(step)
