@@ -125,7 +125,7 @@ class Config:
             "max_gen_rounds", "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
         rules += [(getattr(self, name) >= 0, f"{flag(name)} must be at least 0") for name in (
             "max_tool_calls", "max_tool_output_tokens", "lora_rank", "score_workers", "search_prompts", "eval_every",
-            "log_samples")]
+            "log_samples", "warmup_steps", "save_every", "ref_reset_every", "weight_decay", "max_staleness", "lr")]
         rules += [(getattr(self, name) > 0, f"{flag(name)} must be above 0") for name in (
             "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample", "lora_alpha")]
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max

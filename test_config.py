@@ -50,7 +50,10 @@ import reward
     (dict(max_new_tokens=0), "--max-new-tokens 0 must be at least 1"),
     (dict(eval_samples=0), "--eval-samples 0 must be at least 1"),
     (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2 must be at least 1"),
-    (dict(prompts_per_step=0), "--prompts-per-step 0 must be at least 1")])
+    (dict(prompts_per_step=0), "--prompts-per-step 0 must be at least 1"),
+    (dict(warmup_steps=-2, lr_schedule="warmup"), "--warmup-steps -2 must be at least 0"),  # else gradient ascent
+    (dict(lr=-1e-5), "--lr -1e-05 must be at least 0"),
+    (dict(save_every=-1), "--save-every -1 must be at least 0")])
 def test_bad_config_is_one_sentence(fields, message):
     """Every rule, checked once, in config.py: a Config that breaks one raises the sentence that names it."""
     with pytest.raises(ValueError, match=re.escape(message)):
