@@ -37,12 +37,11 @@ from rollout import Sampler
 
 
 def timed(fn, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    sync()
     start = time.perf_counter()
     out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - start
 
 
