@@ -249,7 +249,7 @@ def bench_trainer(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":  # one rank of FSDP2 with bf16 parameters, as under torchrun
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29512", RANK="0", WORLD_SIZE="1")
-        torch.distributed.init_process_group("nccl", device_id=device)
+        torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", 0))  # nccl wants an index
         dtype, chosen = torch.bfloat16, {"dtype": "bfloat16"}
         lm = transformers.AutoModelForCausalLM.from_config(qwen25_15b_config(), dtype=torch.float32).to(device)
     else:

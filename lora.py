@@ -78,5 +78,5 @@ def merged(lm, names, received: dict | None = None):
         if name in adapted:
             prefix, scale = adapted[name]
             B, A = (whole(f"{prefix}.lora_{x}.weight").float() for x in "BA")
-            w = w.float() + scale * (B @ A)
+            w = w.float() + scale * (B @ A).to(w.device)  # a searcher's adapters arrive on the CPU
         yield name, w

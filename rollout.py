@@ -158,7 +158,7 @@ class Sampler:
         if top_p < 1.0 and temperature > 0:  # nucleus on the tempered distribution (evaluation)
             logits, temperature = nucleus(logits.float() / temperature, top_p), 1.0
         if self.compiled and not isinstance(temperature, torch.Tensor) and temperature > 0:
-            temperature = torch.tensor(float(temperature))  # an input, not a constant: one compile for all of them
+            temperature = torch.tensor(float(temperature), device=logits.device)  # an input: one compile for all
         return self.sample(logits, keys, temperature)
 
     def extend(self, b: DecodeBatch, last: torch.Tensor) -> torch.Tensor:

@@ -187,7 +187,7 @@ def zeroed(args: tuple) -> tuple:
 def dense_attention(c: SimpleNamespace) -> torch.Tensor:
     """Softmax attention of every row over [its prompt's keys, its own keys], from unpaged tensors."""
     groups = len(PROMPT_LENS)
-    group_of_row = torch.repeat_interleave(torch.arange(groups), c.group_count.long())
+    group_of_row = torch.repeat_interleave(torch.arange(groups), c.group_count.long().cpu())
     out = []
     for row, group in enumerate(group_of_row.tolist()):
         k = torch.cat([c.keys[group], c.keys[groups + row]]).float().repeat_interleave(c.rep, 1)
