@@ -121,9 +121,7 @@ def tb_loss(seq_logp: torch.Tensor, seq_ref_logp: torch.Tensor, rewards: torch.T
 
 def tb_beta(step: int, beta_start: float, beta_end: float, beta_steps: int) -> float:
     """beta, linear from beta_start to beta_end over beta_steps steps, then constant."""
-    if step >= beta_steps:
-        return beta_end
-    return beta_start + (beta_end - beta_start) * step / beta_steps
+    return beta_end if step >= beta_steps else beta_start + (beta_end - beta_start) * step / beta_steps
 
 
 # ---- EchoRL (ALGORITHMS.md 4) ----
