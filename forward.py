@@ -88,8 +88,7 @@ def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tens
             keep=None, layer=decoder_layer) -> torch.Tensor:
     """Logits, in the weights' dtype, of `tokens` at `positions` (of x[keep] alone, if given) over forward_weights `w`;
     layer i attends by attend(q, k, v, k_pool[i], v_pool[i], *context) -> o, pools = (k_pool, v_pool)."""
-    embed = w["model.embed_tokens.weight"]
-    x = embed[tokens]
+    x = w["model.embed_tokens.weight"][tokens]
     half = c.head_dim // 2
     inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=x.device).float() / half)
     angles = positions.float()[..., None] * inv_freq
