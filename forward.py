@@ -91,8 +91,7 @@ def forward(c: ModelConfig, w: dict, tokens: torch.Tensor, positions: torch.Tens
     x = w["model.embed_tokens.weight"][tokens]
     half = c.head_dim // 2
     inv_freq = 1.0 / c.rope_theta ** (torch.arange(half, device=x.device).float() / half)
-    angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat((angles, angles), -1)
+    angles = positions.float()[..., None] * inv_freq.repeat(2)  # one frequency list for each half (rotate-half)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     for lw, k_pool, v_pool in zip(w["layers"], *pools):
         x = layer(c, lw, x, cos, sin, attend, k_pool, v_pool, *context)
