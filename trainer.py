@@ -44,12 +44,11 @@ def resolve_model(name: str, cache_dir: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     print(f"converting {ggufs[0].name} to safetensors in {out} (once)")
     model = AutoModelForCausalLM.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
-    tokenizer = AutoTokenizer.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name)
     model.hf_quantizer = None  # weights are dequantized: save them as a plain float model
     del model.config.quantization_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a half-written cache is never loaded
     return out
@@ -60,12 +59,11 @@ def load_model(cfg: Config, device):
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # its "Loading weights" bar, once per model: the run's own bar is the one to read
     path = resolve_model(cfg.model, cfg.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     # packed rows (lay_out) keep sequences apart by their restarting positions: sdpa and flash-attn's varlen read them
     attention = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # float32 master weights
                                                  attn_implementation=attention).to(device)
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def checkpoint_layers(lm) -> None:
