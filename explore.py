@@ -188,9 +188,8 @@ class ReplayBuffer:
         if self.max_staleness <= 0:  # 0: no age limit
             return
         before = self.size()
-        for prompt, held in self.items.items():
-            self.items[prompt] = [r for r in held if step - r["version"] <= self.max_staleness]
-        self.items = {prompt: held for prompt, held in self.items.items() if held}
+        kept = {p: [r for r in held if step - r["version"] <= self.max_staleness] for p, held in self.items.items()}
+        self.items = {p: held for p, held in kept.items() if held}
         self.removed["evicted_age"] += before - self.size()
         self.fresh = [p for p in self.fresh if p in self.items]
 
