@@ -67,10 +67,9 @@ def main(cfg: Config):
     if cfg.activation_checkpointing:
         checkpoint_layers(lm)
     model = Policy(lm)
-    if dist.is_initialized():
-        for m in (model, None if tba else ref_model):
-            if m is not None:
-                shard(m, m.lm.model.layers, device, dtype, roles.trainers)
+    for m in (model, None if tba else ref_model):
+        if m is not None and dist.is_initialized():
+            shard(m, m.lm.model.layers, device, dtype, roles.trainers)
     ref_model = Base(model) if needs_ref and cfg.lora_rank else ref_model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
