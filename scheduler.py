@@ -217,7 +217,6 @@ class Generation:
     def feed(self, rows: list[tuple[_Rollout, int]]) -> DecodeBatch:
         """A forward's inputs: each (rollout, own position) row feeds its token there (grouped by prompt); marks fed."""
         s, dev = self.s, self.s.device
-        rollouts = list(dict.fromkeys(r for r, _ in rows))
         counts = Counter(r.prompt for r, _ in rows)  # its keys are the groups, in row order
         slot = torch.tensor([r.slot for r, _ in rows], device=dev)
         pos = torch.tensor([p for _, p in rows], device=dev)  # own position of the fed token
@@ -233,10 +232,10 @@ class Generation:
             prompt_len=prompt_len, prompt_blocks=torch.nn.utils.rnn.pad_sequence(
                 [torch.tensor(g.blocks, dtype=torch.int32) for g in counts], batch_first=True).to(dev),
             # split-K parallelism for the kernels' long own-token reads; the torch path reads them at once
-            num_splits=max(1, min(8, -(-max(r.length for r in rollouts) // 512))) if s.use_triton else 1,
+            num_splits=max(1, min(8, -(-max(r.length for r, _ in rows) // 512))) if s.use_triton else 1,
             max_count=max(counts.values()))
         self.fed_tokens += len(rows)
-        for r in rollouts:
+        for r, _ in rows:
             r.fed = r.length
         return batch
 
