@@ -122,8 +122,7 @@ def sample(logits: torch.Tensor, keys: torch.Tensor,
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.full((1,), temperature if noise else 1.0, device=logits.device)
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
-    logprob = torch.empty(B, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty(B, dtype=torch.float32, device=logits.device)
+    logprob, entropy = torch.empty(2, B, dtype=torch.float32, device=logits.device)
     _sample_kernel[(B,)](logits, keys, temperature, tokens, logprob, entropy, V, logits.stride(0), NOISE=noise,
                          U_MAX=_U_MAX, BLOCK_V=min(2048, triton.next_power_of_2(V)), num_warps=8)
     return tokens, logprob, entropy
