@@ -67,8 +67,7 @@ class Logger:
         eval_keys = {"reward": (f"avg@{self.k}", f"pass@{self.k}", "greedy_acc", "truncated_frac"),
                      "response length": ("response_len",)}
         fig = Figure(figsize=(4 * len(panels), 3))
-        axes = fig.subplots(1, len(panels), squeeze=False)
-        for ax, (title, keys) in zip(axes[0], panels.items()):
+        for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels.items()):
             for key in (k for k in keys if any(k in r for r in steps)):  # E3's target, only where E3 runs
                 ax.plot([r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], label=key)
             for key in eval_keys.get(title, ()) if evals else ():
