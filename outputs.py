@@ -166,10 +166,9 @@ def export_hf(cfg: Config, model, tokenizer, rank: int) -> None:
     if cfg.lora_rank:  # PEFT's folder: its own config file and adapter_model.safetensors, PEFT's names
         from peft import LoraConfig
         folder = Path(cfg.export_hf) / "adapter"
-        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 task_type="CAUSAL_LM", target_modules=list(cfg.lora_targets),
-                                 base_model_name_or_path=str(model.lm.config._name_or_path))
-        peft_config.save_pretrained(folder)
+        LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                   target_modules=list(cfg.lora_targets),
+                   base_model_name_or_path=str(model.lm.config._name_or_path)).save_pretrained(folder)
         save_file(adapters, folder / "adapter_model.safetensors")
     model.lm.save_pretrained(cfg.export_hf, state_dict=full)
     tokenizer.save_pretrained(cfg.export_hf)
