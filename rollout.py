@@ -149,9 +149,8 @@ class Sampler:
                                                v.transpose(1, 2).repeat_interleave(rep, 1), is_causal=True)
             return o.transpose(1, 2)
 
-        last = (torch.arange(len(prompts)), torch.tensor(lengths) - 1)
         return forward(c, self.forward_weights(), tokens, torch.arange(max(lengths), device=self.device), attend,
-                       (self.k_pool, self.v_pool), keep=last)
+                       (self.k_pool, self.v_pool), keep=(torch.arange(len(prompts)), torch.tensor(lengths) - 1))
 
     def sample_tokens(self, logits: torch.Tensor, keys: torch.Tensor, temperature, top_p: float):
         """Token, its logprob and the entropy of the sampling distribution, per row."""
