@@ -230,8 +230,7 @@ def replay_figures(cfg: Config, step: int, slots) -> dict:
 
     age, reward_of = (lambda r: step - r["version"]), (lambda r: r["reward"])
     return {"reward": mean(reward_of), "reward_fresh": mean(reward_of, [True]),
-            "reward_replay": mean(reward_of, [False]),
-            "pass_rate": mean(lambda r: r["reward"] >= cfg.success),
+            "reward_replay": mean(reward_of, [False]), "pass_rate": mean(lambda r: r["reward"] >= cfg.success),
             "entropy": sum(r["entropy"] for _, r in drawn) / sum(int(r["mask"].sum()) for _, r in drawn),
             "response_len": mean(lambda r: int(r["mask"].sum())), "staleness_mean": mean(age),
             "staleness_max": max(age(r) for _, r in drawn), "staleness_fresh": mean(age, [True]),
