@@ -178,7 +178,6 @@ class Searchers:
             return self._receive() if first and w == 0 else due
         due = None if first else self.pending
         load_handoff(self.sampler, self.lm, self._send(version), self.names)
-        if first and w == 0:
-            due = self._search_all(0, version)
+        due = self._search_all(0, version) if first and w == 0 else due
         self.pending = self._search_all(w + 1, version) if w + 1 < self.n_syncs else None
         return due
