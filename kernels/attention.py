@@ -173,10 +173,9 @@ def _paged_keys(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor,
     return k, v, torch.where(valid, 0.0, float("-inf"))[:, None]
 
 
-def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                               group_start: torch.Tensor, group_count: torch.Tensor, prompt_len: torch.Tensor,
-                               prompt_blocks: torch.Tensor, scale: float,
-                               max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
+                               group_count: torch.Tensor, prompt_len: torch.Tensor, prompt_blocks: torch.Tensor,
+                               scale: float, max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of prefix_attention: each group's rows attend to their prompt in one call."""
     rows, heads, d = q.shape
     groups, kv = len(group_start), k_pool.shape[2]
