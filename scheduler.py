@@ -172,8 +172,7 @@ class Generation:
     def alloc_block(self, rollout: _Rollout) -> int | None:
         """A free block, made by dropping idle prompts' KV (newest first), then preempting the newest rollout."""
         while not self.free_blocks:
-            idle = [p for p in self.active if p.running == 0]
-            if idle:
+            if idle := [p for p in self.active if p.running == 0]:
                 self.evict(idle[-1])
                 continue
             victim = self.running.pop()

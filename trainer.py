@@ -416,8 +416,7 @@ def lr_at(cfg: Config, step: int) -> float:
 def sync_sampler(sampler, lm, received: dict | None = None) -> None:
     """The trainer's weights into the sampler's buffers on the device (DESIGN.md step 2), every one written; with
     LoRA merged (W + alpha / r B A), from `received` adapters (a searcher's) when given."""
-    missing = sorted(sampler.weights.keys() - lm.state_dict().keys())
-    if missing:
+    if missing := sorted(sampler.weights.keys() - lm.state_dict().keys()):
         raise RuntimeError(f"the trained model has no {', '.join(missing[:3])}: the sampler's weights would go stale")
     with torch.no_grad():
         for name, w in lora.merged(lm, list(sampler.weights), received):
