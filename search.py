@@ -103,10 +103,9 @@ def empty_round(cfg: Config) -> list[torch.Tensor]:
 
 def gather_round(cfg: Config, mine: list[torch.Tensor] | None, roles: Roles) -> list[list[torch.Tensor]] | None:
     """Every searcher's round to trainer rank 0 (returned there, one list per searcher; None elsewhere)."""
-    mine = mine or empty_round(cfg)
     rank0 = dist.get_rank() == 0
     out = []
-    for t in mine:
+    for t in mine or empty_round(cfg):
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(roles.handoff))] if rank0 else None
         dist.gather(t, parts, dst=0, group=roles.handoff)
         out.append(parts[1:] if rank0 else None)
