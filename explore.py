@@ -76,8 +76,7 @@ class Explore:
         if len(state["count"]) != self.n_items:
             raise ValueError(f"the checkpoint's difficulty stats cover {len(state['count'])} prompts, this task has "
                              f"{self.n_items}; resume with the same --task and --task-size")
-        for name in self.SAVED:
-            setattr(self, name, copy.deepcopy(state[name]))
+        vars(self).update({name: copy.deepcopy(state[name]) for name in self.SAVED})
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
 
