@@ -1,9 +1,8 @@
-"""The sampler's scheduler: continuous batching over decode slots and a paged KV pool. A finished rollout frees
-its slot and blocks for the next; when blocks run out, idle prompts' KV goes first, then the newest running
-rollout is preempted and restarted later. Randomness is keyed by (seed, prompt, sample, position), so none of
-this changes which tokens come out. With tools (tools.py), a rollout that closes a call waits, its slot and KV
-kept, while the others decode; the call's turn is then fed into its own KV with the next step, and a restarted
-rollout finds its calls' outputs recorded.
+"""The sampler's scheduler: continuous batching over decode slots and a paged KV pool. A finished rollout frees its slot
+and blocks for the next; when blocks run out, idle prompts' KV goes first, then the newest running rollout is preempted
+and restarted later. Randomness is keyed by (seed, prompt, sample, position), so none of this changes which tokens come
+out. With tools (tools.py), a rollout that closes a call waits, its slot and KV kept, while the others decode; the
+call's turn is then fed into its own KV with the next step, and a restarted rollout finds its calls' outputs recorded.
 """
 
 from collections import Counter, deque

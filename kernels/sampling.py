@@ -1,9 +1,8 @@
-"""Keyed Gumbel-max sampling: each row's token, its logprob and the entropy, in one pass over the vocabulary.
-Row r with uint32 key k gets, for token j, u = ((hash32(hash32(j) ^ k) >> 8) + 0.5) * 2^-24 and samples
-argmax(z - log(-log u)) = argmax(softmax(z) / -log u), z = logits / temperature (taken the second way: one log a
-token): an exact draw from softmax(z) that depends on the row's logits and key alone, never on its batch (DESIGN.md,
-Sampler contract). `sample` (Triton) and `reference_sample` (torch) return (tokens, logprob, entropy) per row;
-temperature 0 is greedy.
+"""Keyed Gumbel-max sampling: each row's token, its logprob and the entropy, in one pass over the vocabulary. Row r with
+uint32 key k gets, for token j, u = ((hash32(hash32(j) ^ k) >> 8) + 0.5) * 2^-24 and samples argmax(z - log(-log u))
+= argmax(softmax(z) / -log u), z = logits / temperature (taken the second way: one log a token): an exact draw from
+softmax(z) that depends on the row's logits and key alone, never on its batch (DESIGN.md, Sampler contract). `sample`
+(Triton) and `reference_sample` (torch) return (tokens, logprob, entropy) per row; temperature 0 is greedy.
 """
 
 import torch
