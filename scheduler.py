@@ -255,8 +255,7 @@ class Generation:
 
     def start_call(self, r: _Rollout) -> None:
         """If the model's turn ends with a tool call, the rollout waits for it (run once, even across restarts)."""
-        code = self.tools.code(self.out_tok[r.slot, r.turn:r.length].tolist())
-        if code is not None:
+        if (code := self.tools.code(self.out_tok[r.slot, r.turn:r.length].tolist())) is not None:
             key = (r.prompt.index, r.sample, r.calls)
             if key not in self.calls:
                 self.calls[key] = self.tools.run(code, r.prompt.index)
