@@ -51,9 +51,8 @@ def _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr, first, last, seq_len, s
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group_start_ptr, group_count_ptr,
                             seq_len_ptr, table_ptr, table_stride, scale, num_splits,
-                            KV_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                            DOT_PRECISION: tl.constexpr):
+                            KV_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                            BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program: BLOCK_Q query vectors of a group against one split of its blocks, each read once."""
     group, tile = tl.program_id(0), tl.program_id(2)
     kv_head, split = tl.program_id(1) // num_splits, tl.program_id(1) % num_splits
