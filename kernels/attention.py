@@ -101,8 +101,7 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     table = block_table.contiguous()
     # tf32 holds bf16/fp16 q and k exactly (and rounds p to 10 bits); only float32 inputs need ieee.
     precision = "ieee" if torch.float32 in (q.dtype, k_pool.dtype) else "tf32"
-    grid = (group_start.numel(), kv_heads * num_splits, tiles)
-    _paged_attention_kernel[grid](
+    _paged_attention_kernel[(group_start.numel(), kv_heads * num_splits, tiles)](
         q.contiguous(), k_pool, v_pool, o, lse, group_start, group_count, seq_len, table, table.stride(0), scale,
         num_splits, KV_HEADS=kv_heads, REP=heads // kv_heads, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_Q=block_q,
