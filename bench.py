@@ -350,7 +350,7 @@ def main():
     for flag, defaults in TRAINER_DEFAULTS.items():
         setattr(args, flag, getattr(args, flag) or defaults[args.device == "cpu"])
     torch.manual_seed(0)
-    cluster.set_threads()  # as a run sets them
+    cluster.set_threads(follow_load=args.device == "cpu")  # as a run sets them
     result = {"sampler": bench_cpu if args.device == "cpu" else bench_gpu, "trainer": bench_trainer,
               "reward": bench_reward, "busy": bench_busy}[args.what](args)
     print(json.dumps(result, indent=1))

@@ -2,11 +2,13 @@
 and weight broadcast. The one place that knows torch.distributed; it moves tensors and modules, whoever's they are.
 """
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import time
 import timeit
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from config import Config
 
+LOAD = {}  # cpu_times() when set_threads last ran: what happened since decides its threads
+
 
 def setup_process():
     """(rank, world size, device); nccl on CUDA, gloo on CPU, when launched by torchrun."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    set_threads()
+    set_threads(follow_load=device.type == "cpu")
     if "RANK" in os.environ:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -33,22 +37,37 @@ def setup_process():
 
 def set_threads(follow_load: bool = False) -> int:
     """torch's threads: OMP_NUM_THREADS, else this rank's share of the physical cores it may run on; with follow_load
-    one fewer when that runs a product clearly faster (another process holds a core, and OpenMP's barriers wait)."""
+    one fewer while another process holds a core (OpenMP's barriers wait for the thread that waits for it): since the
+    last call the main thread waited for a CPU over a quarter of the time it ran, or it ran with one fewer and the
+    CPUs were not idle half the time. Without Linux's /proc, all of them."""
+    global LOAD
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     n = max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    # n threads are clearly faster than n - 1 when they beat the halfway mark between n/(n-1) and no speed-up
-    if follow_load and n > 1 and product_ms(n) > product_ms(n - 1) * (1 - 0.5 / n):
-        n -= 1
+    if follow_load and n > 1 and not LOAD:  # nothing to go by yet: a moment of products on n threads
+        torch.set_num_threads(n)
+        LOAD = cpu_times()
+        for a in [torch.randn(512, 512)] * 40:
+            a @ a
+    last, LOAD = LOAD, cpu_times()
+    if follow_load and n > 1 and last and LOAD:
+        ran, waited, idle, wall = (LOAD[k] - last[k] for k in ("ran", "waited", "idle", "at"))
+        if waited > ran / 4 or (torch.get_num_threads() == n - 1 and idle < wall / 2):
+            n -= 1
     torch.set_num_threads(n)
     return n
 
 
-def product_ms(threads: int) -> float:
-    """The best of 3 times (a moment's hiccup does not decide) of 8 products of 384 x 384 on `threads` threads, ms."""
-    torch.set_num_threads(threads)
-    a = torch.randn(384, 384) @ torch.randn(384, 384)
-    return min(timeit.repeat(lambda: a @ a, number=8, repeat=3)) * 1e3
+def cpu_times() -> dict:
+    """Seconds the main thread (in every parallel op) has run and waited for a CPU, and this process's CPUs have
+    stood idle, and when they were read: Linux's /proc, none elsewhere."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        ran, waited = (int(x) / 1e9 for x in Path("/proc/self/schedstat").read_text().split()[:2])
+        cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        stat = [f for f in map(str.split, Path("/proc/stat").read_text().splitlines()) if f[0] in cpus]
+        idle = sum(int(f[4]) + int(f[5]) for f in stat) / os.sysconf("SC_CLK_TCK")
+        return {"ran": ran, "waited": waited, "idle": idle, "at": time.monotonic()}
+    return {}
 
 
 def physical_cores() -> int:

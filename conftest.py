@@ -9,8 +9,14 @@ import pytest  # noqa: E402 (after the environment above)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import cluster  # noqa: E402
 import config  # noqa: E402
 import trainer  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def threads_follow_the_load():  # as a run's steps do (cluster.set_threads): fair to a busy machine
+    cluster.set_threads(follow_load=True)
 
 
 @pytest.fixture(scope="session")

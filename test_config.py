@@ -122,24 +122,49 @@ def test_threads_are_the_physical_cores_of_the_affinity(monkeypatch):
 
 @pytest.mark.parametrize("cores", [2, 16])
 def test_threads_follow_the_load(monkeypatch, cores):
-    """One thread fewer only where the cores' product is not clearly faster than one fewer's: another process
-    holds a core. Alone, n threads run n/(n-1) faster and stay; OMP_NUM_THREADS, or not following, keeps all."""
+    """One thread fewer once the threads waited for a CPU over a quarter of the time they ran since the last call
+    (another process holds a core), all of them again once the CPUs stood idle half the time; before any history, a
+    moment of products makes one. OMP_NUM_THREADS, not following, or no /proc keeps them all."""
     threads = torch.get_num_threads()
     monkeypatch.setattr(cluster, "physical_cores", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    read = []  # what cpu_times returns, call by call: seconds ran, waited, idle, wall since the start
+
+    def times():
+        return dict(zip(("ran", "waited", "idle", "at"), read.pop(0)))
     try:
-        for speedup, expected in ((cores / (cores - 1), cores), (1.0, cores - 1), (0.5, cores - 1)):
-            monkeypatch.setattr(cluster, "product_ms", lambda n: 100.0 / speedup ** (n - cores + 1))
+        monkeypatch.setattr(cluster, "LOAD", {})
+        monkeypatch.setattr(cluster, "cpu_times", times)
+        read += [(0, 0, 0, 0), (8, 3, 0, 1)]  # first call: the probe's own counters, waiting 3 of 8
+        assert cluster.set_threads(follow_load=True) == cores - 1 == torch.get_num_threads() and not read
+        for ran, waited, idle, expected in ((16, 3.25, 0.25, cores - 1),  # one fewer, a CPU idle under half: stay
+                                            (24, 3.5, 1.0, cores),  # a CPU idle 0.75 of the second: all again
+                                            (32, 5.75, 1.0, cores - 1),  # waited 2.25 s of 8: over a quarter
+                                            (40, 7.75, 1.5, cores)):  # a quarter exactly, half idle: all
+            read.append((ran, waited, idle, ran / 8))  # a second apart, the threads running 8 s in it
             assert cluster.set_threads(follow_load=True) == expected == torch.get_num_threads()
-            assert cluster.set_threads() == cores
+        read.append((48, 20, 1.5, 6))
+        assert cluster.set_threads() == cores  # not following
+        monkeypatch.setattr(cluster, "cpu_times", dict)  # no /proc: nothing to go by
+        torch.set_num_threads(cores - 1)
+        assert cluster.set_threads(follow_load=True) == cores
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
         assert cluster.set_threads(follow_load=True) == 3
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        assert cluster.product_ms(1) > 0  # the real probe runs
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cpu_times_count_the_main_threads_time_and_idle_cpus():
+    before = cluster.cpu_times()
+    a = torch.randn(256, 256)
+    for _ in range(200):
+        a @ a  # on every thread
+    after = cluster.cpu_times()
+    assert set(before) == set(after) == {"ran", "waited", "idle", "at"}
+    assert 0 < after["ran"] - before["ran"] <= after["at"] - before["at"] + 0.01  # one thread's time
+    assert after["waited"] >= before["waited"] and after["idle"] >= before["idle"]
 
 
 def test_scoring_workers_sit_idle_while_the_model_runs():
