@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from config import Config
 
-LOAD = {}  # cpu_times() when set_threads last ran: what happened since decides its threads
+LOAD = None  # cpu_times() when set_threads last ran (None: never): what happened since decides its threads
 
 
 def setup_process():
@@ -44,7 +44,7 @@ def set_threads(follow_load: bool = False) -> int:
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
     n = max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    if follow_load and n > 1 and not LOAD:  # nothing to go by yet: a moment of products on n threads
+    if follow_load and n > 1 and LOAD is None:  # nothing to go by yet: a moment of products on n threads
         torch.set_num_threads(n)
         LOAD = cpu_times()
         for a in [torch.randn(512, 512)] * 40:

@@ -122,32 +122,34 @@ def test_threads_are_the_physical_cores_of_the_affinity(monkeypatch):
 
 @pytest.mark.parametrize("cores", [2, 16])
 def test_threads_follow_the_load(monkeypatch, cores):
-    """One thread fewer once the threads waited for a CPU over a quarter of the time they ran since the last call
+    """One thread fewer once the main thread waited for a CPU over a quarter of the time it ran since the last call
     (another process holds a core), all of them again once the CPUs stood idle half the time; before any history, a
     moment of products makes one. OMP_NUM_THREADS, not following, or no /proc keeps them all."""
     threads = torch.get_num_threads()
     monkeypatch.setattr(cluster, "physical_cores", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    read = []  # what cpu_times returns, call by call: seconds ran, waited, idle, wall since the start
+    read = []  # what cpu_times returns, call by call: seconds ran, waited, idle, and when
 
     def times():
         return dict(zip(("ran", "waited", "idle", "at"), read.pop(0)))
     try:
-        monkeypatch.setattr(cluster, "LOAD", {})
+        monkeypatch.setattr(cluster, "LOAD", None)
         monkeypatch.setattr(cluster, "cpu_times", times)
-        read += [(0, 0, 0, 0), (8, 3, 0, 1)]  # first call: the probe's own counters, waiting 3 of 8
+        read += [(0, 0, 0, 0), (1, 0.375, 0, 2)]  # first call: around the products, waiting 0.375 s of 1
         assert cluster.set_threads(follow_load=True) == cores - 1 == torch.get_num_threads() and not read
-        for ran, waited, idle, expected in ((16, 3.25, 0.25, cores - 1),  # one fewer, a CPU idle under half: stay
-                                            (24, 3.5, 1.0, cores),  # a CPU idle 0.75 of the second: all again
-                                            (32, 5.75, 1.0, cores - 1),  # waited 2.25 s of 8: over a quarter
-                                            (40, 7.75, 1.5, cores)):  # a quarter exactly, half idle: all
-            read.append((ran, waited, idle, ran / 8))  # a second apart, the threads running 8 s in it
+        for ran, waited, idle, expected in ((2, 0.5, 0.5, cores - 1),  # one fewer, CPUs idle 0.5 s of 2: stay
+                                            (3, 0.625, 1.75, cores),  # idle 1.25 s of 2: all again
+                                            (4, 0.9375, 1.75, cores - 1),  # waited 0.3125 s of 1: over a quarter
+                                            (5, 1.1875, 2.75, cores)):  # a quarter exactly, idle half: all
+            read.append((ran, waited, idle, 2 * ran))  # 2 s apart, the main thread running 1 s of them
             assert cluster.set_threads(follow_load=True) == expected == torch.get_num_threads()
-        read.append((48, 20, 1.5, 6))
+        read.append((6, 5, 2.75, 12))
         assert cluster.set_threads() == cores  # not following
-        monkeypatch.setattr(cluster, "cpu_times", dict)  # no /proc: nothing to go by
+        monkeypatch.setattr(cluster, "cpu_times", dict)  # no /proc: nothing to go by, and no products each call
+        monkeypatch.setattr(torch, "randn", None)
         torch.set_num_threads(cores - 1)
+        assert cluster.set_threads(follow_load=True) == cores and cluster.LOAD == {}
         assert cluster.set_threads(follow_load=True) == cores
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
