@@ -57,9 +57,7 @@ def add_adapters(lm, cfg: Config) -> None:
     lm.requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed)
     for name, m in chosen:
-        parent, _, target = name.rpartition(".")
-        setattr(layers.get_submodule(parent), target, LoRALinear(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                                  generator))
+        layers.set_submodule(name, LoRALinear(m, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, generator))
 
 
 def adapter_names(lm) -> list[str]:
