@@ -58,8 +58,7 @@ class _Rollout:
 class Generation:
     """The state of one generate() call; `s` is the Sampler, whose prefill and decode steps it schedules."""
 
-    def __init__(self, s, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys,
-                 tools=None):
+    def __init__(self, s, prompts, n, max_new_tokens, temperature, top_p, stop_token_ids, seed, prompt_keys, tools):
         self.s, self.max_new, self.temperature, self.top_p = s, max_new_tokens, temperature, top_p
         self.seed, self.prompt_keys, self.tools = seed, prompt_keys, tools
         self.calls: dict[tuple, Future] = {}  # (prompt, sample, call) -> its output: a restart reuses it
