@@ -92,9 +92,8 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
         ("gpu paths", 50, [py, "-m", "pytest", "-q", "test_sampler.py", "test_trainer.py", "-k",
                            "graph or tied or hand_off or device or (compiled and llama)"], {**tests, **site},
          lambda log: log.strip().splitlines()[-1]),
-        ("model", 15, [py, "-c", f'import gpu_check, pathlib; gpu_check.random_model(pathlib.Path("{model}"), '
-                                 '"cuda")'], {},
-         lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
+        ("model", 15, [py, "-c", f'import gpu_check, pathlib; gpu_check.random_model(pathlib.Path("{model}"), "cuda")'],
+         {}, lambda _: f"{(model / 'model.safetensors').stat().st_size / 1e9:.2f} GB of bf16 weights"),
         ("train", 90, run("grpo", "grpo", "--steps", "2", "--save-every", "2", "--tis-cap", "2"), site,
          lambda log: trained("grpo", 2, log)),
         ("train lora", 45, run("lora", "grpo", "--steps", "2", "--save-every", "2", "--lora-rank", "16", "--kl-coef",
