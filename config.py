@@ -132,11 +132,9 @@ class Config:
         rules += [
             (self.temperature >= 0, f"--temperature {self.temperature} is negative; use 0 for greedy decoding or a "
              "positive value to sample"),
-            (0 < self.top_p <= 1, f"--top-p {self.top_p} is outside (0, 1]; use 1.0 to sample from the whole "
-             "distribution"),
+            (0 < self.top_p <= 1, f"{flag('top_p')} is outside (0, 1]; use 1.0 to sample from the whole distribution"),
             (self.adam_eps > 0, f"--adam-eps {self.adam_eps} must be positive (AdamW divides by sqrt(v) + eps)"),
-            (0 <= self.eps_low < 1, f"--eps-low {self.eps_low} must be in [0, 1): the lower ratio bound is "
-             "1 - eps_low"),
+            (0 <= self.eps_low < 1, f"{flag('eps_low')} must be in [0, 1): the lower ratio bound is 1 - eps_low"),
             (self.eps_high >= self.eps_low,
              f"--eps-high {self.eps_high} is below --eps-low {self.eps_low}; clip-higher needs eps_high >= eps_low"),
             (self.dual_clip == 0 or self.dual_clip > 1, f"--dual-clip {self.dual_clip} must be 0 (off) or above 1"),
@@ -146,8 +144,7 @@ class Config:
              "--kl-in-reward, --entropy-coef, --tis-cap and --dual-clip would do nothing or count it twice; drop them"),
             (self.echo_coef == 0 or self.success <= 1, f"--success {self.success}: rewards are at most 1, so no "
              "response ever succeeds and EchoRL has nothing to learn from; use 1"),
-            (0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout} is a probability below 1; use 0 (off) "
-             "or e.g. 0.05"),
+            (0 <= self.lora_dropout < 1, f"{flag('lora_dropout')} is a probability below 1; use 0 (off) or e.g. 0.05"),
             (not (self.lora_rank and self.ref_reset_every), f"--ref-reset-every {self.ref_reset_every}: with LoRA the "
              "reference is the frozen base (adapters off), which a reset cannot move; drop one of the two")]
         if lo or hi:  # E3's budgets (ALGORITHMS.md 3): every batch keeps B x G rollouts within the bounds
