@@ -111,9 +111,8 @@ def pick_dtype(requested: str, device, hidden: int, intermediate: int, cache_dir
 
 def cpu_identity() -> str:
     """The CPU's model, flags and the kernels torch and oneDNN may use: what decides a bf16 product's speed."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                               if line.startswith(name)), "")
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in lines if line.startswith(name)), "")
     flags = hashlib.sha1(field("flags").encode()).hexdigest()[:12]
     return (f"{field('model name') or platform.processor()} | flags {flags} | "
             f"{torch.backends.cpu.get_cpu_capability()} | oneDNN ISA {os.environ.get('ONEDNN_MAX_CPU_ISA', 'max')}")
