@@ -146,8 +146,7 @@ class Generation:
             batch.append(prompt)
         if batch:
             self.fed_tokens += sum(len(p.tokens) for p in batch)
-            logits = self.s.prefill([p.tokens for p in batch], [p.blocks for p in batch])
-            for prompt, row in zip(batch, logits):
+            for prompt, row in zip(batch, self.s.prefill([p.tokens for p in batch], [p.blocks for p in batch])):
                 prompt.logits = row
             self.active.extend(batch)
         return bool(batch)
