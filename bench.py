@@ -45,13 +45,6 @@ def timed(fn, device: str):
     return out, time.perf_counter() - start
 
 
-def fixed_prompt(tokenizer, length: int) -> list[int]:
-    """A chat-formatted prompt cut to exactly `length` tokens of real text."""
-    text = " ".join(f"Step {i}: add the previous result to {i * 7 % 13} and explain why." for i in range(length))
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)[:length]
-
-
 def run_fanout(sampler: Sampler, prompts, n, new_tokens, device):
     """Rollouts with no stop token, so every one is exactly new_tokens long."""
     sampler.generate(prompts[:1], [min(n[0], 4)], 4, seed=1)  # warm-up
@@ -101,7 +94,10 @@ def bench_cpu(args) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), model, torch.device("cpu"))
     model = model.to(dtype)
-    prompt = fixed_prompt(transformers.AutoTokenizer.from_pretrained(path), 256)
+    # a chat-formatted prompt cut to exactly 256 tokens of real text
+    text = " ".join(f"Step {i}: add the previous result to {i * 7 % 13} and explain why." for i in range(256))
+    prompt = transformers.AutoTokenizer.from_pretrained(path).apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)[:256]
     result = {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen}
     for name, compiled in (("fanout", True), ("fanout_eager", False)):
         sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype,
