@@ -103,12 +103,18 @@ def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: i
     barrier(group)
     dcp.save(checkpoint_state(model, optimizer, ref_model), checkpoint_id=tmp, process_group=group,
              no_dist=not dist.is_initialized())
-    torch.save({"step": step, "explore": loop_state}, tmp / f"trainer_rank{rank}.pt")
+    torch.save({"step": step, "explore": loop_state, "run": run_kind(cfg)}, tmp / f"trainer_rank{rank}.pt")
     barrier(group)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     barrier(group)
+
+
+def run_kind(cfg: Config) -> str:
+    """What a checkpoint's loop state was made for (its prompts, by index, and its loop): a resume must match it."""
+    return (f"{'a TBA' if cfg.searchers else 'a synchronous'} run on --task {cfg.task} --task-size {cfg.task_size} "
+            f"--eval-task '{cfg.eval_task}' --eval-prompts {cfg.eval_prompts} --seed {cfg.seed}")
 
 
 def find_checkpoint(cfg: Config) -> Path | None:
@@ -137,13 +143,16 @@ def checkpoint_state(model, optimizer, ref_model) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer, ref_model, rank: int, group=None) -> tuple[int, dict | None]:
+def load_checkpoint(cfg: Config, path: Path, model, optimizer, ref_model, rank: int,
+                    group=None) -> tuple[int, dict | None]:
     """Restore model, optimizer and reference: (the step to run next, the loop's saved state)."""
     state = checkpoint_state(model, optimizer, ref_model)
     try:
         dcp.FileSystemReader(path).read_metadata()  # a damaged index fails here, before dcp logs its own tracebacks
-        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=not dist.is_initialized())
         trainer = torch.load(path / f"trainer_rank{rank}.pt", weights_only=False)
+        if trainer.get("run", run_kind(cfg)) != run_kind(cfg):
+            raise ValueError(f"it holds the state of {trainer['run']}; this is {run_kind(cfg)}")
+        dcp.load(state, checkpoint_id=path, process_group=group, no_dist=not dist.is_initialized())
     except (Exception, dcp.CheckpointException) as e:  # damaged, or another model's or flags': one sentence
         e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e  # a rank's error
         raise SystemExit(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); resume with the model and "

@@ -274,6 +274,11 @@ def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path, smollm2):
              # a sound checkpoint of other flags: dcp raises a BaseException (CheckpointException) for it
              (["--resume", str(tmp_path / "saved" / "checkpoints" / "step_000000"), "--lora-rank", "4"],
               "resume with the model and flags it was saved with"),
+             # its loop's state is of other prompts, or of the other loop: checked before anything loads
+             (["--resume", "auto", "--out-dir", str(tmp_path / "saved"), "--task-size", "123"],
+              "it holds the state of a synchronous run on --task"),
+             (["--resume", "auto", "--out-dir", str(tmp_path / "saved"), "--searchers", "2", "--loss", "tb",
+               "--entropy-coef", "0"], "; this is a TBA run on"),
              (["--export-hf", str(tmp_path)], "already exists")]
     for flags, message in cases:
         run = subprocess.run([sys.executable, "train.py", *tiny_run(tmp_path, smollm2), "--steps", "1", "--out-dir",

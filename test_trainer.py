@@ -390,7 +390,9 @@ def test_checkpoint_holds_model_optimizer_and_reference(tmp_path):
     optimizer.step()  # now model, optimizer state and reference all differ from a fresh start
     outputs.save_checkpoint(config.Config(out_dir=str(tmp_path)), model, optimizer, ref, 3, rank=0)
     model2, optimizer2, ref2 = parts(5)
-    assert outputs.load_checkpoint(tmp_path / "checkpoints" / "step_000003", model2, optimizer2, ref2, rank=0) == (4, None)
+    loaded = outputs.load_checkpoint(config.Config(out_dir=str(tmp_path)), tmp_path / "checkpoints" / "step_000003",
+                                     model2, optimizer2, ref2, rank=0)
+    assert loaded == (4, None)
     for a, b in zip([*model.parameters(), *ref.parameters()], [*model2.parameters(), *ref2.parameters()]):
         assert torch.equal(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))

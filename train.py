@@ -74,7 +74,7 @@ def main(cfg: Config):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
-    start_step, saved = load_checkpoint(checkpoint, model, optimizer, None if tba else ref_model, roles.rank,
+    start_step, saved = load_checkpoint(cfg, checkpoint, model, optimizer, None if tba else ref_model, roles.rank,
                                         roles.trainers) if checkpoint else (0, None)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
     log.log({"run": "resumed" if start_step else "started", **setup,
