@@ -161,10 +161,6 @@ def all_sum(*values: float, group=None) -> list[float]:
     return t.tolist()
 
 
-def all_max(value: int, group=None) -> int:
-    return max(all_gather(value, group))
-
-
 def all_gather(obj, group=None) -> list:
     """Every rank's obj, in rank order (just [obj] on one process)."""
     if not dist.is_initialized():

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import lora
 import loss
-from cluster import all_max, all_sum, group_size
+from cluster import all_gather, all_sum, group_size
 from config import EMBEDDED_MODEL, Config
 from kernels.logprob import logprob, reference_logprob
 
@@ -262,7 +262,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     per_response = lambda values: {i: part for b, v in zip(batches, values)
                                    for i, part in zip(b, v.split([lengths[i] for i in b]))}
     groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
-    log_z_pass = tb and all_max(int(sum(map(len, groups)) > len(set().union(*groups))), group) > 0  # all ranks or none
+    log_z_pass = tb and any(all_gather(sum(map(len, groups)) > len(set().union(*groups)), group))  # all ranks or none
     old_pass = cfg.kl_in_reward and ref_model is not None
     device = next(model.parameters()).device
     with torch.no_grad():
@@ -318,7 +318,7 @@ def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocas
     plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share,
                  whole_groups=cfg.loss == "tb" and cfg.pack, pack=cfg.pack, among=active, row_tokens=CPU_ROW_TOKENS)
     # every forward of a sharded model gathers with the other ranks: all run as many micro-batches (empty ones too)
-    plans += [[] for _ in range(all_max(len(plans), group) - len(plans))]
+    plans += [[] for _ in range(max(all_gather(len(plans), group)) - len(plans))]
 
     def run(m, k):
         if not plans[k]:  # an empty micro-batch: one dummy token
