@@ -85,7 +85,7 @@ def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group
 
 def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group_start: torch.Tensor,
                      group_count: torch.Tensor, seq_len: torch.Tensor, block_table: torch.Tensor, scale: float,
-                     num_splits: int, block_q: int, tiles: int,
+                     num_splits: int, max_count: int,
                      rows_outside_groups: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One program per (group, kv head x split, query tile); rows outside groups: o 0, lse -inf."""
     rows, heads, head_dim = q.shape
@@ -93,6 +93,8 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     assert heads % kv_heads == 0 and block_size >= 16 and block_size & (block_size - 1) == 0, \
         f"need heads ({heads}) divisible by kv_heads ({kv_heads}) and a power-of-two block_size >= 16 ({block_size})"
     assert k_pool.is_contiguous() and v_pool.is_contiguous(), "the KV pools must be contiguous"
+    tile_rows = max_count * (heads // kv_heads)  # the query vectors of a kv head in the largest group: tiles of <= 64
+    block_q = min(64, max(16, triton.next_power_of_2(tile_rows)))
     o = torch.empty(rows, heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(rows, heads, num_splits, device=q.device, dtype=torch.float32)
     if rows_outside_groups:
@@ -101,7 +103,7 @@ def _paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     table = block_table.contiguous()
     # tf32 holds bf16/fp16 q and k exactly (and rounds p to 10 bits); only float32 inputs need ieee.
     precision = "ieee" if torch.float32 in (q.dtype, k_pool.dtype) else "tf32"
-    _paged_attention_kernel[(group_start.numel(), kv_heads * num_splits, tiles)](
+    _paged_attention_kernel[(group_start.numel(), kv_heads * num_splits, triton.cdiv(tile_rows, block_q))](
         q.contiguous(), k_pool, v_pool, o, lse, group_start, group_count, seq_len, table, table.stride(0), scale,
         num_splits, KV_HEADS=kv_heads, REP=heads // kv_heads, HEAD_DIM=head_dim,
         D_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_Q=block_q,
@@ -114,11 +116,8 @@ def prefix_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                      scale: float, max_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every row over its prompt's keys: o [R, heads, d], lse [R, heads], float32. max_count bounds
     the largest group (None: read from group_count, a host sync a CUDA graph avoids). No group: o 0, lse -inf."""
-    rep = q.shape[1] // k_pool.shape[2]
-    tile_rows = (int(group_count.max()) if max_count is None else max_count) * rep
-    block_q = min(64, max(16, triton.next_power_of_2(tile_rows)))
-    o, lse = _paged_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale,
-                              1, block_q, triton.cdiv(tile_rows, block_q), rows_outside_groups=True)
+    o, lse = _paged_attention(q, k_pool, v_pool, group_start, group_count, prompt_len, prompt_blocks, scale, 1,
+                              int(group_count.max()) if max_count is None else max_count, rows_outside_groups=True)
     return o.squeeze(2), lse.squeeze(2)
 
 
@@ -127,9 +126,8 @@ def decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     """Attention of each row over its own tokens in num_splits chunks: o [R, heads, S, d], lse [R, heads, S]."""
     # Decode is the grouped computation with one row per group and the row's own block table.
     starts = torch.arange(q.shape[0], device=q.device, dtype=torch.int32)
-    rep = q.shape[1] // k_pool.shape[2]
     return _paged_attention(q, k_pool, v_pool, starts, torch.ones_like(starts), seq_len, block_table, scale,
-                            num_splits, max(16, triton.next_power_of_2(rep)), 1)
+                            num_splits, 1)
 
 
 # ---- plain torch: the sampler's path off CUDA, and what the kernels are tested against ----
