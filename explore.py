@@ -48,13 +48,11 @@ class Explore:
                                                 cfg.tau_anneal_eta) if cfg.temperature_control else None
 
     def next_prompts(self) -> tuple[list[int], list[int]]:
-        """The next prompts_per_step training prompts and their rollout budgets (E3 when bounds are set)."""
-        cfg = self.cfg
+        """The next prompts_per_step training prompts and their rollout budgets (E3; bounds unset: G..G, G each)."""
+        cfg, G = self.cfg, self.cfg.rollouts_per_prompt
         picked = pick_prompts(self.n_items, self.position, cfg.prompts_per_step, cfg.seed)
-        if not (cfg.budget_min or cfg.budget_max):
-            return picked, [cfg.rollouts_per_prompt] * len(picked)
-        lo, hi = budget_bounds(self.position // self.n_items, cfg.rollouts_per_prompt, cfg.budget_min, cfg.budget_max)
-        return picked, allocate_budgets(self.epoch_ranks[picked], cfg.rollouts_per_prompt, lo, hi)
+        lo, hi = budget_bounds(self.position // self.n_items, G, cfg.budget_min or G, cfg.budget_max or G)
+        return picked, allocate_budgets(self.epoch_ranks[picked], G, lo, hi)
 
     def record(self, picked: list[int], rewards: list[list[float]]) -> None:
         """The rewards of each picked prompt's responses; at an epoch's end, the ranks for the next."""
