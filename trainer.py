@@ -122,10 +122,6 @@ def response_logprobs(policy: Policy, sequences, prompt_lens, temperature, autoc
                       targets, temperature if temperature > 0 else 1.0, autocast_dtype if low_precision else None)
 
 
-# The widest shared-prompt row on a CPU: sdpa computes width^2 under a mask (bench.py trainer measures the choice)
-CPU_ROW_TOKENS = 512
-
-
 def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_groups: bool = False,
          pack: bool = True, among=None, row_tokens: float = math.inf) -> list[list[list[list[int]]]]:
     """Micro-batches of the responses `among` (default: all): rows of pieces, each the responses after one copy of
@@ -315,8 +311,9 @@ def plan_step(cfg: Config, model, batch: Batch, adv, temperature: float, autocas
     active = [i for i in range(len(batch.sequences)) if i in batch.clips or (batch.rl[i] and (every or adv[i] != 0))]
     # shared-prompt rows suit a CPU, compute-bound, its masked attention dense anyway; a GPU's 4D mask would be slow
     share = cfg.pack and next(model.parameters()).device.type == "cpu"
+    # such a row 512 tokens wide at most: sdpa computes width^2 under a mask (bench.py trainer measures the choice)
     plans = plan(batch.sequences, batch.prompt_lens, cfg.max_tokens_per_microbatch, share,
-                 whole_groups=cfg.loss == "tb" and cfg.pack, pack=cfg.pack, among=active, row_tokens=CPU_ROW_TOKENS)
+                 whole_groups=cfg.loss == "tb" and cfg.pack, pack=cfg.pack, among=active, row_tokens=512)
     # every forward of a sharded model gathers with the other ranks: all run as many micro-batches (empty ones too)
     plans += [[] for _ in range(max(all_gather(len(plans), group)) - len(plans))]
 
