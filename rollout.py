@@ -108,7 +108,7 @@ class Sampler:
         # decode steps padded to powers of two, replayed as CUDA graphs kept for the run, the temperature an input
         # (on CPU, cuda_graphs=True pads and runs eagerly: how the padding is tested)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs, self.captures = {}, 0
+        self.graphs = {}
         self.graph_temperature = torch.ones(1, device=self.device)
         self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs and self.device.type == "cuda" else None
 
@@ -229,7 +229,6 @@ class Sampler:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):  # every size shares one memory pool
             out = self._decode(static, temperature, 1.0)
-        self.captures += 1
         return graph, static, out
 
     def generate(self, prompts: list[list[int]], n: list[int], max_new_tokens: int, temperature: float = 1.0,
