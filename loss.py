@@ -29,22 +29,21 @@ def group_stats(rewards: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tenso
     return mean, std[inv], counts[inv]
 
 
-def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", batch_stats=None,
-               eps: float = 1e-6) -> torch.Tensor:
-    """A_i per response (ALGORITHMS.md 0): grpo (r - mean_g) / (std_g + eps); drgrpo r - mean_g; rloo r - mean
+def advantages(rewards: torch.Tensor, group: torch.Tensor, kind: str = "grpo", batch_stats=None) -> torch.Tensor:
+    """A_i per response (ALGORITHMS.md 0): grpo (r - mean_g) / (std_g + 1e-6); drgrpo r - mean_g; rloo r - mean
     of the other G-1; reinforce++ r - mean_g z-scored over the batch, `batch_stats` its (mean, std) over all
     ranks (None: this batch). A group of one or of equal rewards gets 0 (but reinforce++'s batch shift)."""
     mean, std, count = group_stats(rewards, group)
     centred = rewards - mean
     if kind == "grpo":
-        return centred / (std + eps)
+        return centred / (std + 1e-6)
     if kind == "drgrpo":
         return centred
     if kind == "rloo":  # r - (sum - r)/(G-1) = G/(G-1) (r - mean); a group of one has no baseline: 0
         return torch.where(count > 1, centred * count / (count - 1).clamp(min=1), torch.zeros_like(centred))
     assert kind == "reinforce++", kind
     m, s = batch_stats if batch_stats is not None else (centred.mean(), centred.std(unbiased=False))
-    return (centred - m) / (s + eps)
+    return (centred - m) / (s + 1e-6)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float = 0.2,
