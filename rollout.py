@@ -130,8 +130,7 @@ class Sampler:
         """Free the KV pool for training until the next generate(), unless CUDA graphs point into it (kept then)."""
         if not self.graphs:
             self.k_pool = self.v_pool = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # returns at once where CUDA never started
 
     def prefill(self, prompts: list[list[int]], blocks: list[list[int]]) -> torch.Tensor:
         """Each prompt's last-position logits, the prompts run right-padded in one batch, their KV into their blocks."""
