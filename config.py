@@ -125,11 +125,15 @@ class Config:
             "max_gen_rounds", "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
         rules += [(getattr(self, name) >= 0, f"{flag(name)} must be at least 0") for name in (
             "max_tool_calls", "max_tool_output_tokens", "lora_rank", "score_workers", "search_prompts", "eval_every",
-            "log_samples", "warmup_steps", "save_every", "ref_reset_every", "weight_decay", "max_staleness", "lr")]
+            "log_samples", "warmup_steps", "save_every", "ref_reset_every", "weight_decay", "max_staleness", "lr",
+            "steps", "kl_coef", "entropy_coef", "echo_coef", "grad_clip")]
         rules += [(getattr(self, name) > 0, f"{flag(name)} must be above 0") for name in (
             "score_timeout", "sandbox_memory_mb", "tb_beta_start", "tb_beta_end", "search_oversample", "lora_alpha")]
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max
+        bare = self.prompt_template.replace("{{", "").replace("}}", "")  # its text but literal braces
         rules += [
+            ("{question}" in bare and not set("{}") & set(bare.replace("{question}", "")), f"--prompt-template "
+             f"{self.prompt_template!r} must hold {{question}} and no other field (write a literal brace twice)"),
             (self.temperature >= 0, f"--temperature {self.temperature} is negative; use 0 for greedy decoding or a "
              "positive value to sample"),
             (0 < self.top_p <= 1, f"{flag('top_p')} is outside (0, 1]; use 1.0 to sample from the whole distribution"),

@@ -53,11 +53,25 @@ import reward
     (dict(prompts_per_step=0), "--prompts-per-step 0 must be at least 1"),
     (dict(warmup_steps=-2, lr_schedule="warmup"), "--warmup-steps -2 must be at least 0"),  # else gradient ascent
     (dict(lr=-1e-5), "--lr -1e-05 must be at least 0"),
-    (dict(save_every=-1), "--save-every -1 must be at least 0")])
+    (dict(save_every=-1), "--save-every -1 must be at least 0"),
+    (dict(steps=-5), "--steps -5 must be at least 0"),
+    (dict(entropy_coef=-0.01), "--entropy-coef -0.01 must be at least 0"),  # else silently off (> 0 gates it)
+    (dict(kl_coef=-0.1), "--kl-coef -0.1 must be at least 0"),
+    (dict(grad_clip=-1.0), "--grad-clip -1.0 must be at least 0"),
+    # every prompt the same text, a KeyError at the first prompt, or a stray brace: each refused before the run
+    (dict(prompt_template="What is 2+2?"), "must hold {question}"),
+    (dict(prompt_template="Q: {question} in {format}"), "and no other field"),
+    (dict(prompt_template='Reply as {"answer": N} to {question}'), "write a literal brace twice"),
+    (dict(prompt_template="{question} }"), "must hold {question}")])
 def test_bad_config_is_one_sentence(fields, message):
     """Every rule, checked once, in config.py: a Config that breaks one raises the sentence that names it."""
     with pytest.raises(ValueError, match=re.escape(message)):
         config.Config(**fields)
+
+
+def test_a_prompt_template_may_hold_literal_braces():
+    cfg = config.Config(prompt_template='{question} Reply as {{"answer": N}}.')
+    assert cfg.prompt_template.format(question="2+2?") == '2+2? Reply as {"answer": N}.'
 
 
 def test_every_preset_is_a_valid_config():
