@@ -58,7 +58,10 @@ cmd="${1:-demo}"
 case "$cmd" in
   demo) setup; exec .venv/bin/python train.py demo "$@" ;;
   test) setup; exec .venv/bin/python -m pytest -q --durations=15 test_all.py "$@" ;;
-  bench) setup; exec .venv/bin/python bench.py "${@:-sampler}" ;;
+  bench)  # the sampler's case unless the first argument names another
+    setup
+    case "${1:-}" in ""|-*) set -- sampler "$@" ;; esac
+    exec .venv/bin/python bench.py "$@" ;;
   gpu-check)
     if [ "${1:-}" = --prepare ]; then
       setup
