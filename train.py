@@ -11,6 +11,7 @@ One step (DESIGN.md, data flow): pick prompts -> hand the weights to the sampler
 
 import copy
 import dataclasses
+import os
 import sys
 import time
 from functools import partial
@@ -37,18 +38,24 @@ from trainer import (Base, Batch, Policy, checkpoint_layers, load_model, lr_at, 
 
 def main(cfg: Config):
     rank, world, device = setup_process()
-    if cfg.export_hf and Path(cfg.export_hf).exists():
-        raise SystemExit(f"--export-hf {cfg.export_hf} already exists; name a new folder so nothing is overwritten")
+    home = next(p for p in Path(cfg.export_hf).absolute().parents if p.exists())  # checked now, not after training
+    if cfg.export_hf and (Path(cfg.export_hf).exists() or not (home.is_dir() and os.access(home, os.W_OK))):
+        raise SystemExit(f"--export-hf {cfg.export_hf} exists or cannot be made; name a new folder in a writable one")
+    if rank == 0 and not cfg.resume and (Path(cfg.out_dir) / "metrics.jsonl").exists():  # kept whole, never mixed in
+        kept = f"{cfg.out_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"
+        Path(cfg.out_dir).rename(kept)
+        print(f"--out-dir {cfg.out_dir} held an earlier run; it is now in {kept}")
     # --searchers -1: every rank but one (one virtual searcher in a world of one)
     cfg = dataclasses.replace(cfg, searchers=max(world - 1, 1) if cfg.searchers == -1 else cfg.searchers)
     roles = make_roles(cfg, rank, world)
     torch.manual_seed(cfg.seed)
     train_task, eval_task = load_tasks(cfg, rank)
     lm, tokenizer = load_model(cfg, device)
-    dtype, setup = compute_dtype(cfg, lm, device, rank)
-    sampler = Sampler(ModelConfig.from_hf(lm.config), lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype,
-                      compiled=cfg.compile_sampler)
-    try:  # the template must frame a tool turn and the budget hold one; LoRA's targets must fit the model
+    try:  # a model the sampler computes; a tool turn the template frames and the budget holds; LoRA's targets in it
+        model_config = ModelConfig.from_hf(lm.config)
+        dtype, setup = compute_dtype(cfg, lm, device, rank)
+        sampler = Sampler(model_config, lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype,
+                          compiled=cfg.compile_sampler)
         if cfg.max_tool_calls:
             Tools(tokenizer, cfg)
         if cfg.lora_rank:  # the base frozen, adapters trained (lora.py)

@@ -61,9 +61,16 @@ def load_model(cfg: Config, device):
     path = resolve_model(cfg.model, cfg.cache_dir)
     # packed rows (lay_out) keep sequences apart by their restarting positions: sdpa and flash-attn's varlen read them
     attention = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # float32 master weights
-                                                 attn_implementation=attention).to(device)
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,  # float32 master weights
+                                                     attn_implementation=attention).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no weights, no tokenizer, not a causal LM
+        raise SystemExit(f"--model {cfg.model} cannot be loaded ({e}); pass a complete Hugging Face model directory")
+    if tokenizer.chat_template is None:
+        raise SystemExit(f"--model {cfg.model}: its tokenizer has no chat template, which frames every prompt; use a "
+                         "chat model or add a chat_template to its tokenizer_config.json")
+    return model, tokenizer
 
 
 def checkpoint_layers(lm) -> None:
