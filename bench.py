@@ -90,14 +90,13 @@ def bench_cpu(args) -> dict:
     """SmolLM2-135M in train.py's dtype for this CPU, HF generate in it too, against our sampler: compiled (where a
     C++ compiler is found) and eager (the default); each one's first run (the compile, cached on disk
     for the next process) apart, then a decode step split into its parts."""
-    path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model, tokenizer = trainer.load_model(config.Config(), torch.device("cpu"))
     dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), model, torch.device("cpu"))
-    model = model.to(dtype)
+    model = model.to(dtype)  # in eval mode, as from_pretrained leaves it
     # a chat-formatted prompt cut to exactly 256 tokens of real text
     text = " ".join(f"Step {i}: add the previous result to {i * 7 % 13} and explain why." for i in range(256))
-    prompt = transformers.AutoTokenizer.from_pretrained(path).apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)[:256]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)[:256]
     result = {"case": f"cpu: SmolLM2-135M {chosen['dtype']}, 1 prompt x 64 rollouts, 256 -> +128 tokens", **chosen}
     for name, compiled in (("fanout", True), ("fanout_eager", False)):
         sampler = Sampler(ModelConfig.from_hf(model.config), model.state_dict(), "cpu", 1 << 15, dtype=dtype,
@@ -249,8 +248,7 @@ def bench_trainer(args) -> dict:
         dtype, chosen = torch.bfloat16, {"dtype": "bfloat16"}
         lm = transformers.AutoModelForCausalLM.from_config(qwen25_15b_config(), dtype=torch.float32).to(device)
     else:
-        lm = transformers.AutoModelForCausalLM.from_pretrained(
-            trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout"), dtype=torch.float32)
+        lm = trainer.load_model(config.Config(), device)[0]
         dtype, chosen = cluster.compute_dtype(config.Config(dtype=args.dtype), lm, device)
     copies = {"full": lm}
     if args.lora_rank:  # the same update training adapters on a frozen copy (lora.py)
