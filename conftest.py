@@ -7,7 +7,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: Tri
 
 import pytest  # noqa: E402 (after the environment above)
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 import cluster  # noqa: E402
 import config  # noqa: E402
@@ -21,7 +20,4 @@ def threads_follow_the_load():  # as a run's steps do (cluster.set_threads): fai
 
 @pytest.fixture(scope="session")
 def smollm2():
-    path = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, tok
+    return trainer.load_model(config.Config(), torch.device("cpu"))  # from_pretrained leaves it in eval mode
