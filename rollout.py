@@ -214,8 +214,7 @@ class Sampler:
             if name in ("block_table", "prompt_blocks"):
                 x = F.pad(x, (0, triton.next_power_of_2(x.shape[1]) - x.shape[1]), value=value)
             padded[name] = torch.cat([x, x.new_full((triton.next_power_of_2(n) - n, *x.shape[1:]), value)])
-        return DecodeBatch(**padded, num_splits=b.num_splits,
-                           max_count=min(triton.next_power_of_2(b.max_count), triton.next_power_of_2(rows)))
+        return DecodeBatch(**padded, num_splits=b.num_splits, max_count=triton.next_power_of_2(b.max_count))
 
     def _capture(self, static: DecodeBatch, sampled: bool):
         """One padded decode step as a CUDA graph; `static`'s tensors and graph_temperature become its inputs."""
