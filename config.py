@@ -134,8 +134,8 @@ class Config:
         rules += [
             ("{question}" in bare and not set("{}") & set(bare.replace("{question}", "")), f"--prompt-template "
              f"{self.prompt_template!r} must hold {{question}} and no other field (write a literal brace twice)"),
-            (self.temperature >= 0, f"--temperature {self.temperature} is negative; use 0 for greedy decoding or a "
-             "positive value to sample"),
+            (self.temperature > 0 or self.temperature == self.steps == 0, f"--temperature {self.temperature}: training "
+             "samples above 0 (at 0 a prompt's rollouts are all its greedy one); 0 suits an evaluation, --steps 0"),
             (0 < self.top_p <= 1, f"{flag('top_p')} is outside (0, 1]; use 1.0 to sample from the whole distribution"),
             (self.adam_eps > 0, f"--adam-eps {self.adam_eps} must be positive (AdamW divides by sqrt(v) + eps)"),
             (0 <= self.eps_low < 1, f"{flag('eps_low')} must be in [0, 1): the lower ratio bound is 1 - eps_low"),

@@ -46,7 +46,9 @@ import reward
     (dict(max_gen_rounds=0), "--max-gen-rounds 0 must be at least 1"),
     (dict(dtype="float16"), "--dtype float16 is unknown"),
     (dict(top_p=0.0), "--top-p 0.0 is outside (0, 1]"),
-    (dict(temperature=-1.0), "--temperature -1.0 is negative"),
+    (dict(temperature=-1.0), "--temperature -1.0: training samples above 0"),
+    (dict(temperature=0.0), "at 0 a prompt's rollouts are all its greedy one"),  # nothing to learn, said nothing
+    (dict(temperature=-1.0, steps=0), "--temperature -1.0: training samples above 0"),
     (dict(max_new_tokens=0), "--max-new-tokens 0 must be at least 1"),
     (dict(eval_samples=0), "--eval-samples 0 must be at least 1"),
     (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2 must be at least 1"),
