@@ -42,7 +42,7 @@ def add_adapters(lm, cfg: Config) -> None:
     layers = lm.model.layers
     chosen = [(name, m) for name, m in layers.named_modules() if name.rpartition(".")[2] in cfg.lora_targets]
     linear = sorted({n.rpartition(".")[2] for n, m in layers.named_modules() if type(m) is torch.nn.Linear})
-    for target in cfg.lora_targets:
+    for target in cfg.lora_targets or ["(none)"]:  # none given: nothing would train
         if not any(name.endswith("." + target) for name, _ in chosen):
             raise ValueError(f"--lora-targets {target} matches no layer in this model's decoder layers; name some of "
                              f"its linear layers: {' '.join(linear)}")

@@ -114,7 +114,8 @@ def test_tba_searchers_merge_the_adapters_they_are_sent():
 def test_bad_lora_input_is_one_sentence():
     cases = [(dict(lora_rank=65), "--lora-rank 65 is above q_proj's dimensions (64 in, 64 out); use at most 64"),
              (dict(lora_targets=("q_proj", "qkv_proj")), "--lora-targets qkv_proj matches no layer"),
-             (dict(lora_targets=("mlp",)), "this model's mlp is a LlamaMLP, not a torch.nn.Linear")]
+             (dict(lora_targets=("mlp",)), "this model's mlp is a LlamaMLP, not a torch.nn.Linear"),
+             (dict(lora_targets=()), "--lora-targets (none) matches no layer")]
     for flags, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)) as e:
             adapted("llama", dataclasses.replace(CFG, **flags))
