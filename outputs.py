@@ -26,13 +26,18 @@ class Logger:
         self.enabled, self.rows, self.k = enabled, [], cfg.eval_samples
         self.dir = Path(cfg.out_dir)
         self.wandb = None
-        if enabled:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.rows, self.file = reopen(self.dir / "metrics.jsonl", start_step)
-            self.samples = reopen(self.dir / "samples.jsonl", start_step)[1]
-            if cfg.wandb != "disabled":
-                import wandb
-                self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
+        try:  # before any step: a folder that cannot be made, W&B without a login, one sentence
+            if enabled:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.rows, self.file = reopen(self.dir / "metrics.jsonl", start_step)
+                self.samples = reopen(self.dir / "samples.jsonl", start_step)[1]
+                if cfg.wandb != "disabled":
+                    import wandb
+                    self.wandb = wandb.init(project="fanout", mode=cfg.wandb, config=dataclasses.asdict(cfg))
+        except Exception as e:
+            online = ", and log in to W&B (wandb login) or pass --wandb offline" if cfg.wandb == "online" else ""
+            raise SystemExit(f"the run's outputs cannot start ({type(e).__name__}: {e}); name an --out-dir folder you "
+                             f"can write{online}")
 
     def log(self, row: dict):
         if self.enabled:

@@ -100,8 +100,9 @@ def test_line_budget():
     gpu_check.py and simulate.py; every non-test file together under 5,000. The make-room redesign brought them to
     3,900 and 700 so that the sandbox, tool use and LoRA fit in the rest; they grew into it, bench.py's tools case
     retired and its busy case added, then the compiled decode step and its bench split, then fixes (the sandbox's
-    end, TB's flags, EchoClips over the model's tokens, a sharded reference's reset): 4,279 and 700 at most, under
-    5,000 in all (the bound that binds)."""
+    end, TB's flags, EchoClips over the model's tokens, a sharded reference's reset), then set-up's refusals (a model
+    fanout cannot run, outputs that cannot start, another run's checkpoint): 4,285 and 700 at most, under 5,000 in
+    all (the bound that binds)."""
     modules = python_files(tests=False)
     algorithm, todo = set(), ["train"]
     while todo:
@@ -113,4 +114,4 @@ def test_line_budget():
     lines = {"algorithm": count(algorithm), "tools": count(["bench", "gpu_check", "simulate"]), "all": count(modules)}
     print(f"line budget: {lines['algorithm']} lines of algorithm ({len(algorithm)} files), {lines['tools']} of "
           f"tools, {lines['all']} of non-test code in all")
-    assert lines["algorithm"] <= 4279 and lines["tools"] <= 700 and lines["all"] < 5000, lines
+    assert lines["algorithm"] <= 4285 and lines["tools"] <= 700 and lines["all"] < 5000, lines

@@ -321,6 +321,7 @@ def test_bad_checkpoints_and_export_folder_are_one_sentence(tmp_path, smollm2):
              (["--resume", "auto", "--out-dir", str(tmp_path / "saved"), "--searchers", "2", "--loss", "tb",
                "--entropy-coef", "0"], "; this is a TBA run on"),
              (["--export-hf", str(tmp_path)], "exists or cannot be made"),
+             (["--out-dir", str(corrupt / ".metadata")], "cannot start (FileExistsError"),  # a file, not a folder
              # refused at the start, not after training, where the model would be lost
              (["--export-hf", str(tmp_path / "saved" / "metrics.jsonl" / "export")], "cannot be made")]
     for flags, message in cases:
