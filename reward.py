@@ -122,7 +122,7 @@ def _file_rows(path: str, size: int) -> list[tuple[dict, str]]:
         raise ValueError(f"task file {path!r} does not exist; pass an existing .jsonl or .parquet file, a save_to_disk "
                          "folder, humaneval or rg:NAME")
     stop = size if size > 0 else None
-    if path.endswith(".jsonl"):
+    if path.endswith(".jsonl") and not Path(path).is_dir():  # a folder so named: a save_to_disk folder or nothing
         lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
                  if line.strip()][:stop]
         return [(_json_object(line, f"{path} line {n}"), f"{path} line {n}") for n, line in lines]

@@ -214,7 +214,9 @@ def test_bad_data_is_one_sentence_naming_file_row_and_column(tmp_path, columns, 
 
 def test_unreadable_data_is_one_sentence(tmp_path):
     (tmp_path / "broken.parquet").write_text("not parquet")
+    (tmp_path / "folder.jsonl").mkdir()
     for spec, message in [(str(tmp_path / "broken.parquet"), "cannot be read as parquet"),
+                          (str(tmp_path / "folder.jsonl"), "cannot be read as a save_to_disk folder"),
                           (str(tmp_path), "cannot be read as a save_to_disk folder"),
                           (str(test_sampler.ROOT / "testdata" / "saved_dict"), "of a DatasetDict, one split's folder"),
                           (str(tmp_path / "none.parquet"), "does not exist")]:
