@@ -121,7 +121,7 @@ class Config:
         rules = [(getattr(self, name) in options, f"{flag(name)} is unknown; use one of {', '.join(options)}")
                  for name, options in CHOICES.items()]
         rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
-            "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "eval_samples", "eval_prompts",
+            "prompts_per_step", "max_new_tokens", "eval_samples", "eval_prompts",
             "max_gen_rounds", "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
         rules += [(getattr(self, name) >= 0, f"{flag(name)} must be at least 0") for name in (
             "max_tool_calls", "max_tool_output_tokens", "lora_rank", "score_workers", "search_prompts", "eval_every",
@@ -132,6 +132,7 @@ class Config:
         G, lo, hi = self.rollouts_per_prompt, self.budget_min, self.budget_max
         bare = self.prompt_template.replace("{{", "").replace("}}", "")  # its text but literal braces
         rules += [
+            (G >= 2, f"--rollouts-per-prompt {G}: a group of one has no baseline, so no advantage; use at least 2"),
             ("{question}" in bare and not set("{}") & set(bare.replace("{question}", "")), f"--prompt-template "
              f"{self.prompt_template!r} must hold {{question}} and no other field (write a literal brace twice)"),
             (self.temperature > 0 or self.temperature == self.steps == 0, f"--temperature {self.temperature}: training "

@@ -51,7 +51,8 @@ import reward
     (dict(temperature=-1.0, steps=0), "--temperature -1.0: training samples above 0"),
     (dict(max_new_tokens=0), "--max-new-tokens 0 must be at least 1"),
     (dict(eval_samples=0), "--eval-samples 0 must be at least 1"),
-    (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2 must be at least 1"),
+    (dict(rollouts_per_prompt=-2), "--rollouts-per-prompt -2: a group of one has no baseline"),
+    (dict(rollouts_per_prompt=1), "--rollouts-per-prompt 1: a group of one has no baseline, so no advantage"),
     (dict(prompts_per_step=0), "--prompts-per-step 0 must be at least 1"),
     (dict(warmup_steps=-2, lr_schedule="warmup"), "--warmup-steps -2 must be at least 0"),  # else gradient ascent
     (dict(lr=-1e-5), "--lr -1e-05 must be at least 0"),
