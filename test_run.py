@@ -68,9 +68,9 @@ def test_an_earlier_run_in_the_out_dir_is_kept_aside(tmp_path, smollm2):
     """A second run into the same --out-dir without --resume moves the first one's folder aside, whole: neither its
     metrics nor its checkpoints are overwritten, and a later --resume auto cannot pick up the first run's."""
     flags = [*tiny_run(tmp_path, smollm2), "--steps", "1", "--save-every", "1", "--out-dir", str(tmp_path / "out")]
-    for seed in ("1", "2"):
-        run = subprocess.run([sys.executable, "train.py", *flags, "--seed", seed], cwd=ROOT, capture_output=True,
-                             text=True, timeout=HANG_GUARD)
+    for seed in ("1", "2"):  # run from / (a container's usual working directory), where no folder has a parent
+        run = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--seed", seed], cwd="/",
+                             capture_output=True, text=True, timeout=HANG_GUARD)
         assert run.returncode == 0, run.stderr[-2000:]
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.")]
     assert len(kept) == 1 and f"it is now in {kept[0]}" in run.stdout

@@ -38,7 +38,7 @@ from trainer import (Base, Batch, Policy, checkpoint_layers, load_model, lr_at, 
 
 def main(cfg: Config):
     rank, world, device = setup_process()
-    home = next(p for p in Path(cfg.export_hf).absolute().parents if p.exists())  # checked now, not after training
+    home = next((p for p in Path(cfg.export_hf).absolute().parents if p.exists()), Path("/"))  # now, not at the end
     if cfg.export_hf and (Path(cfg.export_hf).exists() or not (home.is_dir() and os.access(home, os.W_OK))):
         raise SystemExit(f"--export-hf {cfg.export_hf} exists or cannot be made; name a new folder in a writable one")
     if rank == 0 and not cfg.resume and (Path(cfg.out_dir) / "metrics.jsonl").exists():  # kept whole, never mixed in
