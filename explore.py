@@ -71,9 +71,6 @@ class Explore:
                 "controller": self.controller.state_dict() if self.controller is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["count"]) != self.n_items:
-            raise ValueError(f"the checkpoint's difficulty stats cover {len(state['count'])} prompts, this task has "
-                             f"{self.n_items}; resume with the same --task and --task-size")
         vars(self).update({name: copy.deepcopy(state[name]) for name in self.SAVED})
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])

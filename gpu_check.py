@@ -110,6 +110,8 @@ def gpu_check(args) -> dict:
     """Each stage in its own process under a time cap, PASS or FAIL and its figure printed, a failure never stopping
     the next; one JSON summary. --dry-run prints each stage's command and builds the model folder, weights aside."""
     here = Path(args.dir)
+    for out in ("grpo", "lora", "tba"):  # a rerun's training runs replace the last ones (checkpoints of ~18 GB each)
+        shutil.rmtree(here / out, ignore_errors=True)
     stages = gpu_stages(here, random_model(here / "model"))
     summary = {"date": time.strftime("%Y-%m-%d %H:%M"), "dry_run": args.dry_run, "stages": []}
     for name, seconds, command, env, figure in stages:

@@ -116,8 +116,7 @@ def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: i
     barrier(group)
 
 
-def run_kind(cfg: Config) -> str:
-    """What a checkpoint's loop state was made for (its prompts, by index, and its loop): a resume must match it."""
+def run_kind(cfg: Config) -> str:  # the loop and the prompts (by index) a checkpoint's state is of: resumed, the same
     return (f"{'a TBA' if cfg.searchers else 'a synchronous'} run on --task {cfg.task} --task-size {cfg.task_size} "
             f"--eval-task '{cfg.eval_task}' --eval-prompts {cfg.eval_prompts} --seed {cfg.seed}")
 
@@ -148,8 +147,7 @@ def checkpoint_state(model, optimizer, ref_model) -> dict:
     return state
 
 
-def load_checkpoint(cfg: Config, path: Path, model, optimizer, ref_model, rank: int,
-                    group=None) -> tuple[int, dict | None]:
+def load_checkpoint(cfg: Config, path: Path, model, optimizer, ref_model, rank: int, group=None):
     """Restore model, optimizer and reference: (the step to run next, the loop's saved state)."""
     state = checkpoint_state(model, optimizer, ref_model)
     try:

@@ -80,6 +80,19 @@ def test_an_earlier_run_in_the_out_dir_is_kept_aside(tmp_path, smollm2):
         assert [r["step"] for r in rows if "step" in r] == [0]
     first, second = ((f / "samples.jsonl").read_text() for f in (kept[0], tmp_path / "out"))
     assert first != second
+    # --resume auto that finds no checkpoint starts afresh, so the earlier run's logs are kept aside too
+    (tmp_path / "logs_only").mkdir()
+    (tmp_path / "logs_only" / "metrics.jsonl").write_text('{"run": "started"}\n')
+    run = subprocess.run([sys.executable, "train.py", *flags, "--out-dir", str(tmp_path / "logs_only"), "--resume",
+                          "auto"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("logs_only.")]
+    assert run.returncode == 0 and len(kept) == 1, run.stderr[-2000:]
+    assert (kept[0] / "metrics.jsonl").read_text() == '{"run": "started"}\n'
+    # a folder that cannot be moved (here the working directory itself): one sentence, nothing touched
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out-dir", "."], cwd=tmp_path / "out",
+                         capture_output=True, text=True, timeout=HANG_GUARD)
+    assert run.returncode != 0 and "holds a run that cannot be moved aside" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and (tmp_path / "out" / "checkpoints" / "step_000000").is_dir()
 
 
 def test_demo_loop_runs_end_to_end(tmp_path, smollm2, monkeypatch):

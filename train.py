@@ -41,10 +41,6 @@ def main(cfg: Config):
     home = next((p for p in Path(cfg.export_hf).absolute().parents if p.exists()), Path("/"))  # now, not at the end
     if cfg.export_hf and (Path(cfg.export_hf).exists() or not (home.is_dir() and os.access(home, os.W_OK))):
         raise SystemExit(f"--export-hf {cfg.export_hf} exists or cannot be made; name a new folder in a writable one")
-    if rank == 0 and not cfg.resume and (Path(cfg.out_dir) / "metrics.jsonl").exists():  # kept whole, never mixed in
-        kept = f"{cfg.out_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"
-        Path(cfg.out_dir).rename(kept)
-        print(f"--out-dir {cfg.out_dir} held an earlier run; it is now in {kept}")
     # --searchers -1: every rank but one (one virtual searcher in a world of one)
     cfg = dataclasses.replace(cfg, searchers=max(world - 1, 1) if cfg.searchers == -1 else cfg.searchers)
     roles = make_roles(cfg, rank, world)
@@ -81,6 +77,13 @@ def main(cfg: Config):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
+    if rank == 0 and not checkpoint and (Path(cfg.out_dir) / "metrics.jsonl").exists():  # kept whole, never mixed in
+        kept = f"{cfg.out_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            Path(cfg.out_dir).rename(kept)
+        except OSError as e:  # a mount point, the working directory, a parent not writable
+            raise SystemExit(f"--out-dir {cfg.out_dir} holds a run that cannot be moved aside ({e}); name a new one")
+        print(f"--out-dir {cfg.out_dir} held an earlier run; it is now in {kept}")
     start_step, saved = load_checkpoint(cfg, checkpoint, model, optimizer, None if tba else ref_model, roles.rank,
                                         roles.trainers) if checkpoint else (0, None)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)

@@ -68,8 +68,7 @@ def load_model(cfg: Config, device):
     except (OSError, ValueError) as e:  # no weights, no tokenizer, not a causal LM
         raise SystemExit(f"--model {cfg.model} cannot be loaded ({e}); pass a complete Hugging Face model directory")
     if tokenizer.chat_template is None:
-        raise SystemExit(f"--model {cfg.model}: its tokenizer has no chat template, which frames every prompt; use a "
-                         "chat model or add a chat_template to its tokenizer_config.json")
+        raise SystemExit(f"--model {cfg.model}: its tokenizer has no chat template; use a chat model or add one")
     return model, tokenizer
 
 
