@@ -1,5 +1,5 @@
-"""The config's rules (config.py: one sentence naming the flag and the fix), and the processes' set-up (cluster.py:
-the CPU's compute dtype and threads, prompts over ranks). Run by test_all.py."""
+"""The config's rules (config.py: one sentence naming the flag and the fix), a model fanout cannot run, and the
+processes' set-up (cluster.py: the CPU's compute dtype and threads, prompts over ranks). Run by test_all.py."""
 
 import json
 import os
@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import cluster
 import config
 import reward
+import train
+from test_sampler import save_tiny_model
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -70,6 +73,29 @@ def test_bad_config_is_one_sentence(fields, message):
     """Every rule, checked once, in config.py: a Config that breaks one raises the sentence that names it."""
     with pytest.raises(ValueError, match=re.escape(message)):
         config.Config(**fields)
+
+
+def test_a_model_fanout_cannot_run_is_one_sentence(tmp_path, smollm2):
+    """Refused at set-up, before any sampling: a tokenizer with no chat template (most base models), weights missing,
+    a model the sampler does not compute (GPT-2's config even lacks the sizes the dtype probe reads first)."""
+    tok = smollm2[1]
+    for name in ("no_template", "no_weights", "gelu"):
+        save_tiny_model(tmp_path / name, "llama", tok, seed=0)
+    (tmp_path / "no_weights" / "model.safetensors").unlink()
+    settings = json.loads((tmp_path / "no_template" / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (tmp_path / "no_template" / "tokenizer_config.json").write_text(json.dumps(settings))
+    (tmp_path / "no_template" / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((tmp_path / "gelu" / "config.json").read_text())
+    (tmp_path / "gelu" / "config.json").write_text(json.dumps({**settings, "hidden_act": "gelu"}))
+    gpt2 = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    for name, message in [("no_template", "its tokenizer has no chat template"), ("no_weights", "cannot be loaded"),
+                          ("gelu", "hidden_act 'gelu' is not supported"), ("gpt2", "model type 'gpt2' is not")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(config.Config(model=str(tmp_path / name), task="rg:chain_sum", task_size=20, eval_prompts=2,
+                                     out_dir=str(tmp_path / "out")))
 
 
 def test_a_prompt_template_may_hold_literal_braces():

@@ -41,29 +41,6 @@ def test_bad_task_in_a_run_is_one_sentence(tmp_path):
         assert message in run.stderr
 
 
-def test_a_model_fanout_cannot_run_is_one_sentence(tmp_path, smollm2):
-    """Refused at set-up, before any sampling: a tokenizer with no chat template (most base models), weights missing,
-    a model the sampler does not compute (GPT-2's config even lacks the sizes the dtype probe reads first)."""
-    tok = smollm2[1]
-    for name in ("no_template", "no_weights", "gelu"):
-        save_tiny_model(tmp_path / name, "llama", tok, seed=0)
-    (tmp_path / "no_weights" / "model.safetensors").unlink()
-    settings = json.loads((tmp_path / "no_template" / "tokenizer_config.json").read_text())
-    settings.pop("chat_template", None)
-    (tmp_path / "no_template" / "tokenizer_config.json").write_text(json.dumps(settings))
-    (tmp_path / "no_template" / "chat_template.jinja").unlink(missing_ok=True)
-    settings = json.loads((tmp_path / "gelu" / "config.json").read_text())
-    (tmp_path / "gelu" / "config.json").write_text(json.dumps({**settings, "hidden_act": "gelu"}))
-    gpt2 = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok))
-    transformers.GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "gpt2")
-    tok.save_pretrained(tmp_path / "gpt2")
-    for name, message in [("no_template", "its tokenizer has no chat template"), ("no_weights", "cannot be loaded"),
-                          ("gelu", "hidden_act 'gelu' is not supported"), ("gpt2", "model type 'gpt2' is not")]:
-        with pytest.raises(SystemExit, match=message):
-            train.main(config.Config(model=str(tmp_path / name), task="rg:chain_sum", task_size=20, eval_prompts=2,
-                                     out_dir=str(tmp_path / "out")))
-
-
 def test_an_earlier_run_in_the_out_dir_is_kept_aside(tmp_path, smollm2):
     """A second run into the same --out-dir without --resume moves the first one's folder aside, whole: neither its
     metrics nor its checkpoints are overwritten, and a later --resume auto cannot pick up the first run's."""
