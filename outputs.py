@@ -5,6 +5,7 @@ transformers-loadable export of the trained model (README, Outputs).
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,13 @@ class Logger:
         self.enabled, self.rows, self.k = enabled, [], cfg.eval_samples
         self.dir = Path(cfg.out_dir)
         self.wandb = None
+        if enabled and not start_step and (self.dir / "metrics.jsonl").exists():  # not resumed: an earlier run, kept
+            kept = f"{cfg.out_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"  # whole, never overwritten or mixed in
+            try:
+                self.dir.rename(kept)
+            except OSError as e:  # a mount point, the working directory, a parent not writable
+                raise SystemExit(f"--out-dir {self.dir} holds a run that cannot be moved aside ({e}); name a new one")
+            print(f"--out-dir {cfg.out_dir} held an earlier run; it is now in {kept}")
         try:  # before any step: a folder that cannot be made, W&B without a login, one sentence
             if enabled:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +124,7 @@ def save_checkpoint(cfg: Config, model, optimizer, ref_model, step: int, rank: i
     barrier(group)
 
 
-def run_kind(cfg: Config) -> str:  # the loop and the prompts (by index) a checkpoint's state is of: resumed, the same
+def run_kind(cfg: Config) -> str:  # the loop and prompts (by index) a checkpoint's state is of: a resume must match
     return (f"{'a TBA' if cfg.searchers else 'a synchronous'} run on --task {cfg.task} --task-size {cfg.task_size} "
             f"--eval-task '{cfg.eval_task}' --eval-prompts {cfg.eval_prompts} --seed {cfg.seed}")
 

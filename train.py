@@ -38,9 +38,10 @@ from trainer import (Base, Batch, Policy, checkpoint_layers, load_model, lr_at, 
 
 def main(cfg: Config):
     rank, world, device = setup_process()
-    home = next((p for p in Path(cfg.export_hf).absolute().parents if p.exists()), Path("/"))  # now, not at the end
-    if cfg.export_hf and (Path(cfg.export_hf).exists() or not (home.is_dir() and os.access(home, os.W_OK))):
-        raise SystemExit(f"--export-hf {cfg.export_hf} exists or cannot be made; name a new folder in a writable one")
+    if cfg.export_hf:  # checked now, not after training, where the model would be lost
+        home = next((p for p in Path(cfg.export_hf).absolute().parents if p.exists()), Path("/"))  # where it is made
+        if Path(cfg.export_hf).exists() or not (home.is_dir() and os.access(home, os.W_OK)):
+            raise SystemExit(f"--export-hf {cfg.export_hf} exists or cannot be made; name a new, writable folder")
     # --searchers -1: every rank but one (one virtual searcher in a world of one)
     cfg = dataclasses.replace(cfg, searchers=max(world - 1, 1) if cfg.searchers == -1 else cfg.searchers)
     roles = make_roles(cfg, rank, world)
@@ -77,13 +78,6 @@ def main(cfg: Config):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     checkpoint = find_checkpoint(cfg) if cfg.resume else None
-    if rank == 0 and not checkpoint and (Path(cfg.out_dir) / "metrics.jsonl").exists():  # kept whole, never mixed in
-        kept = f"{cfg.out_dir.rstrip('/')}.{time.strftime('%Y%m%d-%H%M%S')}"
-        try:
-            Path(cfg.out_dir).rename(kept)
-        except OSError as e:  # a mount point, the working directory, a parent not writable
-            raise SystemExit(f"--out-dir {cfg.out_dir} holds a run that cannot be moved aside ({e}); name a new one")
-        print(f"--out-dir {cfg.out_dir} held an earlier run; it is now in {kept}")
     start_step, saved = load_checkpoint(cfg, checkpoint, model, optimizer, None if tba else ref_model, roles.rank,
                                         roles.trainers) if checkpoint else (0, None)
     log = Logger(cfg, enabled=rank == 0, start_step=start_step)
