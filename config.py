@@ -120,6 +120,9 @@ class Config:
         flag = lambda name: f"--{name.replace('_', '-')} {getattr(self, name)}"
         rules = [(getattr(self, name) in options, f"{flag(name)} is unknown; use one of {', '.join(options)}")
                  for name, options in CHOICES.items()]
+        rules += [(math.isfinite(getattr(self, name)), f"{flag(name)} is not a finite number") for name in (
+            "lr", "temperature", "weight_decay", "kl_coef", "entropy_coef", "echo_coef", "score_timeout",
+            "search_oversample", "replay_inv_temp", "lora_alpha", "tb_beta_start", "tb_beta_end")]
         rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
             "prompts_per_step", "max_new_tokens", "eval_samples", "eval_prompts",
             "max_gen_rounds", "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
@@ -133,6 +136,7 @@ class Config:
         bare = self.prompt_template.replace("{{", "").replace("}}", "")  # its text but literal braces
         rules += [
             (G >= 2, f"--rollouts-per-prompt {G}: a group of one has no baseline, so no advantage; use at least 2"),
+            (0 <= self.seed < 2**32, f"{flag('seed')} is outside 0 .. 2^32 - 1; fanout's seeds are 32-bit numbers"),
             ("{question}" in bare and not set("{}") & set(bare.replace("{question}", "")), f"--prompt-template "
              f"{self.prompt_template!r} must hold {{question}} and no other field (write a literal brace twice)"),
             (self.temperature > 0 or self.temperature == self.steps == 0, f"--temperature {self.temperature}: training "

@@ -64,6 +64,11 @@ from test_sampler import save_tiny_model
     (dict(entropy_coef=-0.01), "--entropy-coef -0.01 must be at least 0"),  # else silently off (> 0 gates it)
     (dict(kl_coef=-0.1), "--kl-coef -0.1 must be at least 0"),
     (dict(grad_clip=-1.0), "--grad-clip -1.0 must be at least 0"),
+    (dict(lr=float("inf")), "--lr inf is not a finite number"),  # else training goes to NaN, saying nothing
+    (dict(lr=float("nan")), "--lr nan is not a finite number"),
+    (dict(replay_inv_temp=float("inf"), searchers=2), "--replay-inv-temp inf is not a finite number"),
+    (dict(seed=2**43), f"--seed {2**43} is outside 0 .. 2^32 - 1"),  # else an int64 overflow at the first step
+    (dict(seed=-1), "--seed -1 is outside 0 .. 2^32 - 1"),
     # every prompt the same text, a KeyError at the first prompt, or a stray brace: each refused before the run
     (dict(prompt_template="What is 2+2?"), "must hold {question}"),
     (dict(prompt_template="Q: {question} in {format}"), "and no other field"),
