@@ -18,37 +18,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr, first, last, seq_len, scale, kv_head,
-                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of q [BLOCK_Q, D_PAD] over blocks table[first:last]: (unnormalised o, max, sum)."""
-    offset, d = tl.arange(0, BLOCK_SIZE), tl.arange(0, D_PAD)
-    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, D_PAD], tl.float32)
-    for b in range(first, last):
-        # int64: block * block_size * kv_heads * head_dim overflows int32 in a large pool.
-        block = tl.load(table_ptr + b).to(tl.int64)
-        key_valid = b * BLOCK_SIZE + offset < seq_len
-        slot = ((block * BLOCK_SIZE + offset) * KV_HEADS + kv_head) * HEAD_DIM
-        # other=0 matters: the unused tail of the last block may hold anything, NaN included.
-        k_t = tl.load(k_pool_ptr + slot[None, :] + d[:, None],  # [D_PAD, BLOCK_SIZE], loaded transposed
-                      mask=(d < HEAD_DIM)[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
-        v = tl.load(v_pool_ptr + slot[:, None] + d[None, :],
-                    mask=key_valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
-        s = tl.where(key_valid[None, :], s, float("-inf"))
-        # Every visited block holds at least one key, so m_new is finite and no inf - inf occurs.
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m = m_new
-    return acc, m, l
-
-
-@triton.jit
 def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group_start_ptr, group_count_ptr,
                             seq_len_ptr, table_ptr, table_stride, scale, num_splits,
                             KV_HEADS: tl.constexpr, REP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -71,8 +40,30 @@ def _paged_attention_kernel(q_ptr, k_pool_ptr, v_pool_ptr, o_ptr, lse_ptr, group
     per_split = tl.cdiv(num_blocks, num_splits)
     first = tl.minimum(split * per_split, num_blocks)
     last = tl.minimum(first + per_split, num_blocks)
-    acc, m, l = _attend_blocks(q, k_pool_ptr, v_pool_ptr, table_ptr + group * table_stride, first, last, seq_len,
-                               scale, kv_head, KV_HEADS, HEAD_DIM, D_PAD, BLOCK_SIZE, BLOCK_Q, DOT_PRECISION)
+    # online softmax of q over the blocks table[first:last]: unnormalised o (acc), running max m and sum l
+    offset = tl.arange(0, BLOCK_SIZE)
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, D_PAD], tl.float32)
+    for b in range(first, last):
+        # int64: block * block_size * kv_heads * head_dim overflows int32 in a large pool.
+        block = tl.load(table_ptr + group * table_stride + b).to(tl.int64)
+        key_valid = b * BLOCK_SIZE + offset < seq_len
+        slot = ((block * BLOCK_SIZE + offset) * KV_HEADS + kv_head) * HEAD_DIM
+        # other=0 matters: the unused tail of the last block may hold anything, NaN included.
+        k_t = tl.load(k_pool_ptr + slot[None, :] + d[:, None],  # [D_PAD, BLOCK_SIZE], loaded transposed
+                      mask=(d < HEAD_DIM)[:, None] & key_valid[None, :], other=0.0).to(tl.float32)
+        v = tl.load(v_pool_ptr + slot[:, None] + d[None, :],
+                    mask=key_valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        s = tl.where(key_valid[None, :], s, float("-inf"))
+        # Every visited block holds at least one key, so m_new is finite and no inf - inf occurs.
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m = m_new
     # A split with no keys (l = 0) writes o = 0, lse = -inf: it weighs nothing in the merge.
     has_keys = l > 0
     l = tl.where(has_keys, l, 1.0)
