@@ -290,8 +290,7 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
         log_z = None
         if log_z_pass:  # the VarGrad log Z of each whole group, from the current weights, detached (ALGORITHMS.md 2)
             with torch.no_grad():
-                current = old if update == 0 and old_pass else [run(model, k)[0] for k in range(len(batches))]
-            seq_logp = per_response(current)
+                seq_logp = per_response([run(model, k)[0] for k in range(len(batches))])
             idx = sorted(seq_logp)  # over whole groups gathered from every micro-batch
             z = loss.tb_log_z(batch.sums(seq_logp)[idx], ref_seq[idx], rewards[idx], batch.group[idx], beta)
             add_moments(sums, z)
