@@ -249,9 +249,8 @@ class Sampler:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if n[i] and self.blocks_for(len(p)) + self.blocks_for(max_new_tokens) > self.num_blocks:
-                raise ValueError(f"prompt {i} ({len(p)} tokens) plus max_new_tokens={max_new_tokens} does not fit "
-                                 f"kv_budget_tokens={self.num_blocks * self.block_size}; raise the budget")
+            if n[i]:
+                self.check_fits(len(p), max_new_tokens, f"prompt {i}")
         if self.k_pool is None:
             self.k_pool = torch.empty(self.kv_shape, device=self.device, dtype=self.dtype)
             self.v_pool = torch.empty(self.kv_shape, device=self.device, dtype=self.dtype)
@@ -272,6 +271,11 @@ class Sampler:
             index = torch.tensor(blocks, device=self.device)
             self.k_pool[:, index] = 0
             self.v_pool[:, index] = 0
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int, what: str) -> None:
+        if self.blocks_for(prompt_tokens) + self.blocks_for(max_new_tokens) > self.num_blocks:
+            raise ValueError(f"{what} ({prompt_tokens} tokens) plus max_new_tokens={max_new_tokens} does not fit "
+                             f"kv_budget_tokens={self.num_blocks * self.block_size}; raise the budget")
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

@@ -1,6 +1,7 @@
 """The config's rules (config.py: one sentence naming the flag and the fix), a model fanout cannot run, and the
 processes' set-up (cluster.py: the CPU's compute dtype and threads, prompts over ranks). Run by test_all.py."""
 
+import dataclasses
 import json
 import os
 import re
@@ -101,6 +102,20 @@ def test_a_model_fanout_cannot_run_is_one_sentence(tmp_path, smollm2):
         with pytest.raises(SystemExit, match=message):
             train.main(config.Config(model=str(tmp_path / name), task="rg:chain_sum", task_size=20, eval_prompts=2,
                                      out_dir=str(tmp_path / "out")))
+
+
+def test_a_prompt_the_kv_budget_cannot_hold_is_refused_at_set_up(tmp_path, smollm2):
+    """Found before the first step, not at whichever step draws it (or never, if no step does)."""
+    save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
+    rows = [{"question": f"{i} + 1", "answer": str(i + 1)} for i in range(20)]
+    rows[13]["question"] = "1 + " * 200 + "1"  # some 600 tokens, one row of 20
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = config.Config(model=str(tmp_path / "model"), task=str(tmp_path / "data.jsonl"), eval_prompts=2,
+                        kv_budget_tokens=256, out_dir=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=r"the longest prompt of --task and the eval set \(\d+ tokens\) plus "):
+        train.main(cfg)
+    assert not (tmp_path / "out").exists()
+    train.main(dataclasses.replace(cfg, kv_budget_tokens=1024, steps=0))  # where it fits, the run goes on
 
 
 def test_a_prompt_template_may_hold_literal_braces():

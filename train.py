@@ -53,6 +53,8 @@ def main(cfg: Config):
         dtype, setup = compute_dtype(cfg, lm, device, rank)
         sampler = Sampler(model_config, lm.state_dict(), device, cfg.kv_budget_tokens, dtype=dtype,
                           compiled=cfg.compile_sampler)
+        longest = max(map(len, encode_prompts(tokenizer, cfg.prompt_template, train_task.items + eval_task.items)))
+        sampler.check_fits(longest, cfg.max_new_tokens, "the longest prompt of --task and the eval set")
         if cfg.max_tool_calls:
             Tools(tokenizer, cfg)
         if cfg.lora_rank:  # the base frozen, adapters trained (lora.py)
