@@ -175,8 +175,7 @@ class Searchers:
             due = None if first else self._receive()
             self._send(version)
             return self._receive() if first and w == 0 else due
-        due = None if first else self.pending
         load_handoff(self.sampler, self.lm, self._send(version), self.names)
-        due = self._search_all(0, version) if first and w == 0 else due
+        due = self._search_all(0, version) if first and w == 0 else self.pending  # None before the first sync
         self.pending = self._search_all(w + 1, version) if w + 1 < self.n_syncs else None
         return due
