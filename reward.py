@@ -15,8 +15,7 @@ import importlib.resources
 import json
 import logging
 import math
-import multiprocessing
-import multiprocessing.pool
+import multiprocessing.pool  # it binds multiprocessing too
 import os
 import random
 import re
