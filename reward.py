@@ -103,8 +103,7 @@ def _rg_items(spec: str, size: int, seed: int) -> list[dict]:
 def _file_items(path: str, size: int, question_key: str, answer_key: str) -> list[dict]:
     """Every row's item; a file whose first row has "tests" is code, and then every row must have them. The columns
     are the keys, else the first of QUESTION_KEYS and ANSWER_KEYS that the first row has."""
-    rows = _file_rows(path, size)
-    if not rows:
+    if not (rows := _file_rows(path, size)):
         raise ValueError(f"task file {path!r} has no items; {DATA_FIX}")
     first = rows[0][0]
     pick = lambda key, keys: key or next((k for k in keys if _column(first, k) is not None), keys[0])
@@ -236,8 +235,7 @@ def split_task(task: Task, n_eval: int, seed: int) -> tuple[Task, Task]:
 def without(task: Task, held: Task) -> Task:
     """task less every item whose prompt is one of held's: an evaluation set is never trained on."""
     seen = {item["question"] for item in held.items}
-    kept = [item for item in task.items if item["question"] not in seen]
-    if not kept:
+    if not (kept := [item for item in task.items if item["question"] not in seen]):
         raise ValueError(f"every prompt of task {task.spec!r} is in the evaluation set {held.spec!r}; train on "
                          "other data")
     return Task(task.spec, kept)
@@ -247,8 +245,7 @@ def extract_answer(text: str) -> str | None:
     """The inside of the last non-empty \\boxed{...}, else the rest of the line after the last "Answer:", else None."""
     if boxed := _last_boxed(text):
         return boxed
-    lines = [line for line in text.splitlines() if "answer:" in line.lower()]
-    if not lines:
+    if not (lines := [line for line in text.splitlines() if "answer:" in line.lower()]):
         return None
     after = lines[-1][lines[-1].lower().rindex("answer:") + len("answer:"):]
     return re.sub(r"^[\s*]+|[\s*.]+$", "", after) or None  # bold marks and a closing period off: "**5**." is 5
@@ -297,8 +294,7 @@ def _scoring_dataset(spec: str):  # once per worker; score_answer depends on the
 
 
 def _math_verify(answer: str, item: dict) -> float:
-    gold = _parse_math(item["answer"])
-    if not gold:
+    if not (gold := _parse_math(item["answer"])):
         raise ValueError(f"math-verify finds no answer in the gold {item['answer']!r}")
     return float(math_verify.verify(gold, _parse_math(answer), timeout_seconds=None))
 
