@@ -95,8 +95,7 @@ def check_sandbox() -> dict:
         run = run_program(f"import os, socket\nopen('/tmp/{marker}', 'w').close()\n"
                           "print(os.getuid(), os.getpid(), flush=True)\n"
                           f"socket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=2)\n", "")
-    seen = re.match(r"(\d+) (\d+)\n", run.output)
-    if not seen:
+    if not (seen := re.match(r"(\d+) (\d+)\n", run.output)):
         raise ValueError(f"the code sandbox cannot run a program on this machine: {run.output.strip()[-300:]!r}; "
                          "see docs/sandbox.md")
     private_tmp = not os.path.exists(f"/tmp/{marker}")
@@ -125,8 +124,7 @@ def read_frame(fd: int, limit: int = 1 << 26):
     def exactly(size: int) -> bytes:
         data = b""
         while len(data) < size:
-            chunk = os.read(fd, size - len(data))
-            if not chunk:
+            if not (chunk := os.read(fd, size - len(data))):
                 raise EOFError("the channel closed")
             data += chunk
         return data
