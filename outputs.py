@@ -98,7 +98,8 @@ class Logger:
 
 def reopen(path: Path, start_step: int) -> tuple[list[dict], object]:
     """(the rows a run keeps, path open to append to): those before the checkpoint it resumes from (none if new)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if start_step and path.is_file() else []
+    lines = path.read_text().splitlines() if start_step and path.is_file() else []
+    rows = [json.loads(line) for line in lines if line.endswith("}")]  # not a row cut off when the run died
     rows = [r for r in rows if r.get("step", -1) < start_step and r.get("eval_step", 0) <= start_step
             and r.get("eval") != "after"]
     file = open(path, "w")

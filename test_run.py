@@ -281,6 +281,8 @@ def test_resume_after_sigkill_matches_an_unbroken_run(tmp_path, smollm2):
     half_written = out / "checkpoints" / "step_000009.tmp"  # cut off while being written: never picked up
     half_written.mkdir()
     (half_written / ".metadata").write_text("garbage")
+    with open(out / "metrics.jsonl", "a") as f:  # a row cut off as the run died: dropped, as the rows after step 1 are
+        f.write('{"step": 2, "rew')
     resumed = subprocess.run(command + ["--out-dir", str(out), "--resume", "auto"], cwd=ROOT, capture_output=True,
                              text=True, timeout=HANG_GUARD, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
