@@ -121,7 +121,7 @@ def _file_rows(path: str, size: int) -> list[tuple[dict, str]]:
                          "folder, humaneval or rg:NAME")
     stop = size if size > 0 else None
     if path.endswith(".jsonl") and not Path(path).is_dir():  # a folder so named: a save_to_disk folder or nothing
-        lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1)
+        lines = [(n, line) for n, line in enumerate(Path(path).read_bytes().splitlines(), 1)  # json decodes them
                  if line.strip()][:stop]
         return [(_json_object(line, f"{path} line {n}"), f"{path} line {n}") for n, line in lines]
     import pyarrow.parquet  # here: only data files need it (it binds pyarrow too)
@@ -150,10 +150,10 @@ def _column(row: dict, key: str, where: str = "", what: str = ""):
     return value
 
 
-def _json_object(line: str, where: str) -> dict:
+def _json_object(line: bytes, where: str) -> dict:
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not UTF-8 (nor -16 or -32)
         raise ValueError(f"{where} is not valid JSON: {e}; each line must be one JSON object: {DATA_FIX}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object; {DATA_FIX}")

@@ -322,6 +322,16 @@ def test_malformed_jsonl_line_is_named(tmp_path, bad, message):
         reward.load_task(path, size=0, seed=0)
 
 
+def test_jsonl_is_utf8_and_a_line_that_is_not_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes('{"question": "2 + 2?", "answer": "4"}\n'.encode() + '{"question": "café", "answer": "1"}\n'
+                     .encode("latin-1"))
+    with pytest.raises(ValueError, match=r"data.jsonl line 2 is not valid JSON: 'utf-8' codec can't decode"):
+        reward.load_task(str(path), size=0, seed=0)
+    path.write_bytes('\ufeff{"question": "café?", "answer": "4"}\n'.encode())  # a byte-order mark, as some editors save
+    assert reward.load_task(str(path), size=0, seed=0).items[0]["question"] == "café?"
+
+
 @pytest.mark.parametrize("content", ["", "\n  \n\n"])
 def test_empty_jsonl(tmp_path, content):
     path = tmp_path / "empty.jsonl"
