@@ -37,8 +37,13 @@ class Config:
     check_lr: float = 1.0              # SGD rate of --check; first order needs lr * max|grad z| << 1
 
     def __post_init__(self):
-        if self.init not in ("seeded", "zero"):
-            raise ValueError(f"--init {self.init} is unknown; use seeded or zero")
+        for ok, message in [(self.init in ("seeded", "zero"), f"--init {self.init} is unknown; use seeded or zero"),
+                            (min(self.ns, default=0) >= 1, f"--ns {self.ns}: each N draws at least 1 rollout a step"),
+                            (0 < self.n_correct < self.vocab, f"--n-correct {self.n_correct}: use 1 .. --vocab - 1"),
+                            (self.lr >= 0 and self.steps >= 0, "--lr and --steps must be at least 0"),
+                            (self.device == "cpu" or torch.cuda.is_available(), "--device cuda: no GPU; use cpu")]:
+            if not ok:
+                raise ValueError(message)
 
 
 def centred_counts(p: torch.Tensor, ns: tuple[int, ...], reward: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

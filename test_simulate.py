@@ -1,6 +1,7 @@
 """Tests of simulate.py, BroRL's token-level simulator (ALGORITHMS.md 1). Fast: a few seconds on CPU."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -67,6 +68,10 @@ def test_large_n_beats_small_n(seed: int):
     assert small["pct_improved"][-1] < 100 and small["worst_change"][-1] < 0
 
 
-def test_config_rejects_unknown_init():
-    with pytest.raises(ValueError):
-        Config(init="random")
+@pytest.mark.parametrize("fields, message", [
+    (dict(init="random"), "--init random is unknown"), (dict(ns=(4, 0)), "--ns (4, 0): each N draws at least 1"),
+    (dict(n_correct=0), "--n-correct 0: use 1 .. --vocab - 1"), (dict(vocab=100), "--n-correct 10000: use 1 .."),
+    (dict(lr=-1.0), "--lr and --steps must be at least 0")])
+def test_bad_simulate_flags_are_one_sentence(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config(**fields)
