@@ -7,13 +7,10 @@ import math
 from dataclasses import dataclass
 
 EMBEDDED_MODEL = "smollm2-135m"
-ADVANTAGE_KINDS = ("grpo", "drgrpo", "rloo", "reinforce++")
-KL_KINDS = ("k1", "k2", "k3")
-AGGREGATE_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-ECHO_MODES = ("all", "any")
-CHOICES = {"loss": ("ppo", "tb"), "adv": ADVANTAGE_KINDS, "kl_kind": KL_KINDS, "aggregate": AGGREGATE_MODES,
-           "echo_mode": ECHO_MODES, "dtype": ("auto", "bfloat16", "float32"),
-           "wandb": ("disabled", "offline", "online"), "lr_schedule": ("constant", "warmup", "cosine")}
+CHOICES = {"loss": ("ppo", "tb"), "adv": ("grpo", "drgrpo", "rloo", "reinforce++"), "kl_kind": ("k1", "k2", "k3"),
+           "aggregate": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), "echo_mode": ("all", "any"),
+           "dtype": ("auto", "bfloat16", "float32"), "wandb": ("disabled", "offline", "online"),
+           "lr_schedule": ("constant", "warmup", "cosine")}  # the values each of these flags takes
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention and MLP
 
 

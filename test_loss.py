@@ -32,7 +32,7 @@ def test_group_stats_and_advantages_match_loops():
         group, g = mixed_groups(seed)
         r = torch.rand(len(group), generator=g, dtype=torch.float64)
         mean, std, count = loss.group_stats(r, group)
-        adv = {k: loss.advantages(r, group, k) for k in config.ADVANTAGE_KINDS}
+        adv = {k: loss.advantages(r, group, k) for k in config.CHOICES["adv"]}
         centred = []
         for i in range(len(r)):
             vals = [r[j].item() for j in members(group, i)]
@@ -112,7 +112,7 @@ def test_tis_weight_and_entropy_bonus():
 def test_kl_estimators_match_formulas():
     torch.manual_seed(3)
     logp, ref = torch.randn(60), torch.randn(60)
-    for kind in config.KL_KINDS:
+    for kind in config.CHOICES["kl_kind"]:
         got = loss.kl(logp, ref, kind)
         for i in range(60):
             d = logp[i].item() - ref[i].item()
@@ -143,7 +143,7 @@ def test_aggregate_sums_over_microbatches_to_the_global_value():
             "seq-mean-token-mean": sum(sum(s.tolist()) / len(s) for s in seqs if len(s)) / n_seq,
             "seq-mean-token-sum-norm": sum(sum(s.tolist()) / 16 for s in seqs) / n_seq,
         }
-        for mode in config.AGGREGATE_MODES:
+        for mode in config.CHOICES["aggregate"]:
             got = sum(loss.aggregate(t, ids, mode, n_tok, n_seq, norm_len=16).item() for t, ids in micro)
             assert got == pytest.approx(want[mode], rel=1e-10), mode
 
@@ -310,7 +310,7 @@ def brute_force_echo_clip(tokens, ent, rewards, group, success, mode, masks):
 
 def test_echo_clip_matches_brute_force_on_random_groups():
     g = torch.Generator().manual_seed(5)
-    for mode in config.ECHO_MODES:
+    for mode in config.CHOICES["echo_mode"]:
         for _ in range(20):
             group, _ = mixed_groups(int(torch.randint(0, 1000, (1,), generator=g)), sizes=(1, 3, 4))
             rewards = (torch.rand(len(group), generator=g) < 0.8).float()
