@@ -359,6 +359,8 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
             todo.append((i, extract_answer(response), answer_verifier, timeout))
     todo = [(i, answer, verifier or check, wait) for i, answer, check, wait in todo if answer is not None]
     seen, results = {i: answer for i, answer, *_ in todo}, {}  # results: index -> (reward or why none, output)
+    first = {}  # one call for an answer repeated to one item (a group's, often): a hang then costs one timeout
+    todo = [job for job in todo if first.setdefault((job[1], id(items[job[0]])), job[0]) == job[0]]
     while todo:
         if workers not in _pools:  # each worker silences math_verify's "timeout is disabled" notice once
             _pools[workers] = _CONTEXT.Pool(workers, logging.getLogger("math_verify").setLevel, (logging.ERROR,))
@@ -373,6 +375,7 @@ def score(task: Task, items: list[dict], responses: list[str], timeout: float = 
                 _pools.pop(workers).terminate()
                 break
         todo = [job for job in todo if job[0] not in results]
+    results = {i: results[first[answer, id(items[i])]] for i, answer in seen.items()}
     outcomes = [results.get(i, ("no answer", None))[0] for i in range(len(responses))]
     if verdicts is not None:  # what the verifier saw and said, per response
         verdicts.extend({"verdict": outcome, **({"output": results.get(i, (0, None))[1]} if "tests" in item else

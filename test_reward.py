@@ -365,6 +365,24 @@ def test_hanging_verifier_times_out_and_later_calls_work():
     assert rewards == [1.0, 1.0] and failures == 0
 
 
+def _logged_verifier(answer: str, item: dict) -> float:
+    with open(item["calls"], "a") as f:  # written before a hang: every call counted
+        f.write(f"{item['question']}:{answer}\n")
+    return _hanging_verifier(answer, item) * (answer == item["answer"])
+
+
+def test_an_answer_repeated_to_one_item_is_checked_once(tmp_path):
+    """A group's rollouts often give one answer: it is checked once, so a hanging one costs one timeout, not one a
+    rollout; the same answer to another item is checked against that item."""
+    a, b = ({"question": q, "answer": x, "calls": str(tmp_path / "calls")} for q, x in (("a", "1"), ("b", "2")))
+    responses = ["Answer: hang"] * 6 + ["Answer: 1", "Answer: 2"] + ["Answer: 1", "Answer: 2"] * 2
+    rewards, failures, _ = reward.score(reward.Task("rg:chain_sum", [a, b]), [a] * 8 + [b] * 4, responses,
+                                        timeout=2.0, workers=2, verifier=_logged_verifier)
+    assert rewards == [0.0] * 6 + [1.0, 0.0] + [0.0, 1.0] * 2 and failures == 6
+    calls = (tmp_path / "calls").read_text().split()  # checks done when the hang stopped the pool are run again
+    assert calls.count("a:hang") == 1 and set(calls) == {"a:1", "a:2", "a:hang", "b:1", "b:2"}
+
+
 def test_split_task_holds_out_distinct_unseen_questions():
     task = reward.load_task(SMALL_ARITHMETIC, size=300, seed=0)
     distinct = {it["question"] for it in task.items}
