@@ -153,7 +153,7 @@ def _column(row: dict, key: str, where: str = "", what: str = ""):
 def _json_object(line: bytes, where: str) -> dict:
     try:
         obj = json.loads(line)
-    except ValueError as e:  # not JSON, or not UTF-8 (nor -16 or -32)
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{where} is not valid JSON: {e}; each line must be one JSON object: {DATA_FIX}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where} is a JSON {type(obj).__name__}, not an object; {DATA_FIX}")
