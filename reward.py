@@ -161,11 +161,11 @@ def _json_object(line: bytes, where: str) -> dict:
 
 
 def _prompt(row: dict, key: str, where: str) -> dict:
-    """The row's prompt as {"question": str}, or a list of chat messages as {"question": the last one's text (the
-    problem, whatever the system message), "messages": the messages, which the chat template renders as they are}."""
+    """The row's prompt: text as {"question": it, "messages": None (not a messages column of the row: NuminaMath's
+    holds the solution)}, chat messages as {"question": the last one's text, "messages": them, rendered as they are}."""
     value = _column(row, key, where, "prompt")
     if isinstance(value, str):
-        return {"question": value}
+        return {"question": value, "messages": None}
     if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in value):
         messages = [{"role": m["role"], "content": m["content"]} for m in value]

@@ -166,6 +166,8 @@ def test_data_layouts_load_as_the_same_items(tmp_path):
     mapped = write_parquet(tmp_path / "mine.parquet", {"text": qs, "meta": [{"gold": a} for a in answers]})
     assert loaded(mapped, question_key="text", answer_key="meta.gold") == expected
     math_rows = [{"problem": q, "solution": f"Add them: \\boxed{{1}} is wrong, so \\boxed{{{a}}}."} for q, a in rows]
+    for r in math_rows:  # NuminaMath's messages hold the solution too: the prompt is the problem alone
+        r["messages"] = [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]
     (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in math_rows))
     assert loaded(str(tmp_path / "math.jsonl")) == expected
     system = {"role": "system", "content": "You check sums."}
