@@ -175,12 +175,13 @@ def _prompt(row: dict, key: str, where: str) -> dict:
 
 
 def _math_item(row: dict, where: str, question_key: str, answer_key: str) -> dict:
-    answer = str(_column(row, answer_key, where, "answer")).strip()
+    answer = _column(row, answer_key, where, "answer")
+    answer = "" if isinstance(answer, (dict, list)) else str(answer).strip()  # verl's reward_model is not the answer
     if "\\boxed" in answer:  # MATH's solutions: the answer is their last \boxed{}
         answer = _last_boxed(answer) or ""
     if not answer:
-        raise ValueError(f"{where}: its answer ({answer_key!r}) is empty, or its \\boxed{{}} is; fill it in or drop "
-                         "the row")
+        raise ValueError(f"{where}: its answer ({answer_key!r}) is empty, a list or a dict, or its \\boxed{{}} is "
+                         "empty; fill it in, drop the row or name its column with --answer-key (a.b reaches in)")
     return {**row, **_prompt(row, question_key, where), "answer": answer}
 
 

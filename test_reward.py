@@ -202,6 +202,10 @@ def test_chat_message_prompts_render_with_the_chat_template(smollm2):
      r"columns: text, answer\)"),
     ({"question": ["q1", "q2"], "answer": ["1", " "]}, {}, r"row 1: its answer \('answer'\) is empty"),
     ({"question": ["q1", "q2"], "answer": ["1", "\\boxed{}"]}, {}, r"row 1: its answer \('answer'\) is empty"),
+    # verl's layout with --answer-key reward_model (not reward_model.ground_truth): a gold that nothing equals
+    ({"question": ["q1"], "reward_model": [{"style": "rule", "ground_truth": "1"}]}, {"answer_key": "reward_model"},
+     r"row 0: its answer \('reward_model'\) is empty, a list or a dict"),
+    ({"question": ["q1"], "answer": [[0, 3]]}, {}, r"row 0: its answer \('answer'\) is empty, a list or a dict"),
     ({"prompt": [["q1"], ["q2"]], "answer": ["1", "2"]}, {}, r"row 0: its 'prompt' is a list that is neither a string "
      r"nor a list of chat messages"),
     ({"prompt": [[{"role": "user", "content": "q"}], [{"role": "user", "text": "q"}]], "answer": ["1", "2"]}, {},
