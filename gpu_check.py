@@ -106,7 +106,7 @@ def gpu_stages(here: Path, model: Path) -> list[tuple]:
                                     "--new-tokens", "128", "--kv-budget-tokens", "262144"), {}, sampler_figure)]
 
 
-def gpu_check(args) -> dict:
+def gpu_check(args) -> None:
     """Each stage in its own process under a time cap, PASS or FAIL and its figure printed, a failure never stopping
     the next; one JSON summary. --dry-run prints each stage's command and builds the model folder, weights aside."""
     here = Path(args.dir)
@@ -139,7 +139,6 @@ def gpu_check(args) -> dict:
                        passed=sum(s["passed"] for s in summary["stages"]), of=len(stages))
     (here / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {here / 'summary.json'}")
-    return summary
 
 
 if __name__ == "__main__":
