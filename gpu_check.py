@@ -26,13 +26,12 @@ from bench import qwen25_15b_config, random_weights
 def random_model(folder: Path, device=None, hf_config=None) -> Path:
     """A model folder of Qwen2.5-1.5B's shape (or hf_config's) with SmolLM2's tokenizer (its 49k ids in the model's
     vocabulary); with `device`, random bf16 weights made there (3 GB for 1.5B parameters: never carried)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = hf_config or qwen25_15b_config()
+    hf_config.save_pretrained(folder)  # makes the folder and its parents
     if not (folder / "tokenizer.json").is_file():
         source = trainer.resolve_model(config.EMBEDDED_MODEL, "~/.cache/fanout")
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copy(source / name, folder)
-    hf_config = hf_config or qwen25_15b_config()
-    hf_config.save_pretrained(folder)
     if device is not None:
         save_file(random_weights(hf_config, device), folder / "model.safetensors", metadata={"format": "pt"})
     return folder
