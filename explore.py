@@ -163,19 +163,17 @@ class ReplayBuffer:
 
     def add(self, responses: list[dict]) -> None:
         """One sync's round: its prompts become the fresh ones."""
-        by_prompt: dict[int, list[dict]] = {}
+        newest: dict[int, dict] = {}  # prompt -> {tokens: response}: within a round the first of identical ones stays
         for r in responses:
-            by_prompt.setdefault(r["prompt"], []).append(r)
-        for prompt, new in by_prompt.items():
-            newest = {}
-            for r in new:  # within a round the first of identical responses stays
-                newest.setdefault(r["tokens"], r)
-            old = [r for r in self.items.get(prompt, []) if r["tokens"] not in newest]
-            kept = sorted(old + list(newest.values()), key=lambda r: r["version"])  # stable: arrival order
-            self.removed["duplicates"] += len(new) + len(self.items.get(prompt, [])) - len(kept)
+            newest.setdefault(r["prompt"], {}).setdefault(r["tokens"], r)
+        self.removed["duplicates"] += len(responses) - sum(map(len, newest.values()))  # repeats within the round
+        for prompt, new in newest.items():
+            old = [r for r in self.items.get(prompt, []) if r["tokens"] not in new]
+            kept = sorted(old + list(new.values()), key=lambda r: r["version"])  # stable: arrival order
+            self.removed["duplicates"] += len(self.items.get(prompt, [])) - len(old)  # replaced by a newer copy
             self.removed["evicted_capacity"] += max(len(kept) - self.capacity, 0)
             self.items[prompt] = kept[-self.capacity:]
-        self.fresh = sorted(by_prompt)
+        self.fresh = sorted(newest)
         self.fresh_left = list(self.fresh)
 
     def drop_stale(self, step: int) -> None:
