@@ -266,18 +266,15 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
     groups = [set(batch.group[b].tolist()) for b in batches]  # a group in two micro-batches is counted twice
     log_z_pass = tb and any(all_gather(sum(map(len, groups)) > len(set().union(*groups)), group))  # all ranks or none
     old_pass = cfg.kl_in_reward and ref_model is not None
-    device = next(model.parameters()).device
     with torch.no_grad():
-        old = [run(model, k)[0] for k in range(len(batches))] if old_pass else None
+        old = [run(model, k)[0] for k in range(len(batches))] if old_pass else [None] * len(batches)
         ref = [run(ref_model, k)[0] for k in range(len(batches))] if ref_model is not None else None
     if hasattr(ref_model, "reshard"):  # FSDP2 keeps a root's parameters whole after a forward, for a backward it
         ref_model.reshard()            # never runs: sharded again, so a reset copies shard to shard
-    if old is None:  # async PPO: the sampler's logprobs, from stale weights, are pi_old; else the first update's pass
-        old = [cat_on([batch.sampler_logp[i] for i in b], device) if cfg.searchers else None for b in batches]
     rewards, ref_seq = batch.rewards, batch.ref_seq  # the searchers' reference sums (async TB)
     if tb and ref_seq is None:
         ref_seq = batch.sums(per_response(ref))
-    if cfg.kl_in_reward and ref is not None:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
+    if old_pass:  # r - beta * sum_t KL_t (ALGORITHMS.md 0)
         rewards = rewards - cfg.kl_coef * batch.sums(per_response([loss.kl(o, r, cfg.kl_kind)
                                                                    for o, r in zip(old, ref)]))
         adv = global_advantages(cfg, rewards, batch.group, batch.rl, group)
@@ -297,8 +294,8 @@ def train_on_batch(cfg: Config, model, ref_model, optimizer, batch: Batch, tempe
             log_z = dict(zip(idx, z.tolist()))  # {response: the VarGrad log Z of its group}
         for k, b in enumerate(batches):
             logp, entropy = run(model, k)
-            if old[k] is None:  # the first update: pi_old is these weights
-                old[k] = logp.detach()
+            if old[k] is None:  # pi_old: the sampler's logprobs in async PPO (stale weights), else these weights
+                old[k] = cat_on([batch.sampler_logp[i] for i in b], logp.device) if cfg.searchers else logp.detach()
             micro = microbatch_loss(step, b, logp, entropy, old[k], None if ref is None else ref[k], log_z, sums)
             (micro * group_size(group)).backward()  # FSDP averages gradients over the trainer ranks: undo it
             sums["loss"] += micro.item() / cfg.updates_per_step
