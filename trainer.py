@@ -144,10 +144,9 @@ def plan(sequences, prompt_lens, budget: float, share_prompts: bool, whole_group
             u = open_unit[key] = len(units)
             units.append([])
             sizes.append(p if share_prompts else 0)
-        if share_prompts and units[u]:
-            units[u][0].append(i)
-        else:
-            units[u].append([i])
+        if not share_prompts or not units[u]:  # a new piece: every response's own, or a shared prompt's first
+            units[u].append([])
+        units[u][-1].append(i)
         sizes[u] += extra
     return [[[piece for u in row for piece in units[u]] for row in rows] for rows in microbatches(sizes, budget, pack)]
 
