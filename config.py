@@ -118,8 +118,8 @@ class Config:
         rules = [(getattr(self, name) in options, f"{flag(name)} is unknown; use one of {', '.join(options)}")
                  for name, options in CHOICES.items()]
         rules += [(math.isfinite(getattr(self, name)), f"{flag(name)} is not a finite number") for name in (
-            "lr", "temperature", "weight_decay", "kl_coef", "entropy_coef", "echo_coef", "score_timeout",
-            "search_oversample", "replay_inv_temp", "lora_alpha", "tb_beta_start", "tb_beta_end")]
+            "lr", "temperature", "weight_decay", "kl_coef", "entropy_coef", "echo_coef", "score_timeout", "adam_eps",
+            "search_oversample", "replay_inv_temp", "lora_alpha", "tb_beta_start", "tb_beta_end", "tau_anneal_eta")]
         rules += [(getattr(self, name) >= 1, f"{flag(name)} must be at least 1") for name in (
             "prompts_per_step", "max_new_tokens", "eval_samples", "eval_prompts",
             "max_gen_rounds", "updates_per_step", "max_tokens_per_microbatch", "kv_budget_tokens", "sync_every")]
@@ -140,6 +140,9 @@ class Config:
              "samples above 0 (at 0 a prompt's rollouts are all its greedy one); 0 suits an evaluation, --steps 0"),
             (0 < self.top_p <= 1, f"{flag('top_p')} is outside (0, 1]; use 1.0 to sample from the whole distribution"),
             (self.adam_eps > 0, f"--adam-eps {self.adam_eps} must be positive (AdamW divides by sqrt(v) + eps)"),
+            (self.lr_schedule != "constant" or not self.warmup_steps, f"--warmup-steps {self.warmup_steps} does "
+             "nothing with --lr-schedule constant; pass --lr-schedule warmup or cosine"),
+            (self.lr_schedule != "warmup" or self.warmup_steps, "--lr-schedule warmup needs --warmup-steps above 0"),
             (0 <= self.eps_low < 1, f"{flag('eps_low')} must be in [0, 1): the lower ratio bound is 1 - eps_low"),
             (self.eps_high >= self.eps_low,
              f"--eps-high {self.eps_high} is below --eps-low {self.eps_low}; clip-higher needs eps_high >= eps_low"),

@@ -404,7 +404,7 @@ def global_advantages(cfg: Config, rewards: torch.Tensor, group: torch.Tensor, r
 
 def lr_at(cfg: Config, step: int) -> float:
     """The learning rate of step `step`: constant, or linear warm-up, then constant or cosine to zero."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps and cfg.lr_schedule != "constant" else 1.0
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0  # constant: none (config.py)
     if cfg.lr_schedule == "cosine":
         progress = max(0, step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
