@@ -200,6 +200,8 @@ def _code_item(obj: dict, where: str) -> dict:
         except TypeError:
             raise ValueError(f"{where}: its {key!r} is a JSON {type(obj[key]).__name__}, not Python source; "
                              f"{DATA_FIX}") from None
+    if not trees["tests"].body:  # blank, or comments alone
+        raise ValueError(f"{where}: its tests are empty, so every program would pass them; {DATA_FIX}")
     if entry and not any(isinstance(node, ast.FunctionDef) and node.name == "check" for node in trees["tests"].body):
         raise ValueError(f"{where} names entry_point {entry!r}, so its tests must define check(candidate), which is "
                          f"called with it (HumanEval's form); {DATA_FIX}")

@@ -82,6 +82,8 @@ def test_code_jsonl_task(tmp_path):
     ({"question": "q", "tests": "assert candidate(1) == 2", "entry_point": "f"}, "must define check\\(candidate\\)"),
     ({"question": "q", "tests": "assert True", "entry_point": "f()"}, "entry_point 'f\\(\\)' is not a Python name"),
     ({"question": "q", "tests": ["assert True"]}, "its 'tests' is a JSON list, not Python source"),
+    ({"question": "q", "tests": "# to do\n"}, "line 2: its tests are empty, so every program would pass them"),
+    ({"question": "q", "tests": ""}, "line 2: its tests are empty"),
 ])
 def test_bad_code_line_is_named(tmp_path, row, message):
     path = tmp_path / "code.jsonl"
