@@ -67,6 +67,9 @@ from test_sampler import save_tiny_model
     (dict(grad_clip=-1.0), "--grad-clip -1.0 must be at least 0"),
     (dict(lr=float("inf")), "--lr inf is not a finite number"),  # else training goes to NaN, saying nothing
     (dict(lr=float("nan")), "--lr nan is not a finite number"),
+    (dict(adam_eps=float("inf")), "--adam-eps inf is not a finite number"),  # else no update at all
+    (dict(warmup_steps=50), "--warmup-steps 50 does nothing with --lr-schedule constant"),  # else full lr at step 0
+    (dict(lr_schedule="warmup"), "--lr-schedule warmup needs --warmup-steps above 0"),
     (dict(replay_inv_temp=float("inf"), searchers=2), "--replay-inv-temp inf is not a finite number"),
     (dict(seed=2**43), f"--seed {2**43} is outside 0 .. 2^32 - 1"),  # else an int64 overflow at the first step
     (dict(seed=-1), "--seed -1 is outside 0 .. 2^32 - 1"),
@@ -104,18 +107,22 @@ def test_a_model_fanout_cannot_run_is_one_sentence(tmp_path, smollm2):
                                      out_dir=str(tmp_path / "out")))
 
 
-def test_a_prompt_the_kv_budget_cannot_hold_is_refused_at_set_up(tmp_path, smollm2):
-    """Found before the first step, not at whichever step draws it (or never, if no step does)."""
+def test_a_prompt_the_kv_budget_or_the_context_cannot_hold_is_refused_at_set_up(tmp_path, smollm2):
+    """Found before the first step, not at whichever step draws it (or never, if no step does): the KV budget, and
+    the model's context (the tiny model's 512 positions)."""
     save_tiny_model(tmp_path / "model", "llama", smollm2[1], seed=0)
     rows = [{"question": f"{i} + 1", "answer": str(i + 1)} for i in range(20)]
-    rows[13]["question"] = "1 + " * 200 + "1"  # some 600 tokens, one row of 20
+    rows[13]["question"] = "1 + " * 100 + "1"  # some 330 tokens, one row of 20
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     cfg = config.Config(model=str(tmp_path / "model"), task=str(tmp_path / "data.jsonl"), eval_prompts=2,
-                        kv_budget_tokens=256, out_dir=str(tmp_path / "out"))
+                        kv_budget_tokens=256, steps=0, out_dir=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match=r"the longest prompt of --task and the eval set \(\d+ tokens\) plus "):
         train.main(cfg)
+    cfg = dataclasses.replace(cfg, kv_budget_tokens=1024)
+    with pytest.raises(SystemExit, match=r"plus --max-new-tokens 200 is past the model's context \(512\)"):
+        train.main(dataclasses.replace(cfg, max_new_tokens=200))
     assert not (tmp_path / "out").exists()
-    train.main(dataclasses.replace(cfg, kv_budget_tokens=1024, steps=0))  # where it fits, the run goes on
+    train.main(cfg)  # where it fits, the run goes on
 
 
 def test_a_prompt_template_may_hold_literal_braces():

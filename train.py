@@ -55,6 +55,9 @@ def main(cfg: Config):
                           compiled=cfg.compile_sampler)
         longest = max(map(len, encode_prompts(tokenizer, cfg.prompt_template, train_task.items + eval_task.items)))
         sampler.check_fits(longest, cfg.max_new_tokens, "the longest prompt of --task and the eval set")
+        if longest + cfg.max_new_tokens > lm.config.max_position_embeddings:  # positions the model never learned
+            raise ValueError(f"the longest prompt ({longest} tokens) plus --max-new-tokens {cfg.max_new_tokens} is "
+                             f"past the model's context ({lm.config.max_position_embeddings}); lower either")
         if cfg.max_tool_calls:
             Tools(tokenizer, cfg)
         if cfg.lora_rank:  # the base frozen, adapters trained (lora.py)
