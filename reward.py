@@ -145,8 +145,8 @@ def _column(row: dict, key: str, where: str = "", what: str = ""):
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     if value is None and where:
-        raise ValueError(f"{where} has no column {key!r} (its columns: {', '.join(row)}); name the {what}'s column "
-                         f"with --{'question' if what == 'prompt' else 'answer'}-key")
+        raise ValueError(f"{where} has no column {key!r} or it is null (its columns: {', '.join(row)}); name the "
+                         f"{what}'s column with --{'question' if what == 'prompt' else 'answer'}-key, or fill it in")
     return value
 
 

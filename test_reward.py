@@ -199,9 +199,11 @@ def test_chat_message_prompts_render_with_the_chat_template(smollm2):
 
 @pytest.mark.parametrize("columns, keys, message", [
     ({"question": ["q1", "q2"], "gold": ["1", "2"]}, {},
-     r"row 0 has no column 'answer' \(its columns: question, gold\); name the answer's column with --answer-key"),
-    ({"text": ["q1", "q2"], "answer": ["1", "2"]}, {"question_key": "prompt"}, r"row 0 has no column 'prompt' \(its "
-     r"columns: text, answer\)"),
+     r"row 0 has no column 'answer' or it is null \(its columns: question, gold\); name the answer's column with "
+     r"--answer-key"),
+    ({"question": ["q1", "q2"], "answer": ["1", None]}, {}, r"row 1 has no column 'answer' or it is null"),
+    ({"text": ["q1", "q2"], "answer": ["1", "2"]}, {"question_key": "prompt"}, r"row 0 has no column 'prompt' or it "
+     r"is null \(its columns: text, answer\)"),
     ({"question": ["q1", "q2"], "answer": ["1", " "]}, {}, r"row 1: its answer \('answer'\) is empty"),
     ({"question": ["q1", "q2"], "answer": ["1", "\\boxed{}"]}, {}, r"row 1: its answer \('answer'\) is empty"),
     # verl's layout with --answer-key reward_model (not reward_model.ground_truth): a gold that nothing equals
@@ -322,7 +324,7 @@ def test_missing_jsonl(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "line 3 is not valid JSON"),
     ("[1, 2]", "line 3 is a JSON list, not an object"),
-    ('{"question": "q"}', r"line 3 has no column 'answer' \(its columns: question\)"),
+    ('{"question": "q"}', r"line 3 has no column 'answer' or it is null \(its columns: question\)"),
 ])
 def test_malformed_jsonl_line_is_named(tmp_path, bad, message):
     path = _write_lines(tmp_path, ['{"question": "q1", "answer": "1"}', "", bad])
